@@ -1,0 +1,56 @@
+"""Backend names -> constructors (a plain dict), and the shipped default checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from blindnet.inference import Backend, TorchBackend
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
+
+
+def default_checkpoint() -> Path:
+    """Path of the checkpoint shipped inside the package (used whenever no ``--checkpoint`` is given)."""
+    if not DEFAULT_CHECKPOINT.exists():
+        raise FileNotFoundError(
+            f"the default checkpoint {DEFAULT_CHECKPOINT} is missing from this installation; "
+            "pass --checkpoint PATH or reinstall blindnet"
+        )
+    return DEFAULT_CHECKPOINT
+
+
+def resolve_checkpoint(path: str | Path | None) -> Path:
+    """``path`` itself, or the shipped default when None."""
+    return Path(path) if path is not None else default_checkpoint()
+
+
+def _torch(path: str | Path | None, *, device: str = "cpu", precision: str = "float32", **kw) -> Backend:
+    from blindnet.checkpoint import load_model
+
+    return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision, **kw)
+
+
+def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str = "float32", **kw) -> Backend:
+    from blindnet.onnx_backend import OnnxBackend
+
+    return OnnxBackend.from_path(path, device=device, precision=precision, **kw)
+
+
+def _tensorrt(path: str | Path | None, *, device: str = "cuda", precision: str = "float16", **kw) -> Backend:
+    from blindnet.tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend.from_path(path, device=device, precision=precision, **kw)
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnx": _onnx, "tensorrt": _tensorrt}
+
+
+def make_backend(name: str, path: str | Path | None = None, **kwargs) -> Backend:
+    """Build backend ``name`` for the model at ``path`` (a checkpoint, or an exported file for onnx/tensorrt)."""
+    try:
+        factory = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+    return factory(path, **kwargs)
