@@ -1,0 +1,99 @@
+"""Confusion-matrix metrics against hand-computed values and a brute-force reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from blindnet.metrics import ConfusionMatrix
+
+
+def test_hand_computed_iou_acc_and_nanmean() -> None:
+    # 3 classes; class 2 never appears in gt or prediction -> NaN, skipped by the means.
+    target = torch.tensor([[0, 0, 1, 1], [0, 1, 255, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 2, 0]])  # the 2 under an ignore pixel must not count
+    cm = ConfusionMatrix(3)
+    cm.update(pred, target)
+    assert cm.mat.tolist() == [[2, 1, 0], [1, 2, 0], [0, 0, 0]]
+    iou = cm.iou()
+    assert iou[0].item() == pytest.approx(2 / 4) and iou[1].item() == pytest.approx(2 / 4)
+    assert math.isnan(iou[2].item())
+    assert cm.miou() == pytest.approx(0.5)
+    assert cm.accuracy()[0].item() == pytest.approx(2 / 3)
+    assert cm.macc() == pytest.approx(2 / 3)
+    assert cm.pixel_accuracy() == pytest.approx(4 / 6)
+
+
+def test_predicted_but_absent_class_scores_zero() -> None:
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 2]), torch.tensor([0, 0]))
+    iou = cm.iou()
+    assert iou[2].item() == 0.0  # predicted, not in gt: counts as 0 like the original
+    assert math.isnan(iou[1].item())
+    assert cm.miou() == pytest.approx((0.5 + 0.0) / 2)
+    assert math.isnan(cm.accuracy()[2].item())  # accuracy is recall: undefined without gt pixels
+
+
+def test_matches_bruteforce_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    c = 19
+    target = torch.randint(0, c, (3, 37, 53), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.1] = 255
+    pred = torch.randint(0, c, target.shape, generator=g)
+    cm = ConfusionMatrix(c)
+    for i in range(3):  # accumulation over images == one big update
+        cm.update(pred[i], target[i])
+    t, p = target.numpy().ravel(), pred.numpy().ravel()
+    ref = np.zeros((c, c), np.int64)
+    for a, b in zip(t, p):
+        if a != 255:
+            ref[a, b] += 1
+    assert (cm.mat.numpy() == ref).all()
+    inter = np.diag(ref)
+    union = ref.sum(0) + ref.sum(1) - inter
+    assert cm.miou() == pytest.approx(float(np.nanmean(inter / union)))
+    scores = cm.scores()
+    assert scores.pixels == int((t != 255).sum())
+    row = scores.as_row()
+    assert row["mIoU"] == pytest.approx(100 * cm.miou()) and "IoU.18" in row
+
+
+def test_shape_and_range_errors() -> None:
+    cm = ConfusionMatrix(4)
+    with pytest.raises(ValueError, match="shape"):
+        cm.update(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="predictions must lie"):
+        cm.update(torch.tensor([7]), torch.tensor([1]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reduce_worker(rank: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cm = ConfusionMatrix(3)
+        cm.update(torch.tensor([rank, 1]), torch.tensor([rank, 2]))
+        cm.all_reduce()
+        out[rank] = cm.mat.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_sums_over_ranks() -> None:
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_reduce_worker, args=(_free_port(), out), nprocs=2, join=True)
+    expected = [[1, 0, 0], [0, 1, 0], [0, 2, 0]]
+    assert out[0] == expected and out[1] == expected
