@@ -1,0 +1,92 @@
+"""``python -m serve``: run the batched inference server for a checkpoint or exported model.
+
+Examples::
+
+    python -m serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, torch on CPU
+    python -m serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
+    python -m serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
+
+SIGTERM / Ctrl-C: stop accepting connections, finish in-flight requests, drain the queue, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from serve.app import InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped one")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own default)")
+    p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="blindnet", help="name under /v2/models/")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-queue-size", type=int, default=64, help="images waiting before 503 + Retry-After")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="serving resolution: resize every image to it (all requests batch together); "
+        "default: run each image at its own size and batch equal sizes only",
+    )
+    p.add_argument("--api-key", default=os.environ.get("BLINDNET_API_KEY"), help="required key (env BLINDNET_API_KEY)")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="allow a non-loopback --host without --api-key (a proxy in front must authenticate)",
+    )
+    p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (413 beyond)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest H*W per image (413 beyond)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        check_bind(args.host, args.api_key, allow_unauthenticated=args.allow_unauthenticated)
+    except InsecureBindError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = ServeConfig(
+        model_name=args.model_name,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        max_queue_size=args.max_queue_size,
+        input_size=tuple(args.input_size) if args.input_size else None,
+        api_key=args.api_key,
+        max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+        max_image_pixels=args.max_image_pixels,
+    )
+    backend_kwargs = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
+    try:
+        from blindnet.backends import make_backend
+
+        backend = make_backend(args.backend, args.checkpoint, **backend_kwargs)
+        app = create_app(backend, config)
+    except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
+        # Missing default checkpoint, missing optional runtime (onnxruntime/TensorRT), bad settings: say which.
+        print(f"error: cannot start the server: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
+    # uvicorn installs SIGTERM/SIGINT handlers: stop listening, finish in-flight requests, then the app's lifespan
+    # shutdown drains the batch queue.
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
