@@ -1,0 +1,202 @@
+"""Checkpoint contract: round trip, clear errors, and official-checkpoint conversion with identical logits."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from blindnet.checkpoint import (
+    CheckpointError,
+    convert_official_checkpoint,
+    convert_official_state_dict,
+    load_model,
+    read_metadata,
+    save_model,
+)
+from blindnet.models import ModelConfig, build_model
+
+KEYS_FILE = Path(__file__).parent / "data" / "official_state_dict_keys.json"
+ARCH = {"resnet50": "DeepR50V3PlusD", "mobilenetv2": "DeepMobileNetV3PlusD", "shufflenetv2": "DeepShuffleNetV3PlusD"}
+
+
+def fabricate_official_state(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A state dict with exactly the official key names and shapes (``module.`` prefix, as saved from DDP), filled
+    with random values of a sensible scale so that activations stay finite through 50 layers."""
+    spec = json.loads(KEYS_FILE.read_text())[arch]["keys"]
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in spec.items():
+        if key.endswith("num_batches_tracked"):
+            t = torch.tensor(1000, dtype=torch.long)
+        elif key.endswith("running_var"):
+            t = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith("running_mean") or key.endswith(".bias"):
+            t = torch.randn(shape, generator=g) * 0.1
+        elif len(shape) == 1:  # BN weight
+            t = torch.rand(shape, generator=g) * 0.5 + 0.75
+        else:
+            fan_in = math.prod(shape[1:])
+            t = torch.randn(shape, generator=g) * math.sqrt(2.0 / fan_in)
+        state["module." + key] = t
+    return state
+
+
+def reference_r50_blindnet(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The original DeepR50V3PlusD eval forward, written out functionally from the official keys (an independent
+    implementation of network/deepv3.py + network/Resnet.py with --wt_layer 0 0 1 1 1 0 0)."""
+    s = {k.removeprefix("module."): v for k, v in sd.items()}
+
+    def bn(t, p):
+        return F.batch_norm(t, s[p + ".running_mean"], s[p + ".running_var"], s[p + ".weight"], s[p + ".bias"],
+                            False, 0.0, 1e-5)
+
+    def inorm(t):
+        return F.instance_norm(t, eps=1e-5)
+
+    h = F.conv2d(x, s["layer0.0.weight"], stride=2, padding=3)
+    h = F.max_pool2d(F.relu(inorm(h)), 3, 2, 1)
+    feats = {}
+    for li, (nblocks, stride) in enumerate([(3, 1), (4, 2), (6, 2), (3, 1)], start=1):
+        for b in range(nblocks):
+            p = f"layer{li}.{b}"
+            st = stride if b == 0 else 1
+            dil = 2 if li == 4 else 1  # D16: every layer4 conv2 dilated 2, stride 1
+            out = F.relu(bn(F.conv2d(h, s[p + ".conv1.weight"]), p + ".bn1"))
+            out = F.relu(bn(F.conv2d(out, s[p + ".conv2.weight"], stride=st, padding=dil, dilation=dil), p + ".bn2"))
+            out = bn(F.conv2d(out, s[p + ".conv3.weight"]), p + ".bn3")
+            if p + ".downsample.0.weight" in s:
+                identity = bn(F.conv2d(h, s[p + ".downsample.0.weight"], stride=st), p + ".downsample.1")
+            else:
+                identity = h
+            out = out + identity
+            if li in (1, 2) and b == nblocks - 1:
+                out = inorm(out)
+            h = F.relu(out)
+        feats[li] = h
+
+    def cbr(t, p, pad=0, dil=1):
+        return F.relu(bn(F.conv2d(t, s[p + ".0.weight"], padding=pad, dilation=dil), p + ".1"))
+
+    l4 = feats[4]
+    pooled = cbr(F.adaptive_avg_pool2d(l4, 1), "aspp.img_conv")
+    branches = [F.interpolate(pooled, size=l4.shape[2:], mode="bilinear", align_corners=True)]
+    branches.append(cbr(l4, "aspp.features.0"))
+    for i, r in enumerate((6, 12, 18), start=1):
+        branches.append(cbr(l4, f"aspp.features.{i}", pad=r, dil=r))
+    aspp = cbr(torch.cat(branches, 1), "bot_aspp")
+    fine = cbr(feats[1], "bot_fine")
+    aspp = F.interpolate(aspp, size=fine.shape[2:], mode="bilinear", align_corners=True)
+    dec = torch.cat([fine, aspp], 1)
+    dec = F.relu(bn(F.conv2d(dec, s["final1.0.weight"], padding=1), "final1.1"))
+    dec = F.relu(bn(F.conv2d(dec, s["final1.3.weight"], padding=1), "final1.4"))
+    logits = F.conv2d(dec, s["final2.0.weight"], s["final2.0.bias"])
+    return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
+
+
+def test_official_resnet50_conversion_gives_identical_logits(tmp_path: Path) -> None:
+    official = fabricate_official_state(ARCH["resnet50"])
+    src = tmp_path / "best_cityscapes.pth"
+    torch.save({"state_dict": official, "epoch": 26}, src)
+    model = convert_official_checkpoint(src, tmp_path / "converted.safetensors", backbone="resnet50")
+    reloaded = load_model(tmp_path / "converted.safetensors")
+    x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = reference_r50_blindnet(official, x)
+        ours = model(x)
+        ours_reloaded = reloaded(x)
+    assert ours.shape == ref.shape == (1, 19, 97, 131)
+    assert (ours - ref).abs().max().item() <= 1e-4
+    assert torch.equal(ours, ours_reloaded)
+
+
+@pytest.mark.parametrize("backbone", sorted(ARCH))
+def test_conversion_consumes_every_deployable_key(backbone: str) -> None:
+    official = fabricate_official_state(ARCH[backbone])
+    converted = convert_official_state_dict(official)
+    dropped = {k for k in official if k.startswith(("module.dsn.", "module.ProjectionHead_cls_"))}
+    assert dropped and len(converted) == len(official) - len(dropped)
+    model = build_model(ModelConfig(backbone=backbone))
+    assert set(model.state_dict()) == set(converted)  # every key maps, nothing is left over
+    for k, v in model.state_dict().items():
+        assert tuple(v.shape) == tuple(converted[k].shape), k
+
+
+def test_deployable_state_dict_has_no_training_keys(tiny_checkpoint: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_checkpoint), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert keys and not [k for k in keys if any(t in k for t in ("dsn", "proj", "Projection", "aux"))]
+    meta = read_metadata(tiny_checkpoint)
+    assert json.loads(meta["model_config"])["backbone"] == "mobilenetv2"
+
+
+def test_round_trip_and_half_precision(tmp_path: Path) -> None:
+    model = build_model(ModelConfig(backbone="shufflenetv2", num_classes=5)).eval()
+    save_model(model, tmp_path / "m.safetensors")
+    save_model(model, tmp_path / "h.safetensors", half=True)
+    x = torch.randn(1, 3, 48, 64)
+    full, half = load_model(tmp_path / "m.safetensors"), load_model(tmp_path / "h.safetensors")
+    assert half.config.num_classes == 5 and next(half.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(x), full(x))
+        assert (model(x) - half(x)).abs().max() < 0.05 * model(x).abs().max()
+    assert (tmp_path / "h.safetensors").stat().st_size < 0.6 * (tmp_path / "m.safetensors").stat().st_size
+
+
+def test_training_checkpoint_loads_only_model_part(tmp_path: Path) -> None:
+    model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=3))
+    ckpt = {
+        "model": model.state_dict(),
+        "model_config": model.config.to_dict(),
+        "task": {"dsn.0.weight": torch.zeros(1)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "step": 10,
+    }
+    torch.save(ckpt, tmp_path / "last.pt")
+    loaded = load_model(tmp_path / "last.pt")
+    assert not loaded.training and loaded.config.num_classes == 3
+
+
+def test_clear_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated|corrupt|readable"):
+        load_model(truncated)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(garbage)
+    official = tmp_path / "official.pth"
+    torch.save({"state_dict": {"module.final2.0.weight": torch.zeros(19, 256, 1, 1)}}, official)
+    with pytest.raises(CheckpointError, match="convert"):
+        load_model(official)
+    # Weights that do not fit the stored config: the message names the mismatch.
+    model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))
+    wrong_cfg = dict(model.config.to_dict(), num_classes=7)
+    torch.save({"model": model.state_dict(), "model_config": wrong_cfg}, tmp_path / "mismatch.pt")
+    with pytest.raises(CheckpointError, match="shape mismatch.*final2"):
+        load_model(tmp_path / "mismatch.pt")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    from blindnet.checkpoint import atomic_write
+
+    target = tmp_path / "ckpt.bin"
+    target.write_bytes(b"old")
+
+    def boom(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half-writ")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, boom)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]

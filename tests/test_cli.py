@@ -1,0 +1,73 @@
+"""``blindnet segment / convert / info`` end to end on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blindnet.cli import main, segment_paths
+from blindnet.inference import Predictor, TorchBackend
+from blindnet.checkpoint import load_model
+
+
+def _write_video(path: Path, frames: int, h: int = 48, w: int = 64) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (w, h))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    writer.release()
+
+
+def _count_frames(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def test_segment_images_folder_video_and_skip_bad(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    data = tmp_path / "in"
+    (data / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(data / "a.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(data / "sub" / "gray.jpg")
+    (data / "broken.png").write_bytes(b"not really a png")
+    _write_video(data / "clip.mp4", frames=7)
+    predictor = Predictor(TorchBackend(load_model(tiny_checkpoint)), batch_size=3)
+    report = segment_paths(predictor, [data, tmp_path / "missing.png"], tmp_path / "out")
+    assert report.images == 2 and report.frames == 7
+    assert set(report.skipped) == {str(data / "broken.png"), str(tmp_path / "missing.png")}
+    labels = np.array(Image.open(tmp_path / "out" / "a_labels.png"))
+    assert labels.shape == (40, 56) and labels.max() < 19
+    assert np.array_equal(labels, predictor.predict(data / "a.png")[0].labels)
+    assert np.array(Image.open(tmp_path / "out" / "gray_overlay.png")).shape == (30, 30, 3)
+    assert _count_frames(tmp_path / "out" / "clip_overlay.mp4") == 7
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "x.png")
+    rc = main(["segment", str(tmp_path / "x.png"), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["inputs"]["images"] == 1
+    assert main(["segment", str(tmp_path / "nope.png"), "--checkpoint", str(tiny_checkpoint),
+                 "--out", str(tmp_path / "o2")]) == 1
+    assert main(["info", str(tiny_checkpoint)]) == 0
+    assert '"backbone": "mobilenetv2"' in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
+
+    from tests.test_checkpoint import fabricate_official_state
+
+    torch.save({"state_dict": fabricate_official_state("DeepShuffleNetV3PlusD")}, tmp_path / "official.pth")
+    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "conv.safetensors"),
+                 "--backbone", "shufflenetv2"]) == 0
+    assert load_model(tmp_path / "conv.safetensors").config.backbone == "shufflenetv2"

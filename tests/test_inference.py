@@ -1,0 +1,131 @@
+"""The Predictor: input handling, batching, resizing back, scores, overlays, backends' shared interface."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blindnet.checkpoint import load_model
+from blindnet.inference import ImageError, Predictor, TorchBackend, decode_image, load_image, to_rgb_uint8
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint: Path) -> Predictor:
+    return Predictor(TorchBackend(load_model(tiny_checkpoint)), batch_size=3)
+
+
+def _rng_image(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_labels_match_the_network(predictor: Predictor, tiny_checkpoint: Path) -> None:
+    from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+
+    image = _rng_image(0)
+    pred = predictor.predict_one(image, return_logits=True, return_probabilities=True)
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / \
+        torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        logits = load_model(tiny_checkpoint)(x[None])[0]
+    assert np.allclose(pred.logits, logits.numpy(), atol=1e-4)
+    assert np.array_equal(pred.labels, logits.argmax(0).numpy())
+    assert pred.probabilities.shape == (19, 48, 64)
+    assert np.allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+
+
+def test_batching_groups_by_shape_and_keeps_order(predictor: Predictor) -> None:
+    images = [_rng_image(i, 40 + 8 * (i % 2), 56) for i in range(7)]
+    before = predictor.stats.batches
+    batched = predictor.predict(images)
+    # 4 images of one shape (2 batches of <=3) + 3 of the other (1 batch)
+    assert predictor.stats.batches - before == 3
+    for img, res in zip(images, batched):
+        assert res.labels.shape == img.shape[:2]
+        assert np.array_equal(res.labels, predictor.predict_one(img).labels)
+
+
+def test_nhwc_batch_array_and_paths(predictor: Predictor, tmp_path: Path) -> None:
+    batch = np.stack([_rng_image(1), _rng_image(2)])
+    out = predictor.predict(batch)
+    assert len(out) == 2
+    Image.fromarray(batch[0]).save(tmp_path / "a.png")
+    from_path = predictor.predict(str(tmp_path / "a.png"))[0]
+    assert np.array_equal(from_path.labels, out[0].labels)
+    assert from_path.source == str(tmp_path / "a.png")
+
+
+def test_fixed_input_size_resizes_back(tiny_checkpoint: Path) -> None:
+    p = Predictor(TorchBackend(load_model(tiny_checkpoint)), input_size=(32, 48))
+    res = p.predict([_rng_image(3, 50, 70), _rng_image(4, 20, 30)], return_probabilities=True)
+    assert [r.labels.shape for r in res] == [(50, 70), (20, 30)]
+    assert res[0].probabilities.shape == (19, 50, 70)
+    assert p.stats.batches == 1  # both resized to 32x48, so one batch
+
+
+def test_overlay_and_shares(predictor: Predictor) -> None:
+    res = predictor.predict_one(_rng_image(5))
+    shares = res.class_shares()
+    assert abs(sum(shares.values()) - 1.0) < 1e-6
+    assert set(shares) <= set(predictor.class_names)
+    assert res.overlay(0.0).tolist() == res.image.tolist()
+    assert np.array_equal(res.overlay(1.0), res.colorized())
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.full((8, 9), 128, np.uint8),
+        np.full((8, 9, 1), 128, np.uint8),
+        np.full((8, 9, 4), 128, np.uint8),
+        np.full((8, 9, 3), 128 * 257, np.uint16),
+        np.full((8, 9, 3), 128 / 255, np.float32),
+    ],
+    ids=["gray", "gray1", "rgba", "uint16", "float"],
+)
+def test_image_kinds_become_rgb_uint8(array: np.ndarray) -> None:
+    rgb = to_rgb_uint8(array)
+    assert rgb.shape == (8, 9, 3) and rgb.dtype == np.uint8 and (rgb == 128).all()
+
+
+def test_bad_inputs_are_rejected_clearly(tmp_path: Path, predictor: Predictor) -> None:
+    with pytest.raises(ImageError, match="shape"):
+        to_rgb_uint8(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ImageError, match=r"\[0, 1\]"):
+        to_rgb_uint8(np.full((4, 4, 3), 7.0, np.float32))
+    with pytest.raises(ImageError, match="not a recognised image"):
+        decode_image(b"hello, not an image")
+    png = tmp_path / "ok.png"
+    Image.fromarray(_rng_image(6)).save(png)
+    (tmp_path / "cut.png").write_bytes(png.read_bytes()[:200])
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        load_image(tmp_path / "cut.png")
+    with pytest.raises(ImageError, match="not found"):
+        predictor.predict(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="exceeds"):
+        decode_image(png.read_bytes(), max_pixels=100)
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"")
+
+
+def test_16bit_png_file(tmp_path: Path) -> None:
+    arr = (np.arange(64 * 32, dtype=np.uint16).reshape(32, 64) * 30).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "depth.png")
+    rgb = load_image(tmp_path / "depth.png")
+    assert rgb.shape == (32, 64, 3) and rgb.dtype == np.uint8 and rgb.max() > 200
+
+
+def test_bfloat16_channels_last_agree_with_float32(tiny_checkpoint: Path) -> None:
+    model = load_model(tiny_checkpoint)
+    img = _rng_image(7, 64, 64)
+    ref = Predictor(TorchBackend(model)).predict_one(img).labels
+    fast = Predictor(TorchBackend(load_model(tiny_checkpoint), precision="bfloat16", channels_last=True))
+    agree = (fast.predict_one(img).labels == ref).mean()
+    assert agree > 0.8
+    with pytest.raises(ValueError, match="float16"):
+        TorchBackend(model, precision="float16")
+    with pytest.raises(ValueError, match="unknown precision"):
+        TorchBackend(model, precision="int4")
