@@ -1,0 +1,64 @@
+"""Strict config loading: defaults < YAML < --set overrides; typos and wrong types fail loudly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from blindnet.config import ConfigError, resolve, save_yaml, to_dict
+
+
+@dataclass
+class Inner:
+    lr: float = 0.01
+    kind: Literal["sgd", "adamw"] = "sgd"
+    sizes: tuple[int, int] = (768, 768)
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    steps: int = 10
+    seed: int | None = None
+    inner: Inner = field(default_factory=Inner)
+    targets: list[str] = field(default_factory=lambda: ["cityscapes"])
+
+
+def test_merge_order_and_coercion(tmp_path: Path) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text("steps: 20\ninner:\n  lr: 0.1\n  sizes: [64, 128]\n")
+    cfg = resolve(Outer, preset, ["inner.lr=1e-3", "targets=[bdd100k, mapillary]", "seed=3"])
+    assert cfg.steps == 20 and cfg.inner.lr == 0.001 and cfg.inner.sizes == (64, 128)
+    assert cfg.targets == ["bdd100k", "mapillary"] and cfg.seed == 3 and cfg.inner.kind == "sgd"
+    save_yaml(cfg, tmp_path / "resolved.yaml")
+    assert resolve(Outer, tmp_path / "resolved.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "resolved.yaml").read_text()) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("stepz: 3\n", [], r"unknown config key\(s\) \['stepz'\]"),
+        ("inner:\n  lrr: 3\n", [], r"inner.lrr"),
+        ("", ["inner.kind=adam"], "not one of"),
+        ("", ["steps=ten"], "expected an integer"),
+        ("", ["inner.nope=1"], "unknown key inner.nope"),
+        ("", ["steps"], "key.sub=value"),
+        ("- a\n- b\n", [], "must be a mapping"),
+        ("inner: [1\n", [], "invalid YAML"),
+    ],
+)
+def test_errors_name_the_problem(tmp_path: Path, text: str, overrides: list[str], message: str) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(Outer, preset, overrides)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        resolve(Outer, "/nonexistent/preset.yaml")
