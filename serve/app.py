@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import hmac
 import io
 import json
@@ -348,7 +347,9 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_siz
     if n > max_batch_size:
         raise HTTPError(400, f"input '{INPUT_NAME}' batch of {n} exceeds the model's max_batch_size {max_batch_size}")
     if h * w > max_pixels:
-        raise HTTPError(413, f"input '{INPUT_NAME}' images of {w}x{h} = {h * w} pixels exceed the limit of {max_pixels}")
+        raise HTTPError(
+            413, f"input '{INPUT_NAME}' images of {w}x{h} = {h * w} pixels exceed the limit of {max_pixels}"
+        )
     expected = n * h * w * 3
     params = spec.get("parameters") or {}
     if "binary_data_size" in params:
@@ -359,7 +360,8 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_siz
             )
         if len(binary) != size:
             raise HTTPError(
-                400, f"input '{INPUT_NAME}' declares {size} binary bytes but the body carries {len(binary)} after the header"
+                400,
+                f"input '{INPUT_NAME}' declares {size} binary bytes but the body carries {len(binary)} after the header",
             )
         images = np.frombuffer(binary, dtype=np.uint8).reshape(shape)
     else:
@@ -496,7 +498,9 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
         if name != config.model_name:
             raise HTTPError(404, f"unknown model {name!r}; this server serves {config.model_name!r}")
         if version is not None and version != config.model_version:
-            raise HTTPError(404, f"unknown version {version!r} of model {name!r}; available: [{config.model_version!r}]")
+            raise HTTPError(
+                404, f"unknown version {version!r} of model {name!r}; available: [{config.model_version!r}]"
+            )
 
     def ready() -> bool:
         return "batcher" in state and state["batcher"].accepting
@@ -727,9 +731,7 @@ def check_bind(host: str, api_key: str | None, *, allow_unauthenticated: bool = 
             f"refusing to bind {host!r} (reachable from other machines) without an API key: pass --api-key KEY "
             "(or set BLINDNET_API_KEY), or --allow-unauthenticated if a proxy in front authenticates requests"
         )
-    log.warning(
-        "!!! serving on %s WITHOUT authentication: anyone who can reach this port can run the model !!!", host
-    )
+    log.warning("!!! serving on %s WITHOUT authentication: anyone who can reach this port can run the model !!!", host)
 
 
 def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"):

@@ -53,7 +53,7 @@ class BatchFailedError(BatcherError):
     """The backend raised while running the batch this request was part of (other batches are unaffected)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: items hold arrays, and the queue removes by identity
 class _Item:
     images: np.ndarray  # N x H x W x 3 uint8
     key: tuple
@@ -173,7 +173,9 @@ class DynamicBatcher:
             self._cond.notify_all()
         return item.future
 
-    def predict(self, images: np.ndarray, *, want_logits: bool = False, timeout: float | None = None) -> list[Prediction]:
+    def predict(
+        self, images: np.ndarray, *, want_logits: bool = False, timeout: float | None = None
+    ) -> list[Prediction]:
         """Blocking convenience: :meth:`submit` and wait."""
         return self.submit(images, want_logits=want_logits).result(timeout)
 
@@ -243,9 +245,9 @@ class DynamicBatcher:
                 if full or now >= deadline or self._stop:
                     break
                 self._cond.wait(deadline - now)
-            for item in chosen:
-                self._pending.remove(item)
-                self._pending_images -= len(item.images)
+            taken = {id(item) for item in chosen}
+            self._pending = deque(item for item in self._pending if id(item) not in taken)
+            self._pending_images -= sum(len(item.images) for item in chosen)
             self._busy = True
             return chosen
 
@@ -256,6 +258,10 @@ class DynamicBatcher:
                 return
             try:
                 self._run(items)
+            except Exception as exc:  # a bug outside the backend call must not strand callers or kill the worker
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(BatchFailedError(f"internal error running the batch: {exc!r}"))
             finally:
                 with self._cond:
                     self._busy = False
