@@ -587,6 +587,8 @@ def build_demo(
     max_video_side: int = DEFAULT_MAX_VIDEO_SIDE,
     video_batch_size: int = 8,
     output_dir: str | Path | None = None,
+    prefill: bool = True,
+    selected_tab: str = "image",
     title: str = "BlindNet road-scene segmentation",
 ) -> gr.Blocks:
     """Build the demo app (not launched; see :func:`launch`).
@@ -600,6 +602,9 @@ def build_demo(
         max_video_side: frames with a longer side are downscaled before inference.
         video_batch_size: frames per predictor call in the Video tab (bounds memory).
         output_dir: where overlay videos are written (a temp folder removed at exit when None).
+        prefill: when examples exist, open the page with the first example already segmented in the Image and
+            Robustness tabs (computed once here, so a visitor sees what the app does before uploading anything).
+        selected_tab: ``image``, ``video`` or ``robustness``: the tab shown first.
         title: page title.
 
     Endpoints (``api_name``): ``/segment_image``, ``/set_overlay_opacity``, ``/segment_video``, ``/compare_styles``.
@@ -685,6 +690,16 @@ def build_demo(
             result.summary(),
         )
 
+    # ---- initial values -----------------------------------------------------------------------------------------
+
+    default_b = names[1] if len(names) > 1 else NO_MODEL
+    img0: tuple = (None, None, None, "", None)
+    rb0: tuple = (None,) * 6 + ("",)
+    first_example = examples[0] if prefill and examples else None
+    if first_example is not None:
+        img0 = on_image(first_example, 0.5, first)
+        rb0 = on_compare(first_example, "night", 0.8, first, default_b)
+
     # ---- layout -------------------------------------------------------------------------------------------------
 
     many = len(names) > 1
@@ -697,12 +712,16 @@ def build_demo(
             + "\n".join(f"- {describe_predictor(n, p)}" for n, p in predictors.items()),
             elem_id="bn-header",
         )
-        with gr.Tabs():
+        with gr.Tabs(selected=selected_tab):
             with gr.Tab("Image", id="image"):
                 with gr.Row():
                     with gr.Column(scale=1):
                         img_in = gr.Image(
-                            type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Driving image"
+                            value=first_example,
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            label="Driving image",
                         )
                         img_model = gr.Dropdown(names, value=first, label="Model", visible=many)
                         img_alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
@@ -715,15 +734,15 @@ def build_demo(
                                 api_name="load_image_example",
                             )
                     with gr.Column(scale=2):
-                        img_overlay = gr.Image(label="Overlay", format="png", interactive=False)
+                        img_overlay = gr.Image(img0[0], label="Overlay", format="png", interactive=False)
                         with gr.Row():
-                            img_labels = gr.Image(label="Label map", format="png", interactive=False)
+                            img_labels = gr.Image(img0[1], label="Label map", format="png", interactive=False)
                             with gr.Column():
-                                img_time = gr.Markdown()
+                                img_time = gr.Markdown(img0[3])
                                 img_legend = gr.Dataframe(
-                                    label="Classes present", interactive=False, elem_classes=["bn-legend"]
+                                    img0[2], label="Classes present", interactive=False, elem_classes=["bn-legend"]
                                 )
-                img_state = gr.State(None)
+                img_state = gr.State(img0[4])
             with gr.Tab("Video", id="video"):
                 with gr.Row():
                     with gr.Column(scale=1):
@@ -762,15 +781,17 @@ def build_demo(
                 with gr.Row():
                     with gr.Column(scale=1):
                         rb_in = gr.Image(
-                            type="filepath", image_mode=None, sources=["upload", "clipboard"], label="Clean image"
+                            value=first_example,
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            label="Clean image",
                         )
                         rb_style = gr.Radio(list(STYLES), value="night", label="Style shift")
                         rb_strength = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Strength")
                         with gr.Row():
                             rb_a = gr.Dropdown(names, value=first, label="Model A", visible=many)
-                            rb_b = gr.Dropdown(
-                                [NO_MODEL, *names], value=names[1] if many else NO_MODEL, label="Model B", visible=many
-                            )
+                            rb_b = gr.Dropdown([NO_MODEL, *names], value=default_b, label="Model B", visible=many)
                         rb_btn = gr.Button("Compare", variant="primary")
                         if examples:
                             gr.Examples(
@@ -780,15 +801,15 @@ def build_demo(
                                 api_name="load_robustness_example",
                             )
                     with gr.Column(scale=2):
-                        rb_shifted = gr.Image(label="Shifted image", format="png", interactive=False)
-                        rb_summary = gr.Markdown()
+                        rb_shifted = gr.Image(rb0[0], label="Shifted image", format="png", interactive=False)
+                        rb_summary = gr.Markdown(rb0[6])
                         with gr.Row():
-                            rb_a_clean = gr.Image(label="Model A: clean", format="png", interactive=False)
-                            rb_a_shift = gr.Image(label="Model A: shifted", format="png", interactive=False)
+                            rb_a_clean = gr.Image(rb0[1], label="Model A: clean", format="png", interactive=False)
+                            rb_a_shift = gr.Image(rb0[2], label="Model A: shifted", format="png", interactive=False)
                         with gr.Row(visible=many):
-                            rb_b_clean = gr.Image(label="Model B: clean", format="png", interactive=False)
-                            rb_b_shift = gr.Image(label="Model B: shifted", format="png", interactive=False)
-                        rb_table = gr.Dataframe(label="Agreement", interactive=False)
+                            rb_b_clean = gr.Image(rb0[3], label="Model B: clean", format="png", interactive=False)
+                            rb_b_shift = gr.Image(rb0[4], label="Model B: shifted", format="png", interactive=False)
+                        rb_table = gr.Dataframe(rb0[5], label="Agreement", interactive=False)
 
         # ---- events: one inference at a time across tabs (one model, often one GPU) -------------------------
         common = {"concurrency_id": "inference", "concurrency_limit": 1, "preprocess": False}

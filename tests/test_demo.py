@@ -1,0 +1,347 @@
+"""The Gradio demo: pure callbacks, style shifts, the CLI, and the running app driven through ``gradio_client``.
+
+One app is launched per module on a free loopback port (launching per test would cost seconds each); it serves a tiny
+real network (MobileNetV2 DeepLabV3+, random weights) loaded from a checkpoint written with ``save_model``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from blindnet.checkpoint import load_model, save_model
+from blindnet.classes import colorize
+from blindnet.inference import ImageError, Predictor, TorchBackend
+from blindnet.models import ModelConfig, build_model
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from demo import styles  # noqa: E402
+from demo.__main__ import main, model_specs  # noqa: E402
+from demo.app import (  # noqa: E402
+    VideoError,
+    agreement,
+    build_demo,
+    compare_style,
+    launch_kwargs,
+    read_image_upload,
+    sampling_stride,
+    segment_image,
+    segment_video,
+)
+
+H, W = 64, 96
+
+# Gradio's own queue code trips pandas 3 deprecations; they are not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+def _scene(seed: int = 0) -> np.ndarray:
+    """A road-like ``H x W x 3`` image: sky, buildings, road, with some texture (deterministic)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((H, W, 3), np.uint8)
+    img[: H // 3] = (120, 160, 220)
+    img[H // 3 : 2 * H // 3] = (90, 85, 80)
+    img[2 * H // 3 :] = (70, 70, 75)
+    noise = rng.integers(-20, 20, size=img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def _write_video(path: Path, frames: int = 8, fourcc: str = "mp4v") -> Path:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), 8.0, (W, H))
+    assert writer.isOpened()
+    base = _scene(1)
+    for i in range(frames):
+        writer.write(np.roll(base, 6 * i, axis=1)[:, :, ::-1].copy())
+    writer.release()
+    return path
+
+
+def _count_frames(path: str | Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two tiny checkpoints: a BlindNet (InstanceNorm) one and a plain baseline."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for i, (name, inorm) in enumerate((("blindnet", True), ("baseline", False))):
+        torch.manual_seed(i)
+        model = build_model(ModelConfig(backbone="mobilenetv2", instance_norm=inorm))
+        out[name] = save_model(model, root / f"{name}.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictors(checkpoints: dict[str, Path]) -> dict[str, Predictor]:
+    torch.set_num_threads(2)
+    return {name: Predictor(TorchBackend(load_model(path)), batch_size=4) for name, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("files")
+    image = root / "scene.png"
+    cv2.imwrite(str(image), _scene()[:, :, ::-1])
+    bad = root / "notes.png"
+    bad.write_text("this is a text file, not a PNG\n")
+    empty = root / "empty.mp4"
+    empty.write_bytes(b"")
+    garbage = root / "garbage.mov"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return {
+        "image": image,
+        "bad": bad,
+        "empty": empty,
+        "garbage": garbage,
+        "video": _write_video(root / "clip.mp4"),
+        "avi": _write_video(root / "clip.avi", frames=12, fourcc="MJPG"),
+    }
+
+
+@pytest.fixture(scope="module")
+def client(predictors, files, tmp_path_factory):
+    """The app on a free loopback port, with analytics off and its own GRADIO_TEMP_DIR, and a connected client."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio_tmp")))
+        demo = build_demo(
+            predictors,
+            examples=[files["image"]],
+            video_examples=[],
+            max_video_frames=50,
+            output_dir=tmp_path_factory.mktemp("video_out"),
+        )
+        port = _free_port()
+        _, local_url, _ = demo.launch(
+            prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_kwargs()
+        )
+        assert local_url.startswith("http://127.0.0.1:")
+        c = gradio_client.Client(local_url, verbose=False)
+        try:
+            yield c
+        finally:
+            c.close()
+            demo.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# style shifts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", list(styles.STYLES))
+def test_style_shift_is_deterministic_and_keeps_shape(style: str) -> None:
+    img = _scene()
+    a = styles.apply_style(img, style, 1.0, seed=3)
+    assert a.shape == img.shape and a.dtype == np.uint8
+    assert np.array_equal(a, styles.apply_style(img, style, 1.0, seed=3))
+    assert np.abs(a.astype(int) - img).mean() > 5, "a full-strength shift must visibly change the image"
+    assert np.array_equal(styles.apply_style(img, style, 0.0), img), "strength 0 means unchanged"
+
+
+def test_style_errors_name_the_problem() -> None:
+    with pytest.raises(KeyError, match="unknown style 'snow'"):
+        styles.apply_style(_scene(), "snow")
+    with pytest.raises(ValueError, match="strength"):
+        styles.apply_style(_scene(), "fog", 1.5)
+    with pytest.raises(ValueError, match="uint8"):
+        styles.apply_style(_scene().astype(np.float32), "fog")
+
+
+def test_night_is_darker_and_fog_is_brighter_far_away() -> None:
+    img = _scene()
+    assert styles.night(img).mean() < img.mean() * 0.6
+    fogged = styles.fog(np.full_like(img, 40))
+    assert fogged[: H // 4].mean() > fogged[-H // 4 :].mean() + 20, "upper (far) rows fade into the haze more"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pure callbacks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_segment_image_matches_the_predictor(predictors) -> None:
+    pred = predictors["blindnet"]
+    img = _scene()
+    res = segment_image(pred, img, alpha=0.3)
+    ref = pred.predict_one(img)
+    assert np.array_equal(res.prediction.labels, ref.labels)
+    assert res.overlay.shape == res.colour_map.shape == (H, W, 3)
+    assert np.array_equal(res.overlay, ref.overlay(0.3))
+    assert list(res.legend["class"]) == list(ref.class_shares())
+    assert res.legend["share (%)"].sum() == pytest.approx(100.0, abs=0.1)
+    assert res.seconds > 0
+
+
+def test_read_image_upload_turns_bad_files_into_image_errors(files) -> None:
+    assert read_image_upload({"path": str(files["image"]), "orig_name": "x.png"}).shape == (H, W, 3)
+    with pytest.raises(ImageError, match="notes.png: not a recognised image format"):
+        read_image_upload({"path": str(files["bad"]), "orig_name": "notes.png"})
+    with pytest.raises(ImageError, match="no image"):
+        read_image_upload(None)
+    with pytest.raises(ImageError, match="missing"):
+        read_image_upload({"path": str(files["image"]) + ".gone", "orig_name": "gone.png"})
+
+
+def test_sampling_stride() -> None:
+    assert sampling_stride(100, 300) == 1
+    assert sampling_stride(301, 300) == 2
+    assert sampling_stride(0, 10) == 1  # unknown length: read until the cap
+    with pytest.raises(ValueError):
+        sampling_stride(10, 0)
+
+
+def test_segment_video_keeps_every_frame_under_the_cap(predictors, files, tmp_path) -> None:
+    res = segment_video(predictors["blindnet"], files["video"], out_dir=tmp_path, batch_size=3)
+    assert res.frames == 8 and res.stride == 1
+    assert _count_frames(res.path) == 8
+    assert set(res.shares["frame"]) == set(range(8))
+    per_frame = res.shares.groupby("frame")["share_pct"].sum()
+    assert np.allclose(per_frame, 100.0, atol=0.1)
+
+
+def test_long_video_is_subsampled_with_a_notice(predictors, files, tmp_path) -> None:
+    seen = []
+    res = segment_video(
+        predictors["blindnet"], files["avi"], max_frames=5, out_dir=tmp_path, progress=lambda f, m: seen.append(f)
+    )
+    assert res.stride == 3 and res.frames == 4  # frames 0, 3, 6, 9 of 12
+    assert _count_frames(res.path) == 4
+    assert res.fps == pytest.approx(8.0 / 3)
+    assert any("every 3th frame" in n or "every 3" in n for n in res.notices)
+    assert seen and seen[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("key", "message"), [("empty", "empty file"), ("garbage", "not a video|no frame could be decoded")]
+)
+def test_bad_videos_raise_video_errors(predictors, files, tmp_path, key, message) -> None:
+    with pytest.raises(VideoError, match=message):
+        segment_video(predictors["blindnet"], files[key], out_dir=tmp_path)
+
+
+def test_compare_style_two_models(predictors) -> None:
+    img = _scene()
+    res = compare_style(predictors, img, "fog", 0.7)
+    assert [m.name for m in res.models] == ["blindnet", "baseline"]
+    assert res.shifted.shape == img.shape
+    for m in res.models:
+        assert m.agreement == pytest.approx(agreement(m.clean.labels, m.shifted.labels))
+        assert 0.0 <= m.agreement <= 1.0
+    assert res.cross_clean is not None and 0.0 <= res.cross_clean <= 1.0
+    unchanged = compare_style({"blindnet": predictors["blindnet"]}, img, "blur", 0.0)
+    assert unchanged.models[0].agreement == 1.0 and unchanged.cross_clean is None
+    assert "blindnet" in res.summary() and len(res.table()) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the running app, through gradio_client and explicit api_names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_api_lists_the_named_endpoints(client) -> None:
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/segment_image", "/segment_video", "/compare_styles"} <= set(api)
+
+
+def test_image_endpoint_returns_overlay_label_map_and_legend(client, predictors, files) -> None:
+    overlay, label_map, legend, timing, *_ = client.predict(
+        gradio_client.handle_file(str(files["image"])), 0.5, "blindnet", api_name="/segment_image"
+    )
+    ref = predictors["blindnet"].predict_one(str(files["image"]))
+    overlay_img = cv2.imread(overlay)[:, :, ::-1]
+    label_img = cv2.imread(label_map)[:, :, ::-1]
+    assert overlay_img.shape == label_img.shape == (H, W, 3)
+    assert np.array_equal(label_img, colorize(ref.labels)), "PNG output must carry the exact label colours"
+    assert np.array_equal(overlay_img, ref.overlay(0.5))
+    assert [row[1] for row in legend["data"]] == list(ref.class_shares())
+    assert legend["headers"] == ["colour", "class", "share (%)"]
+    assert "ms" in timing
+
+
+def test_video_endpoint_returns_a_video_with_the_same_frame_count(client, files) -> None:
+    video, notice, shares, legend = client.predict(
+        gradio_client.handle_file(str(files["video"])), 0.5, "blindnet", api_name="/segment_video"
+    )
+    path = video["video"] if isinstance(video, dict) else video
+    assert Path(path).suffix in (".mp4", ".webm")
+    assert _count_frames(path) == 8
+    assert "8 frames" in notice
+    assert legend["headers"] == ["colour", "class", "share (%)"]
+
+
+def test_compare_endpoint_with_two_models(client, files) -> None:
+    shifted, a_clean, a_shift, b_clean, b_shift, table, summary = client.predict(
+        gradio_client.handle_file(str(files["image"])), "night", 0.8, "blindnet", "baseline", api_name="/compare_styles"
+    )
+    for p in (shifted, a_clean, a_shift, b_clean, b_shift):
+        assert cv2.imread(p).shape == (H, W, 3)
+    assert [row[0] for row in table["data"]] == ["blindnet", "baseline"]
+    assert "night" in summary and "agree" in summary
+
+
+@pytest.mark.parametrize(
+    ("key", "api", "args", "message"),
+    [
+        ("bad", "/segment_image", (0.5, "blindnet"), "notes.png: not a recognised image format"),
+        ("empty", "/segment_video", (0.5, "blindnet"), "empty.mp4: empty file"),
+        ("garbage", "/segment_video", (0.5, "blindnet"), "garbage.mov"),
+        ("bad", "/compare_styles", ("fog", 0.5, "blindnet", "baseline"), "not a recognised image format"),
+    ],
+)
+def test_bad_uploads_give_a_message_not_a_trace(client, files, key, api, args, message) -> None:
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        client.predict(gradio_client.handle_file(str(files[key])), *args, api_name=api)
+    assert message in str(info.value)
+    assert "Traceback" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI and import hygiene
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_specs_names(tmp_path) -> None:
+    specs = model_specs([str(tmp_path / "a.safetensors"), "bn=x/a.safetensors"], "a.safetensors")
+    assert [n for n, _ in specs] == ["a", "bn", "a-2"]
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
+    assert main(["--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors not found" in capsys.readouterr().err
+
+
+def test_demo_never_imports_training_code() -> None:
+    code = (
+        "import sys, demo.app, demo.__main__, demo.styles; "
+        "bad = [m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses'))]; "
+        "assert not bad, bad"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "GRADIO_ANALYTICS_ENABLED": "False"}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env=env, timeout=120)
