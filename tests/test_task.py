@@ -1,0 +1,230 @@
+"""BlindNetTask: loss assembly, ablation configs, head/state split, parameter counts, benchmark smoke run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import blindnet.task as task_module
+from blindnet.models import DeepLabV3Plus, ModelConfig, build_model, count_parameters
+from blindnet.task import ABLATIONS, LOSS_KEYS, BlindNetTask, LossConfig, ablation
+
+NUM_CLASSES = 19
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> DeepLabV3Plus:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(backbone="mobilenetv2", num_classes=NUM_CLASSES))
+
+
+def _batch(seed: int = 0, n: int = 2, size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=gen)
+    x_a = 1.5 * x + 0.3 * torch.randn(n, 3, size, size, generator=gen)
+    coarse = torch.randint(0, NUM_CLASSES, (n, 4, 4), generator=gen)
+    target = coarse.repeat_interleave(size // 4, 1).repeat_interleave(size // 4, 2)
+    target[:, :4] = 255
+    return x, x_a, target
+
+
+def _train_step(task: BlindNetTask, seed: int = 0) -> dict[str, torch.Tensor]:
+    opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    task.train()
+    out = task(*_batch(seed))
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    return out
+
+
+def test_parameter_counts_match_the_paper() -> None:
+    # Meta tensors: the count needs shapes only, not a 45M-parameter initialisation.
+    with torch.device("meta"):
+        blind = build_model(ModelConfig())
+        base = build_model(ModelConfig(instance_norm=False))
+        t_blind = BlindNetTask(blind, LossConfig())
+        t_base = BlindNetTask(base, ablation("baseline"))
+    assert t_blind.dsn is not None and t_base.dsn is not None
+    assert count_parameters(blind) + count_parameters(t_blind.dsn) == 45_081_414
+    assert count_parameters(base) + count_parameters(t_base.dsn) == 45_081_542
+    # Projection heads (layer4 2048, dec0 304, dec1 256 -> 256) are not in the paper's count.
+    assert t_blind.projection is not None
+    assert count_parameters(t_blind.projection) == 4_720_896 + 170_800 + 131_584
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_ablation_runs_a_training_step(tiny_model: DeepLabV3Plus, name: str, monkeypatch) -> None:
+    calls: dict[str, int] = {}
+
+    def spy(fn_name: str):
+        real = getattr(task_module, fn_name)
+
+        def wrapper(*args, **kwargs):
+            calls[fn_name] = calls.get(fn_name, 0) + 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(task_module, fn_name, wrapper)
+
+    for fn in ("covariance_matching_loss", "cross_covariance_loss", "cwcl_from_embeddings", "sdcl_from_embeddings"):
+        spy(fn)
+    cfg = ablation(name)
+    task = BlindNetTask(copy.deepcopy(tiny_model), cfg)
+    torch.manual_seed(1)
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    out = _train_step(task)
+    assert set(out) == set(LOSS_KEYS)
+    assert all(math.isfinite(v.item()) for v in out.values())
+    assert out["ce"].item() > 0 and out["aux"].item() > 0
+    assert out["loss"].requires_grad and not out["ce"].requires_grad
+    weights = {"cml": cfg.cml, "ccl": cfg.ccl, "cwcl": cfg.cwcl, "sdcl": cfg.sdcl}
+    counted = {
+        "cml": calls.get("covariance_matching_loss", 0),
+        "ccl": calls.get("cross_covariance_loss", 0),
+        "cwcl": calls.get("cwcl_from_embeddings", 0),
+        "sdcl": calls.get("sdcl_from_embeddings", 0),
+    }
+    for term, w in weights.items():
+        if w == 0:
+            assert out[term].item() == 0.0 and not out[term].requires_grad
+            assert counted[term] == 0, f"{term} has weight 0 but was computed"
+        else:
+            assert counted[term] == (3 if term in ("cwcl", "sdcl") else 1)  # once per level / once over 3 layers
+    expected = out["ce"] + 0.4 * out["aux"] + sum(w * out[t] for t, w in weights.items())
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # The SGD step moved the network.
+    after = task.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point())
+    assert (task.projection is None) == (cfg.cwcl == 0 and cfg.sdcl == 0)
+
+
+def test_full_blindnet_losses_are_active_and_reach_every_head(tiny_model: DeepLabV3Plus) -> None:
+    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig())
+    torch.manual_seed(2)
+    task.train()
+    out = task(*_batch(3))
+    out["loss"].backward()
+    for term in ("cml", "ccl", "cwcl"):
+        assert out[term].item() > 0
+    assert task.projection is not None and task.dsn is not None
+    for level, head in task.projection.items():
+        grads = [p.grad for p in head.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads), f"no gradient in projection head {level}"
+    assert all(p.grad is not None for p in task.dsn.parameters())
+
+
+def test_sdcl_sees_anchors_when_views_disagree(tiny_model: DeepLabV3Plus) -> None:
+    # Train the two views apart on purpose: x right, x_a wrong, so SDCL has anchors and a positive loss.
+    cfg = ablation("sdcl")
+    cfg.sdcl_num_negatives = 5
+    task = BlindNetTask(copy.deepcopy(tiny_model), cfg).eval()
+    x, x_a, target = _batch(4)
+    with torch.no_grad():
+        f = task.model.forward_features(x)
+    low = f.logits_low.argmax(1)
+    # Relabel so the original view is right everywhere; the augmented view (other input) disagrees somewhere.
+    target = torch.nn.functional.interpolate(low[:, None].float(), size=target.shape[-2:], mode="nearest")[:, 0].long()
+    out = task(x, x_a, target)
+    assert out["sdcl"].item() > 0
+
+
+def test_empty_target_gives_finite_zero_terms(tiny_model: DeepLabV3Plus) -> None:
+    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig()).train()
+    x, x_a, _ = _batch(5)
+    target = torch.full((2, 64, 64), 255)
+    out = task(x, x_a, target)
+    assert out["ce"].item() == 0 and out["aux"].item() == 0 and out["cwcl"].item() == 0 and out["sdcl"].item() == 0
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["l2", "cosine", "mmd"])
+def test_alignment_configs_run(tiny_model: DeepLabV3Plus, kind: str) -> None:
+    cfg = LossConfig(cml=0, ccl=0, cwcl=0, sdcl=0, align=0.5, align_kind=kind, align_levels=("style2", "layer4"))
+    task = BlindNetTask(copy.deepcopy(tiny_model), cfg)
+    out = _train_step(task)
+    assert "align" in out and math.isfinite(out["align"].item()) and out["align"].item() > 0
+    assert out["loss"].item() == pytest.approx((out["ce"] + 0.4 * out["aux"] + 0.5 * out["align"]).item(), rel=1e-5)
+
+
+def test_eval_model_and_state_split(tiny_model: DeepLabV3Plus) -> None:
+    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig())
+    assert task.get_eval_model() is task.model
+    assert type(task.get_eval_model()) is DeepLabV3Plus
+    model_keys = set(task.get_eval_model().state_dict())
+    extra = task.get_task_state()
+    assert extra and all(k.startswith(("dsn.", "projection.")) for k in extra)
+    assert not any(k.startswith(("dsn", "projection", "model.")) for k in model_keys)
+    assert {f"model.{k}" for k in model_keys} | set(extra) == set(task.state_dict())
+    # Round trip into a fresh task; a mismatching state is refused.
+    other = BlindNetTask(copy.deepcopy(tiny_model), LossConfig())
+    other.load_task_state(extra)
+    for k, v in other.get_task_state().items():
+        assert torch.equal(v, extra[k])
+    with pytest.raises(KeyError, match="missing"):
+        BlindNetTask(copy.deepcopy(tiny_model), ablation("baseline")).load_task_state(extra)
+
+
+def test_config_errors(tiny_model: DeepLabV3Plus) -> None:
+    base = build_model(ModelConfig(backbone="mobilenetv2", instance_norm=False))
+    with pytest.raises(ValueError, match="instance_norm"):
+        BlindNetTask(base, LossConfig())
+    BlindNetTask(base, ablation("cwcl+sdcl"))  # contrastive losses do not need the IN layers
+    with pytest.raises(ValueError, match="unknown LossConfig key"):
+        LossConfig.from_dict({"cmll": 0.1})
+    with pytest.raises(ValueError, match="align_kind"):
+        LossConfig(align=1.0).validate()
+    with pytest.raises(KeyError, match="choose one of"):
+        ablation("full")
+    cfg = LossConfig.from_dict({"cwcl_negatives": "original", "align_levels": ["dec1"]})
+    assert cfg.align_levels == ("dec1",) and LossConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="target"):
+        BlindNetTask(copy.deepcopy(tiny_model), LossConfig())(*_batch(0)[:2], torch.zeros(2, 32, 32, dtype=torch.long))
+
+
+def test_ablation_copies_are_private() -> None:
+    a = ablation("blindnet")
+    a.cml = 0.0
+    assert ABLATIONS["blindnet"].cml == 0.2
+    assert list(ABLATIONS) == ["baseline", "cml", "ccl", "cml+ccl", "cwcl", "sdcl", "cwcl+sdcl", "blindnet"]
+
+
+def test_train_step_benchmark_cpu_smoke(tmp_path) -> None:
+    from benchmarks.train_step import main
+
+    row = main(
+        [
+            "--device",
+            "cpu",
+            "--size",
+            "64",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--backbone",
+            "mobilenetv2",
+            "--precision",
+            "fp32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert row["full_median_ms"] > 0 and row["ce_only_median_ms"] > 0 and row["full_peak_gib"] is None
+    lines = (tmp_path / row["path"].split("/")[-1]).read_text().splitlines()
+    assert json.loads(lines[-1])["benchmark"] == "train_step"
+
+
+def test_train_step_benchmark_refuses_missing_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from benchmarks.train_step import main
+
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        main(["--device", "cuda"])
