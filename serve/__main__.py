@@ -6,7 +6,8 @@ Examples::
     python -m serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
     python -m serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
 
-SIGTERM / Ctrl-C: stop accepting connections, finish in-flight requests, drain the queue, exit 0.
+SIGTERM / Ctrl-C: stop accepting connections, finish in-flight requests, drain the queue, then exit (uvicorn
+re-raises the signal after the graceful shutdown, so the exit status is the usual "terminated by SIGTERM").
 """
 
 from __future__ import annotations
