@@ -1,0 +1,460 @@
+"""Load generator for ``python -m serve``: throughput and latency under concurrency, against the Predictor's own pace.
+
+``python -m benchmarks.load`` (or :func:`run_load_benchmark`) does, in one run:
+
+1. **Baseline**: the :class:`~blindnet.inference.Predictor` with the same backend, device, precision and batch size
+   as the server, fed full batches of distinct images in a loop, no HTTP: images/s of ``predict_arrays`` (the exact
+   pre-process -> backend -> post-process path a server batch takes). Measured while no server runs.
+2. **Server**: ``python -m serve`` started as a subprocess on loopback (so client and server do not share a GIL), or
+   an already running server given by ``url``. For each concurrency ``c``, ``c`` closed-loop clients send
+   single-image requests (v2 binary tensors by default, or PNG uploads to ``/v1/segment``) until ``requests`` are
+   done or ``max_seconds`` pass. We record throughput (images/s), p50/p90/p99 latency, errors, and the server's
+   mean batch size (from ``/v1/stats``).
+3. **Ratio**: server images/s / Predictor images/s per concurrency level, and the best level (target >= 0.85).
+
+Caveats printed with the result: on a small CPU machine the load generator competes with the server for cores, so
+the ratio understates what a GPU host (where the network runs on the device) achieves; requests carry raw tensors, so
+image decoding is not measured unless ``protocol="segment"``.
+
+Results go to ``benchmarks/results/load_<backend>_<device>_<H>x<W>.{json,csv}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CSV_FIELDS = (
+    "concurrency",
+    "requests",
+    "errors",
+    "seconds",
+    "images_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "mean_batch_size",
+    "fraction_of_predictor",
+)
+
+
+@dataclass
+class LevelResult:
+    """One concurrency level: ``requests`` single-image requests by ``concurrency`` closed-loop clients."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_batch_size: float
+    fraction_of_predictor: float | None = None
+
+
+@dataclass
+class LoadReport:
+    """Everything one run measured (written as JSON; the levels also as CSV)."""
+
+    setup: dict[str, Any]
+    predictor_images_per_s: float | None
+    predictor_images_per_s_before_after: list[float] = field(default_factory=list)
+    levels: list[LevelResult] = field(default_factory=list)
+    best_fraction: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Predictor baseline
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def predictor_throughput(
+    predictor, images: Sequence[np.ndarray], *, min_seconds: float = 3.0, warmup: int = 2
+) -> float:
+    """Images/s of ``predictor.predict_arrays`` on full batches of ``images`` (``len(images)`` = batch size)."""
+    for _ in range(warmup):
+        predictor.predict_arrays(images)
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        predictor.predict_arrays(images)
+        n += len(images)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds and n >= 3 * len(images):
+            return n / elapsed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Client side
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image[:, :, ::-1])
+    assert ok
+    return buf.tobytes()
+
+
+def _v2_body(image: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    raw = np.ascontiguousarray(image[None]).tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": [1, *image.shape],
+                    "datatype": "UINT8",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    return header + raw, {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+async def _run_level(
+    url: str,
+    bodies: list[tuple[str, bytes, dict[str, str]]],
+    *,
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    headers: dict[str, str],
+) -> tuple[list[float], int, float]:
+    """Closed loop: ``concurrency`` workers send requests back to back. Returns (latencies_s, errors, wall_s)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120, headers=headers) as client:
+        t0 = time.perf_counter()
+        deadline = t0 + max_seconds
+
+        async def worker() -> None:
+            nonlocal counter, errors
+            while counter < requests and time.perf_counter() < deadline:
+                path, body, hdrs = bodies[counter % len(bodies)]
+                counter += 1
+                s = time.perf_counter()
+                try:
+                    r = await client.post(path, content=body, headers=hdrs)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append(time.perf_counter() - s)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return latencies, errors, wall
+
+
+def _stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(f"{url}/v1/stats", headers=headers, timeout=10).json()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with status {proc.returncode} before becoming ready")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server at {url} not ready after {timeout:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_checkpoint(checkpoint: str | Path | None, backbone: str, tmpdir: Path) -> tuple[Path, str]:
+    """The checkpoint to load: given, the shipped default, or a random-init ``backbone`` (throughput only)."""
+    if checkpoint is not None:
+        return Path(checkpoint), "given"
+    from blindnet.backends import DEFAULT_CHECKPOINT
+
+    if DEFAULT_CHECKPOINT.exists():
+        return DEFAULT_CHECKPOINT, "shipped default"
+    import torch
+
+    from blindnet.checkpoint import save_model
+    from blindnet.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    path = save_model(build_model(ModelConfig(backbone=backbone)), tmpdir / f"random_{backbone}.safetensors")
+    return path, f"random-init {backbone} (weights do not change throughput)"
+
+
+def run_load_benchmark(
+    *,
+    checkpoint: str | Path | None = None,
+    backbone: str = "mobilenetv2",
+    backend: str = "torch",
+    device: str | None = None,
+    precision: str | None = None,
+    image_size: tuple[int, int] = (256, 512),
+    max_batch_size: int = 8,
+    max_queue_delay_ms: float = 5.0,
+    concurrencies: Sequence[int] = (1, 8, 16, 32),
+    requests: int = 160,
+    max_seconds: float = 30.0,
+    protocol: str = "v2",
+    url: str | None = None,
+    api_key: str | None = None,
+    baseline_seconds: float = 5.0,
+    out_dir: str | Path | None = RESULTS_DIR,
+) -> LoadReport:
+    """Measure Predictor throughput, then the server's at each concurrency (see the module docstring).
+
+    Args:
+        checkpoint: model to serve; None: the shipped default, else a random-init ``backbone``.
+        image_size: ``(H, W)`` of every request image (one shape, so the server batches them together).
+        concurrencies: closed-loop client counts to run, in order.
+        requests: requests per level (bounded run time), also stopped by ``max_seconds``.
+        protocol: ``v2`` (raw UINT8 tensors, binary extension) or ``segment`` (PNG upload, PNG label map back).
+        url: an already running server to load instead of starting one (it must serve the same model/backend for the
+            ratio to mean anything).
+        out_dir: where JSON/CSV go; None writes nothing.
+    """
+    if protocol not in ("v2", "segment"):
+        raise ValueError(f"protocol must be 'v2' or 'segment', got {protocol!r}")
+    from blindnet.backends import make_backend
+    from blindnet.inference import Predictor
+
+    h, w = image_size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(max_batch_size, 16))]
+    backend_kwargs = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, ckpt_source = _resolve_checkpoint(checkpoint, backbone, Path(tmp))
+        # 1. Predictor baseline, before any server exists so nothing competes with it. It is measured again after the
+        # levels (server idle) and the higher figure is used: load from elsewhere on the host can only lower a
+        # measurement, and the conservative ratio divides by the best the Predictor managed.
+        predictor = Predictor(make_backend(backend, ckpt, **backend_kwargs), batch_size=max_batch_size)
+        backend_desc = predictor.backend.describe()
+        base_before = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
+
+        # 2. The server.
+        proc = None
+        headers = {"X-API-Key": api_key} if api_key else {}
+        if url is None:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [sys.executable, "-m", "serve", "--checkpoint", str(ckpt), "--backend", backend, "--port", str(port)]
+            cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
+            cmd += ["--max-queue-size", str(max(64, 2 * max(concurrencies))), "--log-level", "warning"]
+            for flag, value in (("--device", device), ("--precision", precision), ("--api-key", api_key)):
+                if value is not None:
+                    cmd += [flag, value]
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+                ),
+            }
+            proc = subprocess.Popen(cmd, env=env)
+        try:
+            _wait_ready(url, proc)
+            if protocol == "v2":
+                bodies = [("/v2/models/blindnet/infer", *_v2_body(img)) for img in images]
+            else:
+                bodies = [("/v1/segment", _png(img), {"Content-Type": "image/png"}) for img in images]
+            # Warm-up: first-call costs (allocator, kernels) must not land in the first level.
+            asyncio.run(
+                _run_level(
+                    url,
+                    bodies,
+                    concurrency=max_batch_size,
+                    requests=3 * max_batch_size,
+                    max_seconds=60,
+                    headers=headers,
+                )
+            )
+            levels = []
+            for c in concurrencies:
+                before = _stats(url, headers)
+                lat, errors, wall = asyncio.run(
+                    _run_level(url, bodies, concurrency=c, requests=requests, max_seconds=max_seconds, headers=headers)
+                )
+                after = _stats(url, headers)
+                batches = after["batches"] - before["batches"]
+                imgs = after["images"] - before["images"]
+                ms = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
+                rate = len(lat) / wall if wall > 0 else 0.0
+                levels.append(
+                    LevelResult(
+                        concurrency=c,
+                        requests=len(lat) + errors,
+                        errors=errors,
+                        seconds=round(wall, 3),
+                        images_per_s=round(rate, 2),
+                        p50_ms=round(float(np.percentile(ms, 50)), 2),
+                        p90_ms=round(float(np.percentile(ms, 90)), 2),
+                        p99_ms=round(float(np.percentile(ms, 99)), 2),
+                        mean_batch_size=round(imgs / batches, 2) if batches else 0.0,
+                        fraction_of_predictor=None,  # filled in once the baseline is final
+                    )
+                )
+                print(
+                    f"concurrency {c:4d}: {rate:8.2f} img/s  p50 {levels[-1].p50_ms:8.1f} ms  "
+                    f"p99 {levels[-1].p99_ms:8.1f} ms  mean batch {levels[-1].mean_batch_size:4.1f}",
+                    flush=True,
+                )
+            base_after = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    base = max(base_before, base_after)
+    for lv in levels:
+        lv.fraction_of_predictor = round(lv.images_per_s / base, 3)
+        print(f"concurrency {lv.concurrency:4d}: {lv.fraction_of_predictor} of the Predictor's {base:.2f} img/s")
+    if (os.cpu_count() or 1) <= 4 and backend_desc.get("device", "cpu") == "cpu":
+        notes.append(
+            f"{os.cpu_count()} CPU cores: the load generator and the server's HTTP handling compete with the CPU "
+            "backend for the same cores, so the fraction understates a GPU host"
+        )
+    report = LoadReport(
+        setup={
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "cpu_count": os.cpu_count(),
+            "checkpoint": ckpt_source,
+            "backend": backend_desc,
+            "image_size": [h, w],
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_ms": max_queue_delay_ms,
+            "protocol": protocol,
+            "requests_per_level": requests,
+            "max_seconds_per_level": max_seconds,
+        },
+        predictor_images_per_s=round(base, 2),
+        predictor_images_per_s_before_after=[round(base_before, 2), round(base_after, 2)],
+        levels=levels,
+        best_fraction=max((lv.fraction_of_predictor or 0.0) for lv in levels) if levels else None,
+        notes=notes,
+    )
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def write_report(report: LoadReport, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``load_<backend>_<device>_<H>x<W>.json`` and ``.csv``; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    b = report.setup["backend"]
+    h, w = report.setup["image_size"]
+    stem = f"load_{b.get('backend', 'backend')}_{b.get('device', 'na')}_{h}x{w}_{report.setup['protocol']}"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    csv_path = out_dir / f"{stem}.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for lv in report.levels:
+            writer.writerow({k: getattr(lv, k) for k in CSV_FIELDS})
+    return json_path, csv_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="model to serve (default: shipped checkpoint, else random-init --backbone)")
+    p.add_argument("--backbone", default="mobilenetv2", help="random-init backbone when no checkpoint exists")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None)
+    p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    p.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="time cap per level")
+    p.add_argument("--baseline-seconds", type=float, default=5.0)
+    p.add_argument("--protocol", default="v2", choices=["v2", "segment"])
+    p.add_argument("--url", help="load an already running server instead of starting one")
+    p.add_argument("--api-key", default=os.environ.get("BLINDNET_API_KEY"))
+    p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run_load_benchmark(
+        checkpoint=args.checkpoint,
+        backbone=args.backbone,
+        backend=args.backend,
+        device=args.device,
+        precision=args.precision,
+        image_size=tuple(args.size),
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        concurrencies=args.concurrency,
+        requests=args.requests,
+        max_seconds=args.max_seconds,
+        protocol=args.protocol,
+        url=args.url,
+        api_key=args.api_key,
+        baseline_seconds=args.baseline_seconds,
+        out_dir=args.out,
+    )
+    print(
+        f"Predictor batched throughput: {report.predictor_images_per_s} img/s; best server fraction: "
+        f"{report.best_fraction} (target >= 0.85)"
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
