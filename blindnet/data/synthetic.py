@@ -181,29 +181,76 @@ class _Builder:
         hip = y0 + (0.55 if seated else 0.9) * s
         step = r.uniform(-0.18, 0.18) * s
         if seated:  # legs bent forward/down towards the pedals
-            self.add([self.zplane(z, x - 0.2 * s, x - 0.05 * s, y0 + 0.1, hip), self.zplane(z, x + 0.05 * s, x + 0.2 * s, y0 + 0.1, hip)], cls, legs, **kw)
+            self.add(
+                [
+                    self.zplane(z, x - 0.2 * s, x - 0.05 * s, y0 + 0.1, hip),
+                    self.zplane(z, x + 0.05 * s, x + 0.2 * s, y0 + 0.1, hip),
+                ],
+                cls,
+                legs,
+                **kw,
+            )
         else:
             self.add(
                 [
-                    np.array([[x - 0.17 * s + step, y0, z], [x - 0.04 * s + step, y0, z], [x - 0.01 * s, hip, z], [x - 0.16 * s, hip, z]]),
-                    np.array([[x + 0.04 * s - step, y0, z], [x + 0.17 * s - step, y0, z], [x + 0.16 * s, hip, z], [x + 0.01 * s, hip, z]]),
+                    np.array(
+                        [
+                            [x - 0.17 * s + step, y0, z],
+                            [x - 0.04 * s + step, y0, z],
+                            [x - 0.01 * s, hip, z],
+                            [x - 0.16 * s, hip, z],
+                        ]
+                    ),
+                    np.array(
+                        [
+                            [x + 0.04 * s - step, y0, z],
+                            [x + 0.17 * s - step, y0, z],
+                            [x + 0.16 * s, hip, z],
+                            [x + 0.01 * s, hip, z],
+                        ]
+                    ),
                 ],
-                cls, legs, **kw,
+                cls,
+                legs,
+                **kw,
             )
         sh = hip + 0.58 * s
-        self.add(np.array([[x - 0.16 * s, hip, z], [x + 0.16 * s, hip, z], [x + 0.22 * s, sh, z], [x - 0.22 * s, sh, z]]), cls, top, **kw)
+        self.add(
+            np.array([[x - 0.16 * s, hip, z], [x + 0.16 * s, hip, z], [x + 0.22 * s, sh, z], [x - 0.22 * s, sh, z]]),
+            cls,
+            top,
+            **kw,
+        )
         sw = r.uniform(-0.1, 0.1) * s
         self.add(
             [
-                np.array([[x - 0.22 * s, sh, z], [x - 0.15 * s, sh, z], [x - 0.2 * s + sw, sh - 0.55 * s, z], [x - 0.27 * s + sw, sh - 0.55 * s, z]]),
-                np.array([[x + 0.15 * s, sh, z], [x + 0.22 * s, sh, z], [x + 0.27 * s - sw, sh - 0.55 * s, z], [x + 0.2 * s - sw, sh - 0.55 * s, z]]),
+                np.array(
+                    [
+                        [x - 0.22 * s, sh, z],
+                        [x - 0.15 * s, sh, z],
+                        [x - 0.2 * s + sw, sh - 0.55 * s, z],
+                        [x - 0.27 * s + sw, sh - 0.55 * s, z],
+                    ]
+                ),
+                np.array(
+                    [
+                        [x + 0.15 * s, sh, z],
+                        [x + 0.22 * s, sh, z],
+                        [x + 0.27 * s - sw, sh - 0.55 * s, z],
+                        [x + 0.2 * s - sw, sh - 0.55 * s, z],
+                    ]
+                ),
             ],
-            cls, top, **kw,
+            cls,
+            top,
+            **kw,
         )
         self.add(self.zplane(z, x - 0.05 * s, x + 0.05 * s, sh - 0.02, sh + 0.06 * s), cls, skin, **kw)
         self.add(self.zellipse(z, x, sh + 0.16 * s, 0.1 * s, 0.12 * s, 10), cls, skin, **kw)
         if r.random() < 0.4:  # hair / hat changes the head silhouette colour
-            self.add(self.zellipse(z, x, sh + 0.22 * s, 0.1 * s, 0.06 * s, 8), cls, self.jitter(r.uniform(0, 0.4, 3)), **kw)
+            self.add(
+                self.zellipse(z, x, sh + 0.22 * s, 0.1 * s, 0.06 * s, 8), cls, self.jitter(r.uniform(0, 0.4, 3)), **kw
+            )
 
     def two_wheeler(self, x, z, cls, facing=1.0, with_rider=True, key=None, vz=0.0):
         """A bicycle or motorcycle in profile (in a plane of constant Z), optionally ridden."""
@@ -220,10 +267,22 @@ class _Builder:
             for xc in (xb, xf):
                 self.add(self.zellipse(z, xc, wr, wr, wr, 14), cls, tyre, **kw)
                 self.add(self.zellipse(z, xc, wr, wr * 0.45, wr * 0.45, 10), cls, (0.5, 0.5, 0.52), **kw)
-            body = np.array([[xb + facing * 0.2, 0.45, z], [xf - facing * 0.25, 0.4, z], [xf - facing * 0.05, 0.85, z],
-                             [x, 0.95, z], [xb, 0.8, z]])
+            body = np.array(
+                [
+                    [xb + facing * 0.2, 0.45, z],
+                    [xf - facing * 0.25, 0.4, z],
+                    [xf - facing * 0.05, 0.85, z],
+                    [x, 0.95, z],
+                    [xb, 0.8, z],
+                ]
+            )
             self.add(body, cls, color, **kw)
-            self.add(self.zplane(z, min(xf, xf - facing * 0.12), max(xf, xf - facing * 0.12), 0.8, 1.1), cls, (0.15, 0.15, 0.15), **kw)
+            self.add(
+                self.zplane(z, min(xf, xf - facing * 0.12), max(xf, xf - facing * 0.12), 0.8, 1.1),
+                cls,
+                (0.15, 0.15, 0.15),
+                **kw,
+            )
         else:
             for xc in (xb, xf):
                 self.add(self.zellipse(z, xc, wr, wr, wr, 14), cls, tyre, line=0.04, **kw)
@@ -231,11 +290,25 @@ class _Builder:
             bar = (xf - facing * 0.15, 1.0)
             frame = np.array([[xb, wr, z], [seat[0], seat[1], z], [x + facing * 0.05, wr, z], [xb, wr, z]])
             self.add(frame, cls, color, line=0.035, **kw)
-            self.add(np.array([[x + facing * 0.05, wr, z], [bar[0], bar[1] - 0.1, z], [seat[0], seat[1] - 0.05, z]]), cls, color, line=0.035, **kw)
+            self.add(
+                np.array([[x + facing * 0.05, wr, z], [bar[0], bar[1] - 0.1, z], [seat[0], seat[1] - 0.05, z]]),
+                cls,
+                color,
+                line=0.035,
+                **kw,
+            )
             self.add(np.array([[xf, wr, z], [bar[0], bar[1], z]]), cls, color, line=0.03, **kw)
         if with_rider:
-            self.person(x - facing * 0.1, z - 0.01, cls=RIDER, height=r.uniform(1.55, 1.85), y0=0.45 if moto else 0.35,
-                        key=key - 0.01, vz=vz, seated=True)
+            self.person(
+                x - facing * 0.1,
+                z - 0.01,
+                cls=RIDER,
+                height=r.uniform(1.55, 1.85),
+                y0=0.45 if moto else 0.35,
+                key=key - 0.01,
+                vz=vz,
+                seated=True,
+            )
 
     def vehicle(self, x, z, cls, oncoming=False, vz=0.0):
         """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming)."""
@@ -243,7 +316,14 @@ class _Builder:
         dims = {CAR: (1.8, 1.45, 4.4), TRUCK: (2.5, 3.4, 8.5), BUS: (2.55, 3.2, 12.0), TRAIN: (2.65, 3.5, 28.0)}[cls]
         w, h, length = dims[0] * r.uniform(0.93, 1.07), dims[1] * r.uniform(0.93, 1.1), dims[2] * r.uniform(0.9, 1.1)
         palettes = {
-            CAR: [(0.75, 0.75, 0.78), (0.1, 0.1, 0.12), (0.55, 0.05, 0.05), (0.1, 0.2, 0.5), (0.9, 0.9, 0.9), (0.3, 0.32, 0.35)],
+            CAR: [
+                (0.75, 0.75, 0.78),
+                (0.1, 0.1, 0.12),
+                (0.55, 0.05, 0.05),
+                (0.1, 0.2, 0.5),
+                (0.9, 0.9, 0.9),
+                (0.3, 0.32, 0.35),
+            ],
             TRUCK: [(0.85, 0.85, 0.8), (0.7, 0.3, 0.05), (0.2, 0.35, 0.2)],
             BUS: [(0.85, 0.75, 0.1), (0.75, 0.1, 0.1), (0.1, 0.4, 0.7), (0.9, 0.9, 0.9)],
             TRAIN: [(0.85, 0.85, 0.85), (0.8, 0.15, 0.1), (0.1, 0.5, 0.4)],
@@ -264,23 +344,61 @@ class _Builder:
                 self.add(self.xplane(cx0, cz0, cz1, yb, h), cls, glass, normal=(-1, 0, 0), fine=0.02, coarse=0.02, **kw)
             elif x1 < 0:
                 self.add(self.xplane(cx1, cz0, cz1, yb, h), cls, glass, normal=(1, 0, 0), fine=0.02, coarse=0.02, **kw)
-            self.add(np.array([[x0 + 0.05, yb, z0 + 0.05], [x1 - 0.05, yb, z0 + 0.05], [cx1, h, cz0], [cx0, h, cz0]]), cls, glass,
-                     normal=(0, 0.5, -0.8), fine=0.02, coarse=0.02, **kw)
+            self.add(
+                np.array([[x0 + 0.05, yb, z0 + 0.05], [x1 - 0.05, yb, z0 + 0.05], [cx1, h, cz0], [cx0, h, cz0]]),
+                cls,
+                glass,
+                normal=(0, 0.5, -0.8),
+                fine=0.02,
+                coarse=0.02,
+                **kw,
+            )
             # wheels on the visible side, and the two at the near end
             side_x = x0 if x0 > 0 else (x1 if x1 < 0 else None)
             if side_x is not None:
                 for wz in (z0 + 0.18 * length, z1 - 0.18 * length):
-                    self.add(self.xellipse(side_x, wz, 0.32, 0.33, 0.32, 12), cls, tyre, normal=(-np.sign(side_x), 0, 0), **kw)
-            self.add([self.zplane(z0 - 0.01, x0 + 0.05, x0 + 0.3, 0.0, 0.35), self.zplane(z0 - 0.01, x1 - 0.3, x1 - 0.05, 0.0, 0.35)], cls, tyre, **kw)
+                    self.add(
+                        self.xellipse(side_x, wz, 0.32, 0.33, 0.32, 12),
+                        cls,
+                        tyre,
+                        normal=(-np.sign(side_x), 0, 0),
+                        **kw,
+                    )
+            self.add(
+                [
+                    self.zplane(z0 - 0.01, x0 + 0.05, x0 + 0.3, 0.0, 0.35),
+                    self.zplane(z0 - 0.01, x1 - 0.3, x1 - 0.05, 0.0, 0.35),
+                ],
+                cls,
+                tyre,
+                **kw,
+            )
             ly = 0.55 * h * 0.62 + 0.15
             if oncoming:
                 lights, emit = (0.95, 0.95, 0.85), (3.0, 2.9, 2.5)
                 self.heads.append((x, z0, vz))
             else:
                 lights, emit = (0.7, 0.05, 0.05), (2.0, 0.1, 0.05)
-            self.add([self.zplane(z0 - 0.02, x0 + 0.08, x0 + 0.35, ly, ly + 0.15), self.zplane(z0 - 0.02, x1 - 0.35, x1 - 0.08, ly, ly + 0.15)],
-                     cls, lights, emit=emit, fine=0.0, coarse=0.0, **kw)
-            self.add(self.zplane(z0 - 0.02, x - 0.25, x + 0.25, 0.35, 0.47), cls, (0.9, 0.9, 0.85), fine=0.0, coarse=0.0, **kw)
+            self.add(
+                [
+                    self.zplane(z0 - 0.02, x0 + 0.08, x0 + 0.35, ly, ly + 0.15),
+                    self.zplane(z0 - 0.02, x1 - 0.35, x1 - 0.08, ly, ly + 0.15),
+                ],
+                cls,
+                lights,
+                emit=emit,
+                fine=0.0,
+                coarse=0.0,
+                **kw,
+            )
+            self.add(
+                self.zplane(z0 - 0.02, x - 0.25, x + 0.25, 0.35, 0.47),
+                cls,
+                (0.9, 0.9, 0.85),
+                fine=0.0,
+                coarse=0.0,
+                **kw,
+            )
             return
         # large vehicles: one box, window band on the visible side and on the near face
         self.box(x0, x1, 0.35, h, z0, z1, cls, color, key=key, vz=vz)
@@ -292,26 +410,68 @@ class _Builder:
             if cls == TRUCK:  # only the cab has a side window
                 zs = zs[-1:] if oncoming is False else zs[:1]
             wins = [self.xplane(side_x, zz, zz + 0.7 * length / max(nwin, 1), band[0], band[1]) for zz in zs]
-            self.add(wins, cls, glass, normal=(-np.sign(side_x), 0, 0), emit=(0.6, 0.55, 0.4) if cls != TRUCK else (0, 0, 0), fine=0.02, coarse=0.02, **kw)
+            self.add(
+                wins,
+                cls,
+                glass,
+                normal=(-np.sign(side_x), 0, 0),
+                emit=(0.6, 0.55, 0.4) if cls != TRUCK else (0, 0, 0),
+                fine=0.02,
+                coarse=0.02,
+                **kw,
+            )
             for wz in (z0 + 1.2, z1 - 1.6):
-                self.add(self.xellipse(side_x, wz, 0.45, 0.5, 0.45, 12), cls, tyre, normal=(-np.sign(side_x), 0, 0), **kw)
+                self.add(
+                    self.xellipse(side_x, wz, 0.45, 0.5, 0.45, 12), cls, tyre, normal=(-np.sign(side_x), 0, 0), **kw
+                )
         if cls == TRUCK and not oncoming:
-            self.add(self.zplane(z0 - 0.01, x0 + 0.1, x1 - 0.1, 0.5, h - 0.1), cls, np.asarray(color) * 0.85, **kw)  # cargo doors
+            self.add(
+                self.zplane(z0 - 0.01, x0 + 0.1, x1 - 0.1, 0.5, h - 0.1), cls, np.asarray(color) * 0.85, **kw
+            )  # cargo doors
             self.add(self.zplane(z0 - 0.02, x - 0.02, x + 0.02, 0.5, h - 0.1), cls, (0.2, 0.2, 0.2), **kw)
         else:
-            self.add(self.zplane(z0 - 0.01, x0 + 0.15, x1 - 0.15, band[0] - (0.25 if oncoming else 0), band[1]), cls, glass, fine=0.02, coarse=0.02, **kw)
+            self.add(
+                self.zplane(z0 - 0.01, x0 + 0.15, x1 - 0.15, band[0] - (0.25 if oncoming else 0), band[1]),
+                cls,
+                glass,
+                fine=0.02,
+                coarse=0.02,
+                **kw,
+            )
         if cls == TRAIN:
-            self.add([np.array([[x - 0.5, h, z0 + 3], [x + 0.2, h + 1.2, z0 + 4], [x + 0.9, h + 1.2, z0 + 4]])], cls, (0.2, 0.2, 0.2), line=0.05, **kw)
+            self.add(
+                [np.array([[x - 0.5, h, z0 + 3], [x + 0.2, h + 1.2, z0 + 4], [x + 0.9, h + 1.2, z0 + 4]])],
+                cls,
+                (0.2, 0.2, 0.2),
+                line=0.05,
+                **kw,
+            )
         ly = 0.35 + 0.45
         if oncoming:
             lights, emit = (0.95, 0.95, 0.85), (3.0, 2.9, 2.5)
             self.heads.append((x, z0, vz))
         else:
             lights, emit = (0.7, 0.05, 0.05), (2.0, 0.1, 0.05)
-        self.add([self.zplane(z0 - 0.02, x0 + 0.1, x0 + 0.4, ly, ly + 0.2), self.zplane(z0 - 0.02, x1 - 0.4, x1 - 0.1, ly, ly + 0.2)], cls, lights,
-                 emit=emit, fine=0.0, coarse=0.0, **kw)
+        self.add(
+            [
+                self.zplane(z0 - 0.02, x0 + 0.1, x0 + 0.4, ly, ly + 0.2),
+                self.zplane(z0 - 0.02, x1 - 0.4, x1 - 0.1, ly, ly + 0.2),
+            ],
+            cls,
+            lights,
+            emit=emit,
+            fine=0.0,
+            coarse=0.0,
+            **kw,
+        )
         if cls == BUS:
-            self.add(self.zplane(z0 - 0.02, x0 + 0.3, x1 - 0.3, band[1] + 0.05, h - 0.1), cls, (0.05, 0.05, 0.05), emit=(2.0, 1.2, 0.2), **kw)
+            self.add(
+                self.zplane(z0 - 0.02, x0 + 0.3, x1 - 0.3, band[1] + 0.05, h - 0.1),
+                cls,
+                (0.05, 0.05, 0.05),
+                emit=(2.0, 1.2, 0.2),
+                **kw,
+            )
 
     def lamp(self, x, z, side):
         """Street lamp on the sidewalk edge: pole with an arm over the road and a light head (all class pole)."""
@@ -321,8 +481,13 @@ class _Builder:
         self.add(self.zplane(z, x - 0.09, x + 0.09, 0.0, h), POLE, col, **kw)
         arm = x - side * 1.6
         self.add(np.array([[x, h - 0.1, z], [arm, h + 0.15, z], [arm, h + 0.28, z], [x, h + 0.05, z]]), POLE, col, **kw)
-        self.add(self.zplane(z - 0.01, min(arm, arm - side * 0.6), max(arm, arm - side * 0.6), h + 0.05, h + 0.25), POLE, (0.8, 0.8, 0.7),
-                 emit=(3.0, 2.4, 1.4), **kw)
+        self.add(
+            self.zplane(z - 0.01, min(arm, arm - side * 0.6), max(arm, arm - side * 0.6), h + 0.05, h + 0.25),
+            POLE,
+            (0.8, 0.8, 0.7),
+            emit=(3.0, 2.4, 1.4),
+            **kw,
+        )
         self.lamps.append((arm - side * 0.3, z, h * 0.9))
 
     def traffic_light(self, x, z, side, overhead=False):
@@ -339,10 +504,18 @@ class _Builder:
             self.add(self.zplane(z, min(x, bx), max(x, bx), by + 0.9, by + 1.0), POLE, pole_col, **kw)
         self.add(self.zplane(z - 0.02, bx - 0.2, bx + 0.2, by, by + 0.95), LIGHT, self.jitter((0.08, 0.08, 0.08)), **kw)
         state = r.integers(3)
-        for i, (col, em) in enumerate([((0.9, 0.1, 0.1), (3, 0.3, 0.2)), ((0.9, 0.7, 0.1), (3, 2.2, 0.3)), ((0.1, 0.9, 0.3), (0.3, 3, 1.2))]):
+        for i, (col, em) in enumerate(
+            [((0.9, 0.1, 0.1), (3, 0.3, 0.2)), ((0.9, 0.7, 0.1), (3, 2.2, 0.3)), ((0.1, 0.9, 0.3), (0.3, 3, 1.2))]
+        ):
             on = i == state
             c = col if on else tuple(0.25 * v for v in col)
-            self.add(self.zellipse(z - 0.04, bx, by + 0.78 - i * 0.3, 0.1, 0.1, 8), LIGHT, c, emit=em if on else (0, 0, 0), **kw)
+            self.add(
+                self.zellipse(z - 0.04, bx, by + 0.78 - i * 0.3, 0.1, 0.1, 8),
+                LIGHT,
+                c,
+                emit=em if on else (0, 0, 0),
+                **kw,
+            )
 
     def sign(self, x, z):
         r = self.rng
@@ -354,20 +527,46 @@ class _Builder:
             self.add(self.zellipse(z - 0.01, x, h + 0.35, 0.35, 0.35, 16), SIGN, (0.8, 0.05, 0.05), **kw)
             self.add(self.zellipse(z - 0.02, x, h + 0.35, 0.26, 0.26, 16), SIGN, (0.95, 0.95, 0.95), **kw)
         elif kind == 1:  # warning triangle
-            self.add(np.array([[x - 0.4, h, z - 0.01], [x + 0.4, h, z - 0.01], [x, h + 0.7, z - 0.01]]), SIGN, (0.85, 0.05, 0.05), **kw)
-            self.add(np.array([[x - 0.27, h + 0.08, z - 0.02], [x + 0.27, h + 0.08, z - 0.02], [x, h + 0.55, z - 0.02]]), SIGN, (0.95, 0.95, 0.9), **kw)
+            self.add(
+                np.array([[x - 0.4, h, z - 0.01], [x + 0.4, h, z - 0.01], [x, h + 0.7, z - 0.01]]),
+                SIGN,
+                (0.85, 0.05, 0.05),
+                **kw,
+            )
+            self.add(
+                np.array([[x - 0.27, h + 0.08, z - 0.02], [x + 0.27, h + 0.08, z - 0.02], [x, h + 0.55, z - 0.02]]),
+                SIGN,
+                (0.95, 0.95, 0.9),
+                **kw,
+            )
         elif kind == 2:  # blue mandatory / information rectangle
             self.add(self.zplane(z - 0.01, x - 0.35, x + 0.35, h, h + 0.6), SIGN, (0.05, 0.25, 0.7), **kw)
             self.add(self.zplane(z - 0.02, x - 0.2, x + 0.2, h + 0.25, h + 0.35), SIGN, (0.95, 0.95, 0.95), **kw)
         else:  # yellow diamond
-            self.add(np.array([[x, h, z - 0.01], [x + 0.35, h + 0.35, z - 0.01], [x, h + 0.7, z - 0.01], [x - 0.35, h + 0.35, z - 0.01]]),
-                     SIGN, (0.95, 0.8, 0.1), **kw)
+            self.add(
+                np.array(
+                    [
+                        [x, h, z - 0.01],
+                        [x + 0.35, h + 0.35, z - 0.01],
+                        [x, h + 0.7, z - 0.01],
+                        [x - 0.35, h + 0.35, z - 0.01],
+                    ]
+                ),
+                SIGN,
+                (0.95, 0.8, 0.1),
+                **kw,
+            )
 
     def tree(self, x, z, scale=1.0, layer=_L_OBJ):
         r = self.rng
         h = r.uniform(3.0, 6.0) * scale
         kw = dict(layer=layer, key=z, fine=0.25, coarse=0.3)
-        self.add(self.zplane(z, x - 0.15 * scale, x + 0.15 * scale, 0.0, h * 0.6), VEGETATION, self.jitter((0.3, 0.22, 0.15)), **kw)
+        self.add(
+            self.zplane(z, x - 0.15 * scale, x + 0.15 * scale, 0.0, h * 0.6),
+            VEGETATION,
+            self.jitter((0.3, 0.22, 0.15)),
+            **kw,
+        )
         rad = r.uniform(1.5, 2.8) * scale
         jag = 1.0 + 0.18 * r.standard_normal(18)
         green = self.jitter(r.choice([(0.25, 0.4, 0.12), (0.18, 0.32, 0.1), (0.35, 0.45, 0.15)]), 0.15)
@@ -385,13 +584,37 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
     z_far = 140.0 + length
     z_back = -10.0
     terrain_col = b.jitter((0.35, 0.45, 0.2), 0.15)
-    b.add(b.ground(-600, 600, z_back, 3000), TERRAIN, terrain_col, layer=_L_GROUND, surf=_S_GROUND, normal=(0, 1, 0), fine=0.2, coarse=0.3)
+    b.add(
+        b.ground(-600, 600, z_back, 3000),
+        TERRAIN,
+        terrain_col,
+        layer=_L_GROUND,
+        surf=_S_GROUND,
+        normal=(0, 1, 0),
+        fine=0.2,
+        coarse=0.3,
+    )
     road_col = b.jitter((0.3, 0.3, 0.32), 0.2)
-    b.add(b.ground(left, right, z_back, 3000), ROAD, road_col, layer=_L_STRIP, surf=_S_GROUND, normal=(0, 1, 0), fine=0.12, coarse=0.06, wet=True)
+    b.add(
+        b.ground(left, right, z_back, 3000),
+        ROAD,
+        road_col,
+        layer=_L_STRIP,
+        surf=_S_GROUND,
+        normal=(0, 1, 0),
+        fine=0.12,
+        coarse=0.06,
+        wet=True,
+    )
     mark = (0.85, 0.85, 0.8)
     mk = dict(layer=_L_MARK, surf=_S_GROUND, normal=(0, 1, 0), fine=0.1, coarse=0.1)
     # lane markings are road (as in Cityscapes); solid edges, dashed lane dividers, centre line maybe yellow
-    b.add([b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)], ROAD, mark, **mk)
+    b.add(
+        [b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
+        ROAD,
+        mark,
+        **mk,
+    )
     dash, gap = rng.uniform(2.5, 4.0), rng.uniform(5.0, 9.0)
     zs = np.arange(z_back, z_far + 60, dash + gap)
     centre_col = (0.85, 0.7, 0.1) if rng.random() < 0.3 else mark
@@ -407,23 +630,53 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
     has_tram = rng.random() < 0.35
     if has_tram:  # rails in the opposite lane (road class) and a tram on them
         xt = xc - lane / 2
-        b.add([b.ground(xt - 0.75, xt - 0.68, z_back, 3000), b.ground(xt + 0.68, xt + 0.75, z_back, 3000)], ROAD, (0.55, 0.55, 0.58), **mk)
+        b.add(
+            [b.ground(xt - 0.75, xt - 0.68, z_back, 3000), b.ground(xt + 0.68, xt + 0.75, z_back, 3000)],
+            ROAD,
+            (0.55, 0.55, 0.58),
+            **mk,
+        )
         b.vehicle(xt, rng.uniform(15, 60), TRAIN, oncoming=bool(rng.random() < 0.5))
 
     for side in (-1.0, 1.0):
         edge = right if side > 0 else left
         sw = rng.uniform(2.2, 5.0)
         outer = edge + side * sw
-        b.add(b.ground(min(edge, outer), max(edge, outer), z_back, 3000), SIDEWALK, b.jitter((0.6, 0.58, 0.55), 0.15), layer=_L_STRIP,
-              surf=_S_GROUND, normal=(0, 1, 0), fine=0.1, coarse=0.08, wet=True)
-        b.add(b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000), SIDEWALK, (0.72, 0.72, 0.7),
-              layer=_L_MARK, surf=_S_GROUND, normal=(0, 1, 0), fine=0.05, coarse=0.1)  # kerb stones
+        b.add(
+            b.ground(min(edge, outer), max(edge, outer), z_back, 3000),
+            SIDEWALK,
+            b.jitter((0.6, 0.58, 0.55), 0.15),
+            layer=_L_STRIP,
+            surf=_S_GROUND,
+            normal=(0, 1, 0),
+            fine=0.1,
+            coarse=0.08,
+            wet=True,
+        )
+        b.add(
+            b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000),
+            SIDEWALK,
+            (0.72, 0.72, 0.7),
+            layer=_L_MARK,
+            surf=_S_GROUND,
+            normal=(0, 1, 0),
+            fine=0.05,
+            coarse=0.1,
+        )  # kerb stones
         park = rng.random() < 0.3
         setback = 0.0 if (park or rng.random() < 0.5) else rng.uniform(1.0, 3.0)
         front = outer + side * setback
         if setback > 0:  # terrain strip, maybe behind a hedge or a low wall
-            b.add(b.ground(min(outer, front), max(outer, front), z_back, 3000), TERRAIN, terrain_col, layer=_L_STRIP, surf=_S_GROUND,
-                  normal=(0, 1, 0), fine=0.2, coarse=0.3)
+            b.add(
+                b.ground(min(outer, front), max(outer, front), z_back, 3000),
+                TERRAIN,
+                terrain_col,
+                layer=_L_STRIP,
+                surf=_S_GROUND,
+                normal=(0, 1, 0),
+                fine=0.2,
+                coarse=0.3,
+            )
         if park:
             _park_side(b, outer, side, z_back, z_far)
         else:
@@ -443,8 +696,13 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
             b.person(edge + side * rng.uniform(0.8, sw - 0.3), rng.uniform(4, 60 + length))
         for _ in range(int(rng.integers(0, 3))):  # parked bicycles / motorcycles on the sidewalk, in profile
             cls = BICYCLE if rng.random() < 0.6 else MOTORCYCLE
-            b.two_wheeler(edge + side * rng.uniform(1.0, sw - 0.5), rng.uniform(5, 50), cls, facing=float(rng.choice([-1, 1])),
-                          with_rider=bool(rng.random() < 0.3))
+            b.two_wheeler(
+                edge + side * rng.uniform(1.0, sw - 0.5),
+                rng.uniform(5, 50),
+                cls,
+                facing=float(rng.choice([-1, 1])),
+                with_rider=bool(rng.random() < 0.3),
+            )
         for zp in rng.uniform(5, 80 + length, int(rng.integers(0, 4))):  # parked cars along the kerb
             b.vehicle(edge - side * 1.2, zp, CAR)
 
@@ -465,18 +723,34 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
             b.vehicle(xl, z, cls, oncoming=oncoming, vz=vz)
     if rng.random() < 0.8:  # cyclists / motorcyclists near the right kerb
         for _ in range(int(rng.integers(1, 3))):
-            b.two_wheeler(right - 0.9, rng.uniform(8, 50), BICYCLE if rng.random() < 0.6 else MOTORCYCLE, facing=float(rng.choice([-1, 1])),
-                          vz=0.3)
+            b.two_wheeler(
+                right - 0.9,
+                rng.uniform(8, 50),
+                BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
+                facing=float(rng.choice([-1, 1])),
+                vz=0.3,
+            )
     # distant skyline closing the street
     for x in np.arange(-250, 250, 18.0):
         hh = rng.uniform(8, 45)
         cls = BUILDING if rng.random() < 0.75 else VEGETATION
         col = b.jitter((0.5, 0.48, 0.46), 0.2) if cls == BUILDING else b.jitter((0.2, 0.33, 0.12))
-        b.add(b.zplane(z_far + 200, x, x + 18.5, 0, hh), cls, col, layer=_L_SIDE, key=z_far + 200, fine=0.15, coarse=0.2)
+        b.add(
+            b.zplane(z_far + 200, x, x + 18.5, 0, hh), cls, col, layer=_L_SIDE, key=z_far + 200, fine=0.15, coarse=0.2
+        )
 
     sun = float(rng.choice([-1.0, 1.0]))
-    return _World(b.parts, float(rng.uniform(0.62, 0.82)), float(rng.uniform(0.38, 0.5)), float(rng.uniform(1.3, 1.7)), b.lamps, b.heads,
-                  sun, float(rng.uniform(22, 55)), rng.uniform(0.92, 1.08, 3).astype(np.float32))
+    return _World(
+        b.parts,
+        float(rng.uniform(0.62, 0.82)),
+        float(rng.uniform(0.38, 0.5)),
+        float(rng.uniform(1.3, 1.7)),
+        b.lamps,
+        b.heads,
+        sun,
+        float(rng.uniform(22, 55)),
+        rng.uniform(0.92, 1.08, 3).astype(np.float32),
+    )
 
 
 def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: float) -> None:
@@ -487,18 +761,40 @@ def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: flo
         if r.random() < 0.18:  # gap with a wall or a fence (and vegetation behind it)
             gap = r.uniform(4, 12)
             if r.random() < 0.5:
-                b.add(b.xplane(front, z, z + gap, 0, r.uniform(1.2, 2.8)), WALL, b.jitter((0.55, 0.52, 0.5), 0.2), layer=_L_SIDE, key=z,
-                      surf=_S_SIDE, normal=(-side, 0, 0), fine=0.12, coarse=0.2)
+                b.add(
+                    b.xplane(front, z, z + gap, 0, r.uniform(1.2, 2.8)),
+                    WALL,
+                    b.jitter((0.55, 0.52, 0.5), 0.2),
+                    layer=_L_SIDE,
+                    key=z,
+                    surf=_S_SIDE,
+                    normal=(-side, 0, 0),
+                    fine=0.12,
+                    coarse=0.2,
+                )
             else:
                 _fence(b, front, side, z, z + gap)
             b.tree(front + side * 3, z + gap / 2, scale=1.3, layer=_L_SIDE)
             z += gap
             continue
         h = r.uniform(7, 32)
-        col = np.asarray(b.jitter(r.choice([(0.62, 0.55, 0.48), (0.55, 0.55, 0.55), (0.7, 0.62, 0.5), (0.5, 0.35, 0.3), (0.75, 0.72, 0.65)]), 0.15))
+        col = np.asarray(
+            b.jitter(
+                r.choice(
+                    [(0.62, 0.55, 0.48), (0.55, 0.55, 0.55), (0.7, 0.62, 0.5), (0.5, 0.35, 0.3), (0.75, 0.72, 0.65)]
+                ),
+                0.15,
+            )
+        )
         kw = dict(layer=_L_SIDE, key=z, fine=0.08, coarse=0.18)
         # near face (towards the camera) first so the facade and windows drawn after it stay on top where they meet
-        b.add(b.zplane(z, min(front, front + side * 15), max(front, front + side * 15), 0, h), BUILDING, col * 0.85, normal=(0, 0, -1), **kw)
+        b.add(
+            b.zplane(z, min(front, front + side * 15), max(front, front + side * 15), 0, h),
+            BUILDING,
+            col * 0.85,
+            normal=(0, 0, -1),
+            **kw,
+        )
         b.add(b.xplane(front, z, z + length, 0, h), BUILDING, col, surf=_S_SIDE, normal=(-side, 0, 0), **kw)
         # window grid on the facade: lit ones glow at night
         floor_h = r.uniform(2.8, 3.5)
@@ -513,20 +809,61 @@ def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: flo
             wh = floor_h * 0.5
             glass = np.asarray(b.jitter((0.18, 0.22, 0.28), 0.2))
             for sel, emit in ((~lit, (0.0, 0.0, 0.0)), (lit, (2.2, 1.7, 0.9))):
-                polys = [b.xplane(front + side * 0.01 * 0, z1, z1 + win_w, y1, y1 + wh) for y1, z1 in zip(yy[sel], zz[sel])]
+                polys = [
+                    b.xplane(front + side * 0.01 * 0, z1, z1 + win_w, y1, y1 + wh) for y1, z1 in zip(yy[sel], zz[sel])
+                ]
                 if polys:
-                    b.add(polys, BUILDING, glass, surf=_S_SIDE, normal=(-side, 0, 0), emit=emit, layer=_L_SIDE, key=z, fine=0.03, coarse=0.05)
+                    b.add(
+                        polys,
+                        BUILDING,
+                        glass,
+                        surf=_S_SIDE,
+                        normal=(-side, 0, 0),
+                        emit=emit,
+                        layer=_L_SIDE,
+                        key=z,
+                        fine=0.03,
+                        coarse=0.05,
+                    )
         if r.random() < 0.5:  # shop front / door at street level
             zd = z + r.uniform(0.5, max(0.6, length - 3))
-            b.add(b.xplane(front, zd, zd + 2.0, 0, 2.4), BUILDING, b.jitter((0.25, 0.2, 0.15)), surf=_S_SIDE, normal=(-side, 0, 0),
-                  emit=(1.2, 1.0, 0.7), layer=_L_SIDE, key=z, fine=0.03, coarse=0.05)
+            b.add(
+                b.xplane(front, zd, zd + 2.0, 0, 2.4),
+                BUILDING,
+                b.jitter((0.25, 0.2, 0.15)),
+                surf=_S_SIDE,
+                normal=(-side, 0, 0),
+                emit=(1.2, 1.0, 0.7),
+                layer=_L_SIDE,
+                key=z,
+                fine=0.03,
+                coarse=0.05,
+            )
         if r.random() < 0.25:  # low wall / hedge in front of the building
             if r.random() < 0.5:
-                b.add(b.xplane(front - side * 0.3, z, z + length, 0, r.uniform(0.6, 1.2)), WALL, b.jitter((0.6, 0.58, 0.55)), layer=_L_SIDE,
-                      key=z - 0.01, surf=_S_SIDE, normal=(-side, 0, 0), fine=0.1, coarse=0.2)
+                b.add(
+                    b.xplane(front - side * 0.3, z, z + length, 0, r.uniform(0.6, 1.2)),
+                    WALL,
+                    b.jitter((0.6, 0.58, 0.55)),
+                    layer=_L_SIDE,
+                    key=z - 0.01,
+                    surf=_S_SIDE,
+                    normal=(-side, 0, 0),
+                    fine=0.1,
+                    coarse=0.2,
+                )
             else:
-                b.add(b.xplane(front - side * 0.5, z, z + length, 0, r.uniform(0.8, 1.5)), VEGETATION, b.jitter((0.2, 0.35, 0.12)),
-                      layer=_L_SIDE, key=z - 0.01, surf=_S_SIDE, normal=(-side, 0, 0), fine=0.3, coarse=0.3)
+                b.add(
+                    b.xplane(front - side * 0.5, z, z + length, 0, r.uniform(0.8, 1.5)),
+                    VEGETATION,
+                    b.jitter((0.2, 0.35, 0.12)),
+                    layer=_L_SIDE,
+                    key=z - 0.01,
+                    surf=_S_SIDE,
+                    normal=(-side, 0, 0),
+                    fine=0.3,
+                    coarse=0.3,
+                )
         z += length + (r.uniform(0.5, 3) if r.random() < 0.3 else 0.0)
 
 
@@ -547,8 +884,17 @@ def _park_side(b: _Builder, outer: float, side: float, z0: float, z_far: float) 
     if r.random() < 0.6:
         _fence(b, line, side, z0, z_far)
     else:
-        b.add(b.xplane(line, z0, z_far, 0, r.uniform(0.8, 2.0)), WALL, b.jitter((0.6, 0.57, 0.52)), layer=_L_SIDE, key=z0,
-              surf=_S_SIDE, normal=(-side, 0, 0), fine=0.1, coarse=0.2)
+        b.add(
+            b.xplane(line, z0, z_far, 0, r.uniform(0.8, 2.0)),
+            WALL,
+            b.jitter((0.6, 0.57, 0.52)),
+            layer=_L_SIDE,
+            key=z0,
+            surf=_S_SIDE,
+            normal=(-side, 0, 0),
+            fine=0.1,
+            coarse=0.2,
+        )
     for zt in np.arange(r.uniform(0, 8), z_far, r.uniform(6, 14)):
         b.tree(line + side * r.uniform(3, 15), zt, scale=r.uniform(1.0, 1.8), layer=_L_SIDE)
 
@@ -691,7 +1037,22 @@ def _rasterise(world: _World, height: int, width: int, cam_z: float = 0.0, frame
         wet[pid] = p.wet
         depth[pid] = f * abs(float(p.polys[0][0, 0])) if p.surf == _S_SIDE else max(near, _Z_NEAR)
     m = pid + 1
-    return _Raster(ids, cls[:m], color[:m], normal[:m], fine[:m], coarse[:m], emit[:m], surf[:m], depth[:m], wet[:m], f, vh, world.cam_h, cam_z)
+    return _Raster(
+        ids,
+        cls[:m],
+        color[:m],
+        normal[:m],
+        fine[:m],
+        coarse[:m],
+        emit[:m],
+        surf[:m],
+        depth[:m],
+        wet[:m],
+        f,
+        vh,
+        world.cam_h,
+        cam_z,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -822,7 +1183,9 @@ def _shade(app: str, fr: _Frame, world: _World, rng: np.random.Generator) -> np.
         if hs:
             sx = 0.5 + 0.35 * world.sun_side
             yy, xx = np.ogrid[:32, :64]
-            glow = np.exp(-(((xx / 64 - sx) / 0.15) ** 2 + ((yy / 32 * hs - vh * 0.9) / (0.2 * h)) ** 2)).astype(np.float32)
+            glow = np.exp(-(((xx / 64 - sx) / 0.15) ** 2 + ((yy / 32 * hs - vh * 0.9) / (0.2 * h)) ** 2)).astype(
+                np.float32
+            )
             glow = cv2.resize(glow, (w, hs), interpolation=cv2.INTER_LINEAR)
             sky += _rgb(glow, (0.8, 0.6, 0.3))
         _fill_sky(img, fr, sky)
@@ -900,7 +1263,9 @@ def _night_lights(r: _Raster, world: _World, width: int, height: int) -> np.ndar
         if poly is not None:
             cv2.fillPoly(small, [poly], 0.6, cv2.LINE_8, 3)
     small = cv2.GaussianBlur(small, (0, 0), 2.0)
-    small *= np.take((r.surf == _S_GROUND).astype(np.float32), np.ascontiguousarray(r.ids[::s, ::s]))[: small.shape[0], : small.shape[1]]
+    small *= np.take((r.surf == _S_GROUND).astype(np.float32), np.ascontiguousarray(r.ids[::s, ::s]))[
+        : small.shape[0], : small.shape[1]
+    ]
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
@@ -930,7 +1295,12 @@ def _render_frame(world: _World, seed: int, height: int, width: int, apps: tuple
     sky_any = np.flatnonzero(sky.any(axis=1))
     sky_rows = int(sky_any[-1]) + 1 if len(sky_any) else 0
     sky1 = sky[:sky_rows].astype(np.float32)
-    fr = _Frame(r, cv2.merge([tex, tex, tex]), sky_rows, cv2.merge([sky1, sky1, sky1]) if sky_rows else np.zeros((0, width, 3), np.float32))
+    fr = _Frame(
+        r,
+        cv2.merge([tex, tex, tex]),
+        sky_rows,
+        cv2.merge([sky1, sky1, sky1]) if sky_rows else np.zeros((0, width, 3), np.float32),
+    )
     images = {a: _shade(a, fr, world, np.random.default_rng([seed, frame, APPEARANCES.index(a)])) for a in apps}
     return images, mask
 
@@ -951,7 +1321,11 @@ def render_scene(
 
 
 def render_clip(
-    seed: int, num_frames: int = 30, height: int = 256, width: int = 512, appearances: Sequence[str] = APPEARANCES,
+    seed: int,
+    num_frames: int = 30,
+    height: int = 256,
+    width: int = 512,
+    appearances: Sequence[str] = APPEARANCES,
     speed: float = 1.0,
 ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
     """A forward-driving clip: the camera advances ``speed`` metres per frame through one world, other traffic moves.
@@ -990,8 +1364,15 @@ def _write_scene(args: tuple) -> None:
 
 
 def write_aligned_dataset(
-    root: str | Path, num_scenes: int, seed: int = 0, height: int = 512, width: int = 1024,
-    appearances: Sequence[str] = APPEARANCES, split: str = "train", num_workers: int = 0, progress: bool = True,
+    root: str | Path,
+    num_scenes: int,
+    seed: int = 0,
+    height: int = 512,
+    width: int = 1024,
+    appearances: Sequence[str] = APPEARANCES,
+    split: str = "train",
+    num_workers: int = 0,
+    progress: bool = True,
 ) -> Path:
     """Render ``num_scenes`` scenes into the aligned layout (module docstring) and return ``ROOT/<split>``.
 
@@ -1004,8 +1385,16 @@ def write_aligned_dataset(
     if num_scenes < 1:
         raise ValueError(f"write_aligned_dataset: num_scenes must be >= 1, got {num_scenes}")
     split_dir = Path(root).expanduser() / split
-    meta = {"layout_version": LAYOUT_VERSION, "generator": "blindnet.data.synthetic", "appearances": list(apps), "scenes": num_scenes,
-            "seed": seed, "height": height, "width": width, "label_format": "trainids"}
+    meta = {
+        "layout_version": LAYOUT_VERSION,
+        "generator": "blindnet.data.synthetic",
+        "appearances": list(apps),
+        "scenes": num_scenes,
+        "seed": seed,
+        "height": height,
+        "width": width,
+        "label_format": "trainids",
+    }
     meta_path = split_dir / "meta.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
@@ -1022,10 +1411,14 @@ def write_aligned_dataset(
     jobs = []
     for i in range(num_scenes):
         name = f"scene_{i:06d}"
-        if (split_dir / "labels" / f"{name}.png").is_file() and all((split_dir / a / f"{name}.png").is_file() for a in apps):
+        if (split_dir / "labels" / f"{name}.png").is_file() and all(
+            (split_dir / a / f"{name}.png").is_file() for a in apps
+        ):
             continue
         jobs.append((split_dir, name, _scene_seed(seed, i), height, width, apps))
-    bar = tqdm(total=num_scenes, initial=num_scenes - len(jobs), desc=f"synthetic {split}", unit="scene", disable=not progress)
+    bar = tqdm(
+        total=num_scenes, initial=num_scenes - len(jobs), desc=f"synthetic {split}", unit="scene", disable=not progress
+    )
     if num_workers > 0 and len(jobs) > 1:
         import multiprocessing as mp
 
@@ -1044,8 +1437,14 @@ def write_aligned_dataset(
 
 
 def write_clip(
-    out_dir: str | Path, seed: int = 0, num_frames: int = 30, height: int = 256, width: int = 512,
-    appearances: Sequence[str] = APPEARANCES, fps: int = 10, speed: float = 1.0,
+    out_dir: str | Path,
+    seed: int = 0,
+    num_frames: int = 30,
+    height: int = 256,
+    width: int = 512,
+    appearances: Sequence[str] = APPEARANCES,
+    fps: int = 10,
+    speed: float = 1.0,
 ) -> dict[str, object]:
     """Write ``<appearance>.mp4`` (mp4v) per appearance and ``masks/frame_NNNN.png`` per frame into ``out_dir``.
 

@@ -1,0 +1,268 @@
+"""Joint (image, label) transforms of the original BlindNet recipe (facts §4.1), in numpy/cv2, driven by an explicit
+``np.random.Generator`` so that an item's augmentation is a pure function of its seed.
+
+Geometry (shared by x, x_a and the label):
+  1. random rescale ``s ~ U(scale_min, scale_max)`` of the full image (bicubic image, nearest label);
+  2. pad to at least the crop size (image 0 = black before normalisation, label 255), centred;
+  3. random crop; for class-uniform items the crop is forced to contain the chosen class centroid;
+  4. horizontal flip with p = 0.5.
+
+Photometric (independent per view, both from the same cropped image):
+  * x:   with p = 0.5 ColorJitter(0.4, 0.4, 0.4, 0.1), then Gaussian blur sigma ~ U(0.15, 1.3);
+  * x_a: ColorJitter(0.8, 0.8, 0.8, 0.3) always, then Gaussian blur (the "augment" pair), or, when a real aligned
+    appearance is given, that appearance with the weak x photometric;
+then ToTensor + ImageNet normalisation (``blindnet.inference.IMAGENET_MEAN/STD``).
+
+ColorJitter follows torchvision's definition (factors b, c, s ~ U(max(0, 1-v), 1+v), hue ~ U(-h, h), the four ops in a
+random order, contrast against the mean grey level, values clamped to [0, 1]). The blur follows the original
+``skimage.filters.gaussian`` call (truncate 4, edge-replicate border, result truncated to uint8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+
+from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+
+IGNORE_INDEX = 255
+_MEAN = np.asarray(IMAGENET_MEAN, np.float32)
+_STD = np.asarray(IMAGENET_STD, np.float32)
+_GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor, ImageNet-normalised."""
+    x = image.astype(np.float32) * (1.0 / 255.0)
+    x -= _MEAN
+    x /= _STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def label_to_tensor(label: np.ndarray) -> torch.Tensor:
+    """``H x W`` uint8 train ids -> int64 ``H x W`` tensor (255 = ignore)."""
+    return torch.from_numpy(np.ascontiguousarray(label)).long()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Photometric
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColorJitter:
+    """torchvision-style colour jitter on ``H x W x 3`` uint8 RGB with an explicit generator."""
+
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = image.astype(np.float32) * (1.0 / 255.0)
+        ops = []
+        if self.brightness > 0:
+            ops.append(("b", rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)))
+        if self.contrast > 0:
+            ops.append(("c", rng.uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)))
+        if self.saturation > 0:
+            ops.append(("s", rng.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation)))
+        if self.hue > 0:
+            ops.append(("h", rng.uniform(-self.hue, self.hue)))
+        for j in rng.permutation(len(ops)):
+            kind, f = ops[j]
+            if kind == "b":
+                x = x * f
+            elif kind == "c":
+                mean = float((x @ _GRAY).mean())
+                x = x * f + mean * (1 - f)
+            elif kind == "s":
+                gray = (x @ _GRAY)[:, :, None]
+                x = x * f + gray * (1 - f)
+            else:
+                hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # float input: H in [0, 360)
+                hsv[:, :, 0] = np.mod(hsv[:, :, 0] + f * 360.0, 360.0)
+                x = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+            np.clip(x, 0.0, 1.0, out=x)
+        return (x * 255.0 + 0.5).astype(np.uint8)
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of ``H x W x C`` uint8 like ``skimage.filters.gaussian`` (truncate 4, 'nearest' border)."""
+    radius = int(4.0 * sigma + 0.5)
+    k = 2 * radius + 1
+    out = cv2.GaussianBlur(image.astype(np.float32), (k, k), sigma, borderType=cv2.BORDER_REPLICATE)
+    return out.astype(np.uint8)  # truncation, as the original's ``(x * 255).astype(uint8)``
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Joint transforms
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = (int(v) for v in size)
+    return h, w
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """The training recipe; call it as ``t(image, label, rng, centroid=..., image_aug=...)``.
+
+    Attributes:
+        crop_size: ``(H, W)`` of the crop.
+        scale_min, scale_max: rescale range.
+        flip: random horizontal flip.
+        jitter, jitter_p: x's ColorJitter (brightness, contrast, saturation, hue) and its probability.
+        aug_jitter: x_a's ColorJitter (always applied).
+        blur: Gaussian blur on both views; ``blur_sigma`` its sigma range.
+    """
+
+    crop_size: tuple[int, int] = (768, 768)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.5
+    aug_jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.3)
+    blur: bool = True
+    blur_sigma: tuple[float, float] = (0.15, 1.3)
+    ignore_index: int = IGNORE_INDEX
+
+    def geometry(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        rng: np.random.Generator,
+        *,
+        centroid: tuple[int, int] | None = None,
+        extra: Sequence[np.ndarray] = (),
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Rescale, pad, crop (containing ``centroid`` = (row, col) in input pixels when given) and flip.
+
+        ``image`` ``H x W x 3`` uint8, ``label`` ``H x W`` uint8, ``extra`` more ``H x W x 3`` images aligned with
+        ``image`` (they get the identical geometry). Returns ``crop_h x crop_w`` arrays.
+        """
+        if image.shape[:2] != label.shape[:2]:
+            raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
+        ch, cw = self.crop_size
+        h, w = label.shape
+        s = float(rng.uniform(self.scale_min, self.scale_max))
+        nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+        imgs = [image, *extra]
+        if (nh, nw) != (h, w):
+            imgs = [cv2.resize(im, (nw, nh), interpolation=cv2.INTER_CUBIC) for im in imgs]
+            label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+        ph, pw = max(ch - nh, 0), max(cw - nw, 0)
+        top, left = ph // 2, pw // 2
+        if ph or pw:
+            imgs = [
+                cv2.copyMakeBorder(im, top, ph - top, left, pw - left, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+                for im in imgs
+            ]
+            label = cv2.copyMakeBorder(
+                label, top, ph - top, left, pw - left, cv2.BORDER_CONSTANT, value=self.ignore_index
+            )
+        H, W = label.shape
+        if centroid is not None:
+            cy = min(max(int(centroid[0] * nh / h) + top, 0), H - 1)
+            cx = min(max(int(centroid[1] * nw / w) + left, 0), W - 1)
+            y0 = int(rng.integers(max(0, cy - ch + 1), min(cy, H - ch) + 1))
+            x0 = int(rng.integers(max(0, cx - cw + 1), min(cx, W - cw) + 1))
+        else:
+            y0 = int(rng.integers(0, H - ch + 1))
+            x0 = int(rng.integers(0, W - cw + 1))
+        imgs = [im[y0 : y0 + ch, x0 : x0 + cw] for im in imgs]
+        label = label[y0 : y0 + ch, x0 : x0 + cw]
+        if self.flip and rng.random() < 0.5:
+            imgs = [im[:, ::-1] for im in imgs]
+            label = label[:, ::-1]
+        imgs = [np.ascontiguousarray(im) for im in imgs]
+        return imgs[0], np.ascontiguousarray(label), imgs[1:]
+
+    def weak(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x's photometric: ColorJitter(0.4, 0.4, 0.4, 0.1) with p = jitter_p, then blur."""
+        if self.jitter_p > 0 and rng.random() < self.jitter_p:
+            image = ColorJitter(*self.jitter)(image, rng)
+        if self.blur:
+            image = gaussian_blur(image, float(rng.uniform(*self.blur_sigma)))
+        return image
+
+    def strong(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """x_a's photometric: ColorJitter(0.8, 0.8, 0.8, 0.3) always, then blur."""
+        image = ColorJitter(*self.aug_jitter)(image, rng)
+        if self.blur:
+            image = gaussian_blur(image, float(rng.uniform(*self.blur_sigma)))
+        return image
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        label: np.ndarray,
+        rng: np.random.Generator,
+        *,
+        centroid: tuple[int, int] | None = None,
+        image_aug: np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """-> ``{"image": 3 x h x w float32, "image_aug": 3 x h x w float32, "label": h x w int64}``.
+
+        ``image_aug`` is a real aligned appearance of the same scene (same size as ``image``); without it x_a is the
+        strong colour augmentation of x's crop.
+        """
+        x, y, extra = self.geometry(
+            image, label, rng, centroid=centroid, extra=() if image_aug is None else (image_aug,)
+        )
+        if image_aug is None:
+            xa = self.strong(x, rng)
+        else:
+            xa = self.weak(extra[0], rng)
+        x = self.weak(x, rng)
+        return {"image": to_tensor(x), "image_aug": to_tensor(xa), "label": label_to_tensor(y)}
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Full resolution, no augmentation: ``{"image": 3 x H x W float32, "label": H x W int64}``."""
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
+        if image.shape[:2] != label.shape[:2]:
+            raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
+        return {"image": to_tensor(image), "label": label_to_tensor(label)}
+
+
+def build_train_transform(
+    crop_size: int | Sequence[int] = 768,
+    scale_min: float = 0.5,
+    scale_max: float = 2.0,
+    flip: bool = True,
+    jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+    jitter_p: float = 0.5,
+    aug_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.3),
+    blur: bool = True,
+    blur_sigma: Sequence[float] = (0.15, 1.3),
+) -> TrainTransform:
+    """The paper's training transform (defaults = facts §4.1). ``crop_size`` is an int or ``(H, W)``."""
+    if not 0 < scale_min <= scale_max:
+        raise ValueError(f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}")
+    return TrainTransform(
+        _pair(crop_size),
+        float(scale_min),
+        float(scale_max),
+        bool(flip),
+        tuple(jitter),
+        float(jitter_p),
+        tuple(aug_jitter),
+        bool(blur),
+        tuple(blur_sigma),
+    )  # type: ignore[arg-type]
+
+
+def build_eval_transform() -> EvalTransform:
+    """Full-resolution evaluation transform (normalise only)."""
+    return EvalTransform()
