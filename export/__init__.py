@@ -1,0 +1,134 @@
+"""``python -m export``: turn a checkpoint into deployable artifacts (ONNX, TensorRT, Triton) and verify each one.
+
+Library entry point: :func:`run_export` (the CLI in ``__main__`` only parses arguments and calls it). Nothing here
+imports the training code (``blindnet.task`` / ``blindnet.losses``): a deployable checkpoint holds everything needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("onnx", "tensorrt", "triton", "all")
+
+
+def run_export(
+    checkpoint: str | Path | None,
+    out_dir: str | Path,
+    *,
+    formats: tuple[str, ...] | list[str] = ("onnx",),
+    fp16: bool = False,
+    argmax: bool = False,
+    uint8_input: bool = False,
+    label_dtype: str = "uint8",
+    input_layout: str = "NHWC",
+    opset: int = 18,
+    exporter: str = "auto",
+    cost_report: bool = False,
+    cost_onnx: bool = False,
+    size: tuple[int, int] = (1024, 2048),
+    verify_shapes: tuple[tuple[int, int, int], ...] = ((2, 64, 96), (1, 80, 112)),
+    precision: str | None = None,
+    max_batch: int = 4,
+    min_size: tuple[int, int] | None = None,
+    max_size: tuple[int, int] | None = None,
+    calibration: str | Path | None = None,
+    triton_model_name: str = "blindnet",
+    triton_max_batch: int | None = None,
+    name: str = "model",
+) -> dict[str, Any]:
+    """Export ``checkpoint`` into ``out_dir`` and verify every artifact; returns (and writes ``export.json``) a summary.
+
+    Args:
+        checkpoint: a deployable ``.safetensors`` or training ``.pt``; None: the shipped default checkpoint.
+        out_dir: output folder.
+        formats: any of ``onnx``, ``tensorrt``, ``triton``, ``all``.
+        fp16: float16 ONNX (TensorRT float16 is built from it, which TensorRT 11 requires).
+        argmax: labels out instead of logits (``label_dtype`` uint8/int32).
+        uint8_input: uint8 RGB in (``input_layout`` NHWC/NCHW) with in-graph ImageNet normalisation.
+        opset, exporter: ONNX opset and exporter (``auto``: dynamo, TorchScript fallback).
+        cost_report: write ``cost.json`` and ``cost.md`` (params, MACs/FLOPs at 2048x1024 and at ``size``).
+        cost_onnx: include the BlindNet-vs-baseline ONNX graph comparison in the cost report.
+        size: ``(H, W)`` the deployment runs at: TensorRT profile opt/max size and the extra cost-report size.
+        verify_shapes: ``(batch, H, W)`` shapes for the ONNX parity check (two sizes, dynamic axes exercised).
+        precision: TensorRT precision (default float16 with ``fp16``, else float32); int8/fp8 need ``calibration``.
+        max_batch, min_size, max_size: TensorRT profile range (batch 1..max_batch, min_size..max_size).
+        calibration: a folder of images or an ``.npy`` (N x H x W x 3 uint8) for int8/fp8.
+        triton_model_name, triton_max_batch: Triton repository model name and batch limit.
+        name: file stem of the artifacts.
+
+    Raises:
+        CheckpointError: missing or corrupt checkpoint. TensorRTUnavailable: TensorRT requested but not installed.
+        ExportError: an artifact failed its parity check.
+    """
+    from blindnet.backends import resolve_checkpoint
+    from blindnet.checkpoint import load_model
+
+    wanted = set(formats)
+    unknown = wanted - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown format(s) {sorted(unknown)}; choose from {FORMATS}")
+    if "all" in wanted:
+        wanted = {"onnx", "tensorrt", "triton"}
+    if "tensorrt" in wanted:
+        from export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before minutes of ONNX export, with the installation hint
+    ckpt = resolve_checkpoint(checkpoint)
+    model = load_model(ckpt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {}}
+
+    if wanted & {"onnx", "tensorrt", "triton"}:
+        from export.onnx import export_onnx, verify_onnx
+
+        res = export_onnx(model, out / f"{name}.onnx", opset=opset, normalize_input=uint8_input,
+                          input_layout=input_layout, argmax=argmax, label_dtype=label_dtype, fp16=fp16,
+                          exporter=exporter)
+        print(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f} s"
+              + (f" (dynamo failed: {res.dynamo_error})" if res.dynamo_error else ""))
+        report = verify_onnx(res.path, model, shapes=verify_shapes)
+        summary["artifacts"]["onnx"] = {"export": res.to_dict(), "check": report.to_dict()}
+        report.raise_if_failed()
+
+    if "tensorrt" in wanted:
+        from export.tensorrt import Profile, build_tensorrt, verify_engine
+
+        h, w = max_size or size
+        mh, mw = min_size or (min(256, h), min(256, w))
+        profile = Profile(min=(1, mh, mw), opt=(1, *size), max=(max_batch, h, w))
+        prec = precision or ("float16" if fp16 else "float32")
+        meta = build_tensorrt(out / f"{name}.onnx", out, precision=prec, profiles=[profile],
+                              calibration=calibration, name=name)
+        check = verify_engine(out / f"{name}.plan", model)
+        summary["artifacts"]["tensorrt"] = {"metadata": meta, "check": check}
+        if not check["passed"]:
+            from export.onnx import ExportError
+
+            raise ExportError(f"TensorRT parity check failed: {json.dumps(check['checks'])}")
+
+    if "triton" in wanted:
+        from export.triton import write_triton_repository
+
+        source = out / f"{name}.plan" if "tensorrt" in wanted else out / f"{name}.onnx"
+        model_dir = write_triton_repository(source, out / "triton", model_name=triton_model_name,
+                                            max_batch_size=triton_max_batch)
+        summary["artifacts"]["triton"] = {"repository": str(model_dir.parent), "model": str(model_dir)}
+        print(f"wrote Triton model repository {model_dir.parent} (model {triton_model_name!r} from {source.name})")
+
+    if cost_report:
+        from blindnet.cost import cost_report as make_cost_report
+        from blindnet.cost import render_markdown
+
+        sizes = [(1024, 2048)] + ([tuple(size)] if tuple(size) != (1024, 2048) else []) + [(1024, 1024)]
+        sizes = list(dict.fromkeys(sizes))
+        cost = make_cost_report(model, sizes=sizes, onnx=cost_onnx, onnx_exporter=exporter)
+        (out / "cost.json").write_text(json.dumps(cost, indent=2, default=str))
+        (out / "cost.md").write_text(render_markdown(cost))
+        summary["artifacts"]["cost"] = {"json": str(out / "cost.json"), "markdown": str(out / "cost.md")}
+        print(render_markdown(cost))
+
+    (out / "export.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
