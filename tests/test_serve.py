@@ -206,6 +206,7 @@ BAD_INPUTS = [
     ("truncated png", lambda: {"url": "/v1/segment", "content": _png(_image(0))[:300]}, 400, "truncated"),
     ("empty body", lambda: {"url": "/v1/segment", "content": b""}, 400, "empty file"),
     ("bad format", lambda: {"url": "/v1/segment?format=tiff", "content": _png(_image(0))}, 400, "unknown format"),
+    ("bad alpha", lambda: {"url": "/v1/segment?alpha=lots", "content": _png(_image(0))}, 400, "alpha"),
     (
         "multipart without file",
         lambda: {"url": "/v1/segment", "files": {"note": (None, "no image here")}},
