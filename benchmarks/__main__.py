@@ -1,0 +1,133 @@
+"""``python -m benchmarks``: latency/throughput tables of the deployable network (see benchmarks/results/README.md).
+
+Examples::
+
+    python -m benchmarks --quick                                  # CPU smoke run, tiny sizes, seconds
+    python -m benchmarks --device cuda                            # the full GPU table at 2048x1024
+    python -m benchmarks --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from benchmarks.latency import BACKBONES, NETWORKS, VARIANTS, BenchConfig, default_variants, run_benchmarks
+
+#: What ``--quick`` changes (anything given explicitly wins): small enough for the test suite on 2 CPU cores.
+QUICK = {
+    "device": "cpu",
+    "backbones": ("mobilenetv2",),
+    "networks": ("blindnet",),
+    "size": (64, 128),
+    "trials": 5,
+    "warmup": 1,
+    "batches": (1, 2),
+    "variants": ("torch-fp32", "ort-cpu-fp32"),
+    "max_seconds": 10.0,
+    # One thread: on a loaded 2-core machine, two OpenMP threads spin against each other (seconds per call).
+    "threads": 1,
+    "onnx_exporter": "torchscript",  # seconds per export instead of tens of seconds with dynamo
+}
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny CPU run (64x128, a few trials) for tests and CI")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu")
+    p.add_argument("--backbones", type=_csv, help=f"comma list from {','.join(BACKBONES)} (first = headline)")
+    p.add_argument("--networks", type=_csv, help=f"comma list from {','.join(NETWORKS)}")
+    p.add_argument("--no-peer", action="store_true", help="skip torchvision's deeplabv3_resnet50 peer row")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default 1024 2048)")
+    p.add_argument("--trials", type=int, help="timed calls at batch 1 (default 400)")
+    p.add_argument("--batch-trials", type=int, help="timed calls at batch > 1 (default: --trials)")
+    p.add_argument("--warmup", type=int, help="untimed calls first (default 50)")
+    p.add_argument("--batches", type=_ints, help="throughput sweep of the headline model (default 1,4,8,16)")
+    p.add_argument("--variants", type=_csv, help="comma list (see --list-variants); default: all for the device")
+    p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+    p.add_argument("--no-end-to-end", action="store_true", help="skip the Predictor (uint8 in, labels out) rows")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
+    p.add_argument("--checkpoint", help="deployable checkpoint for the matching model (default: random weights)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
+    p.add_argument("--max-seconds", type=float, help="time cap per measurement; fewer trials when slow (default 120)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    p.add_argument("--name", help="file stem (default: device slug, plus -TAG)")
+    p.add_argument("--tag", help="suffix of the file stem (default 'quick' with --quick)")
+    p.add_argument("--append", action="store_true", help="merge into existing <name>.json (split long GPU runs)")
+    p.add_argument("--workdir", help="keep exported ONNX files here (default: a temporary folder)")
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), help="default auto")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed arguments: defaults < ``--quick`` presets < explicit options."""
+    values: dict = dict(QUICK) if args.quick else {}
+    explicit = {
+        "device": args.device,
+        "backbones": args.backbones,
+        "networks": args.networks,
+        "size": tuple(args.size) if args.size else None,
+        "trials": args.trials,
+        "batch_trials": args.batch_trials,
+        "warmup": args.warmup,
+        "batches": args.batches,
+        "variants": args.variants,
+        "checkpoint": args.checkpoint,
+        "threads": args.threads,
+        "max_seconds": args.max_seconds,
+        "workdir": args.workdir,
+        "onnx_exporter": args.onnx_exporter,
+    }
+    values.update({k: v for k, v in explicit.items() if v is not None})
+    values["peer"] = not args.no_peer
+    values["end_to_end"] = not args.no_end_to_end
+    values["profile"] = not args.no_profile
+    values["seed"] = args.seed
+    return BenchConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks and write ``<out>/<name>.{csv,json,md,png}``; returns 0, or 2 on a bad option."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_variants:
+        for name, v in VARIANTS.items():
+            default = ", default" if v.default else ""
+            print(f"{name:28s} {v.backend:12s} {v.precision:9s} on {'/'.join(v.devices)}{default}")
+        return 0
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line
+    from benchmarks.latency import device_slug, environment_info
+    from benchmarks.report import write_results
+
+    print(f"[bench] device {cfg.device}, variants {', '.join(cfg.variants or default_variants(cfg.device))}")
+    result = run_benchmarks(cfg)
+    tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
+    name = args.name or device_slug(environment_info(cfg.device)) + (f"-{tag}" if tag else "")
+    command = "python -m benchmarks " + shlex.join(argv)
+    paths = write_results(result, args.out, name, command=command.strip(), append=args.append)
+    for kind, path in paths.items():
+        print(f"[bench] wrote {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
