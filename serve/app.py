@@ -309,9 +309,6 @@ def segment_response(pred: Prediction, fmt: str, *, alpha: float, model_name: st
     )
 
 
-_V2_DTYPES = {"UINT8": np.uint8, "FP32": np.float32}
-
-
 def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_size: int, max_pixels: int):
     """Parse a v2 infer body (JSON, or JSON header + binary tensors) into ``(request_json, images)``.
 
