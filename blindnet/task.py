@@ -15,6 +15,7 @@ As in the original, each view is forwarded separately, so BatchNorm statistics a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -205,6 +206,7 @@ class BlindNetTask(nn.Module):
             are both off).
         loss_config: the :class:`LossConfig`.
         generator: optional ``torch.Generator`` (on the model's device) for the samplers; default: global RNG.
+        projection_mode: ``auto`` (default), ``dense`` or ``sparse``: how the projection heads are applied.
     """
 
     def __init__(self, model: DeepLabV3Plus, loss: LossConfig | None = None) -> None:
@@ -214,6 +216,8 @@ class BlindNetTask(nn.Module):
         self.model = model
         self.loss_config = loss
         self.generator: torch.Generator | None = None
+        # "auto" picks dense or sparse projection per level by cost; both give the same numbers (tested).
+        self.projection_mode: Literal["auto", "dense", "sparse"] = "auto"
         encoder = model.encoder
         has_style = len(getattr(encoder, "style_channels", ())) > 0
         if (loss.cml > 0 or loss.ccl > 0) and not has_style:
@@ -344,6 +348,7 @@ class BlindNetTask(nn.Module):
             size = fq.shape[-2:]
             labels = resize_labels(target, size).flatten(1)
             pred_k = resize_labels(pred_k_low, size).flatten(1)
+            embed_q, embed_k = self._embedders(head, fq, fk, num_classes)
             if cfg.cwcl > 0:
                 smp = sample_cwcl(
                     labels,
@@ -356,9 +361,8 @@ class BlindNetTask(nn.Module):
                     generator=self.generator,
                 )
                 b = torch.arange(n, device=fq.device)[:, None].expand_as(smp.index)
-                q = head.forward_vectors(gather_pixels(fq, b, smp.index))  # N x A x D
-                with torch.no_grad():
-                    k = head.forward_vectors(gather_pixels(fk, b, smp.index))
+                q = embed_q(b, smp.index)  # N x A x D
+                k = embed_k(b, smp.index)
                 loss = cwcl_from_embeddings(
                     q, k, smp.label, smp.valid, temperature=cfg.temperature, negatives=cfg.cwcl_negatives
                 )
@@ -374,11 +378,10 @@ class BlindNetTask(nn.Module):
                     max_anchors_per_image=cfg.sdcl_max_anchors_per_image,
                     generator=self.generator,
                 )
-                q_anchor = head.forward_vectors(gather_pixels(fq, smp_s.batch, smp_s.pixel))  # M x D
-                with torch.no_grad():
-                    k_pos = head.forward_vectors(gather_pixels(fk, smp_s.batch, smp_s.pixel))
+                q_anchor = embed_q(smp_s.batch, smp_s.pixel)  # M x D
+                k_pos = embed_k(smp_s.batch, smp_s.pixel)
                 nb = torch.arange(n, device=fq.device)[:, None, None].expand_as(smp_s.neg_index)
-                neg_table = head.forward_vectors(gather_pixels(fq, nb, smp_s.neg_index))  # N x K x R x D
+                neg_table = embed_q(nb, smp_s.neg_index)  # N x K x R x D
                 q_neg = neg_table[smp_s.batch, smp_s.wrong]  # M x R x D
                 loss = sdcl_from_embeddings(q_anchor, k_pos, q_neg, smp_s.valid, temperature=cfg.temperature)
                 sdcl_sum = loss if sdcl_sum is None else sdcl_sum + loss
@@ -387,6 +390,38 @@ class BlindNetTask(nn.Module):
             None if cwcl_sum is None else cwcl_sum / n_levels,
             None if sdcl_sum is None else sdcl_sum / n_levels,
         )
+
+    def _embedders(
+        self, head: ProjectionHead, fq: torch.Tensor, fk: torch.Tensor, num_classes: int
+    ) -> tuple[
+        Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ]:
+        """Functions ``(batch, pixel) -> ... x D`` embedding the augmented (query) and original (key, no grad) view.
+
+        The head is pixel-wise, so projecting only the sampled pixels equals projecting the map and sampling it. Which
+        one is cheaper depends on the map size (static shapes, decided without looking at data): dense wins on small
+        maps (layer4 at /16, tiny test crops), sparse on the large ``/4`` decoder maps (768^2: ~31k sampled vectors
+        instead of ~590k pixels of both views).
+        """
+        cfg = self.loss_config
+        n, p = fq.shape[0], fq.shape[-2] * fq.shape[-1]
+        n_sparse = 0
+        if cfg.cwcl > 0:
+            n_sparse += 2 * n * cfg.cwcl_max_classes * cfg.cwcl_max_views
+        if cfg.sdcl > 0:
+            n_sparse += 2 * min(n * cfg.sdcl_max_anchors_per_image, n * p) + n * num_classes * cfg.sdcl_num_negatives
+        dense = 2 * n * p <= n_sparse if self.projection_mode == "auto" else self.projection_mode == "dense"
+        if dense:
+            q_map = head(fq)
+            with torch.no_grad():
+                k_map = head(fk)
+            return (lambda b, i: gather_pixels(q_map, b, i)), (lambda b, i: gather_pixels(k_map, b, i))
+
+        def embed_k(b: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return head.forward_vectors(gather_pixels(fk, b, i))
+
+        return (lambda b, i: head.forward_vectors(gather_pixels(fq, b, i))), embed_k
 
     def _alignment(self, f: SegFeatures, fa: SegFeatures) -> torch.Tensor:
         cfg = self.loss_config

@@ -27,6 +27,15 @@ from blindnet.losses import (
 IGNORE = 255
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with other jobs: OpenMP with 2 threads thrashes; 1 thread is stable and fast for tiny tensors.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CML / CCL
 # ---------------------------------------------------------------------------------------------------------------------
