@@ -318,9 +318,16 @@ def _from_list(dataset: str, names: Sequence[str], image_dir: Path, label_dir: P
     return [Sample(Path(n).stem, image_dir / n, label_dir / n) for n in names]
 
 
-def default_cache_dir() -> Path:
-    """Where class-centroid indices are cached: ``$BLINDNET_CACHE`` or ``~/.cache/blindnet``, then ``centroids/``."""
-    return Path(os.environ.get("BLINDNET_CACHE", "~/.cache/blindnet")).expanduser() / "centroids"
+def default_cache_dir(root: str | Path | None = None) -> Path:
+    """Where class-centroid indices are cached: ``$BLINDNET_CACHE/centroids`` if set, else ``ROOT/.cache`` when the
+    dataset root is writable (the index belongs with the data, like the original's JSON), else
+    ``~/.cache/blindnet/centroids``."""
+    env = os.environ.get("BLINDNET_CACHE")
+    if env:
+        return Path(env).expanduser() / "centroids"
+    if root is not None and os.access(root, os.W_OK):
+        return Path(root) / ".cache"
+    return Path("~/.cache/blindnet/centroids").expanduser()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -371,7 +378,7 @@ class SegmentationDataset(Dataset):
             )
         self.class_uniform_pct = float(class_uniform_pct)
         self.class_uniform_tile = int(class_uniform_tile)
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(self.root)
         self.samples: list[Sample] = self._discover()
         if limit is not None:
             self.samples = self.samples[: int(limit)]
