@@ -261,6 +261,13 @@ def export_onnx(
         seconds=round(seconds, 3), model_config=config.to_dict() if hasattr(config, "to_dict") else {},
     )
     _write_metadata(proto, result)
+    if not argmax:
+        # The TorchScript exporter leaves the class axis symbolic; pin it so consumers (Triton configs, TensorRT)
+        # see N x C x H x W with the real C.
+        dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+        if not dim.HasField("dim_value"):
+            dim.Clear()
+            dim.dim_value = num_classes
     onnx.save(proto, str(path))
     return result
 
@@ -505,6 +512,7 @@ class OnnxBackend(Backend):
         device: str = "cpu",
         precision: str = "float32",
         cache_dir: str | Path | None = None,
+        exporter: str = "auto",
         **kwargs: Any,
     ) -> OnnxBackend:
         """Backend for an ``.onnx`` file, or for a checkpoint (exported once into ``cache_dir`` and reused).
@@ -522,7 +530,8 @@ class OnnxBackend(Backend):
             raise ValueError(f"{path}: expected an .onnx file or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
         if precision not in ("float32", "float16"):
             raise ValueError(f"ONNX precision must be 'float32' or 'float16', got {precision!r}")
-        onnx_path = cached_onnx_for_checkpoint(path, fp16=precision == "float16", cache_dir=cache_dir)
+        onnx_path = cached_onnx_for_checkpoint(path, fp16=precision == "float16", cache_dir=cache_dir,
+                                               exporter=exporter)
         return cls(onnx_path, device=device, precision=precision, **kwargs)
 
     def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
@@ -573,7 +582,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BLINDNET_CACHE", Path.home() / ".cache" / "blindnet"))
 
 
-def cached_onnx_for_checkpoint(checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None) -> Path:
+def cached_onnx_for_checkpoint(
+    checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None, exporter: str = "auto"
+) -> Path:
     """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file."""
     import hashlib
 
@@ -591,5 +602,6 @@ def cached_onnx_for_checkpoint(checkpoint: str | Path, *, fp16: bool = False, ca
     model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
     target.parent.mkdir(parents=True, exist_ok=True)
     # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
-    atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16))
+    atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
+                                                          exporter=exporter))
     return target

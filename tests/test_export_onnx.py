@@ -1,0 +1,258 @@
+"""ONNX export: every backbone, dynamic batch/H/W, uint8-in / labels-out / float16 variants, parity with PyTorch,
+the ONNX Runtime backend, the CLI, and clear errors for bad checkpoints.
+
+Exports run on CPU at tiny sizes. The dynamo exporter needs ~15-20 s per graph on two cores, so the default run uses
+it for two graphs (MobileNetV2, ShuffleNetV2) and the TorchScript exporter elsewhere; ResNet-50 through dynamo is
+``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from blindnet.checkpoint import CheckpointError, load_model, save_model
+from blindnet.inference import Predictor, TorchBackend
+from blindnet.models import ModelConfig, build_model
+from blindnet.onnx_backend import OnnxBackend
+from export import run_export
+from export.__main__ import main
+from export.onnx import ExportResult, export_onnx, op_histogram, read_onnx_metadata, verify_onnx
+
+# Two sizes per check, one not divisible by 16 (72 x 100), and two batch sizes: the dynamic axes are exercised.
+SHAPES = ((2, 64, 96), (1, 72, 100))
+
+
+def _model(backbone: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(backbone=backbone)).eval()
+
+
+def _assert_dynamic(path: Path, *, uint8_nhwc: bool) -> None:
+    inp = onnx.load(str(path)).graph.input[0].type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in inp.shape.dim]
+    if uint8_nhwc:
+        assert inp.elem_type == onnx.TensorProto.UINT8
+        assert isinstance(dims[0], str) and isinstance(dims[1], str) and isinstance(dims[2], str) and dims[3] == 3
+    else:
+        assert inp.elem_type == onnx.TensorProto.FLOAT
+        assert isinstance(dims[0], str) and dims[1] == 3 and isinstance(dims[2], str) and isinstance(dims[3], str)
+
+
+def _check_report_file(result: ExportResult) -> dict:
+    report_file = result.path.with_name(result.path.name + ".check.json")
+    assert report_file.exists(), "the parity result must be stored next to the file"
+    data = json.loads(report_file.read_text())
+    assert data["passed"] is True and data["checker_ok"] is True
+    return data
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> torch.nn.Module:
+    return _model("mobilenetv2")
+
+
+@pytest.fixture(scope="module")
+def uint8_labels_export(mobilenet: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """MobileNetV2 via dynamo: uint8 NHWC in (in-graph normalisation), uint8 label map out."""
+    out = tmp_path_factory.mktemp("onnx") / "mbv2_u8_labels.onnx"
+    return export_onnx(mobilenet, out, normalize_input=True, argmax=True)
+
+
+def test_dynamo_uint8_in_labels_out_parity(
+    uint8_labels_export: ExportResult, mobilenet: torch.nn.Module, capsys: pytest.CaptureFixture
+) -> None:
+    res = uint8_labels_export
+    assert res.exporter == "dynamo" and res.dynamo_error is None
+    assert res.opset >= 17
+    _assert_dynamic(res.path, uint8_nhwc=True)
+    out = onnx.load(str(res.path)).graph.output[0]
+    assert out.name == "labels" and out.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert len(out.type.tensor_type.shape.dim) == 3
+    meta = read_onnx_metadata(res.path)
+    assert meta["normalize_input"] == "1" and meta["output_kind"] == "labels" and meta["input_layout"] == "NHWC"
+    ops = op_histogram(res.path)
+    assert ops["ArgMax"] == 1 and ops["InstanceNormalization"] == 3
+
+    report = verify_onnx(res.path, mobilenet, shapes=SHAPES)
+    assert report.passed, report.summary()
+    assert report.min_label_agreement >= 0.999
+    assert "[PASS]" in capsys.readouterr().out  # the result is printed ...
+    _check_report_file(res)  # ... and stored next to the file
+
+
+def test_dynamo_float_logits_parity_shufflenet(tmp_path: Path) -> None:
+    model = _model("shufflenetv2")
+    res = export_onnx(model, tmp_path / "shufflenet.onnx")
+    assert res.exporter == "dynamo"
+    _assert_dynamic(res.path, uint8_nhwc=False)
+    report = verify_onnx(res.path, model, shapes=SHAPES + ((3, 40, 56),))
+    assert report.passed, report.summary()
+    assert report.max_rel_error is not None and report.max_rel_error <= 1e-4
+    assert report.min_label_agreement >= 0.999
+    assert [c.batch for c in report.checks] == [2, 1, 3]
+    _check_report_file(res)
+
+
+def test_resnet50_export_parity_torchscript(tmp_path: Path) -> None:
+    """ResNet-50 in the default run, through the fast TorchScript exporter (dynamo: the slow test below)."""
+    model = _model("resnet50")
+    res = export_onnx(model, tmp_path / "r50.onnx", exporter="torchscript", size=(64, 64))
+    assert res.exporter == "torchscript"
+    _assert_dynamic(res.path, uint8_nhwc=False)
+    report = verify_onnx(res.path, model, shapes=((2, 64, 64), (1, 72, 100)))
+    assert report.passed and report.max_rel_error <= 1e-4, report.summary()
+
+
+@pytest.mark.slow
+def test_resnet50_export_parity_dynamo(tmp_path: Path) -> None:
+    model = _model("resnet50")
+    res = export_onnx(model, tmp_path / "r50.onnx", normalize_input=True)
+    assert res.exporter == "dynamo"
+    report = verify_onnx(res.path, model, shapes=SHAPES)
+    assert report.passed and report.max_rel_error <= 1e-4, report.summary()
+
+
+@pytest.mark.slow
+def test_fp16_dynamo(tmp_path: Path, mobilenet: torch.nn.Module) -> None:
+    res = export_onnx(mobilenet, tmp_path / "fp16.onnx", fp16=True, normalize_input=True)
+    assert res.exporter == "dynamo"
+    report = verify_onnx(res.path, mobilenet, shapes=SHAPES)
+    assert report.passed and report.min_label_agreement >= 0.995, report.summary()
+
+
+def test_fp16_variant_label_agreement(tmp_path: Path, mobilenet: torch.nn.Module) -> None:
+    res = export_onnx(mobilenet, tmp_path / "fp16.onnx", fp16=True, normalize_input=True, input_layout="NCHW",
+                      exporter="torchscript")
+    proto = onnx.load(str(res.path))
+    # float16 weights inside, but uint8 in and float32 logits out: callers do not change with the precision.
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    report = verify_onnx(res.path, mobilenet, shapes=SHAPES)
+    assert report.precision == "float16" and report.thresholds == {"min_label_agreement": 0.995}
+    assert report.passed and report.min_label_agreement >= 0.995, report.summary()
+
+
+def test_int32_labels_and_fixed_shape(tmp_path: Path, mobilenet: torch.nn.Module) -> None:
+    res = export_onnx(mobilenet, tmp_path / "i32.onnx", argmax=True, label_dtype="int32", exporter="torchscript")
+    assert onnx.load(str(res.path)).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+    assert verify_onnx(res.path, mobilenet, shapes=SHAPES, write_report=False, verbose=False).passed
+
+    fixed = export_onnx(mobilenet, tmp_path / "fixed.onnx", dynamic=False, size=(64, 96), batch=1,
+                        exporter="torchscript")
+    dims = [d.dim_value for d in onnx.load(str(fixed.path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 64, 96]
+
+
+def test_bad_options_are_rejected(mobilenet: torch.nn.Module, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(mobilenet, tmp_path / "a.onnx", opset=13)
+    with pytest.raises(ValueError, match="input_layout"):
+        export_onnx(mobilenet, tmp_path / "a.onnx", normalize_input=True, input_layout="HWC", exporter="torchscript")
+    with pytest.raises(ValueError, match="label_dtype"):
+        export_onnx(mobilenet, tmp_path / "a.onnx", argmax=True, label_dtype="int8", exporter="torchscript")
+
+
+def test_parity_check_catches_a_wrong_graph(uint8_labels_export: ExportResult, tmp_path: Path) -> None:
+    """The check is real: the same file compared against different weights fails."""
+    report = verify_onnx(uint8_labels_export.path, _model("mobilenetv2", seed=1), shapes=SHAPES[:1],
+                         write_report=False, verbose=False)
+    assert not report.passed and report.min_label_agreement < 0.9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ONNX Runtime backend
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_onnx_backend_in_predictor_matches_torch(uint8_labels_export: ExportResult, mobilenet: torch.nn.Module) -> None:
+    backend = OnnxBackend(uint8_labels_export.path, device="cpu")
+    assert backend.spec["output_kind"] == "labels" and backend.spec["input_dtype"] == "uint8"
+    assert backend.describe()["providers"].startswith("CPUExecutionProvider")
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 96), (64, 96), (72, 100))]
+    got = Predictor(backend, batch_size=2).predict(images)
+    ref = Predictor(TorchBackend(mobilenet), batch_size=2).predict(images)
+    for g, r in zip(got, ref):
+        assert g.labels.dtype == np.uint8 and g.labels.shape == r.labels.shape
+        assert (g.labels == r.labels).mean() >= 0.999
+    with pytest.raises(ValueError, match="labels only"):
+        backend.infer(np.stack(images[:2]), return_logits=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            OnnxBackend(uint8_labels_export.path, device="cuda")
+
+
+def test_onnx_backend_from_checkpoint_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    backend = OnnxBackend.from_path(tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
+    files = list(cache.glob("*.onnx"))
+    assert len(files) == 1 and backend.spec["input_dtype"] == "uint8" and backend.spec["output_kind"] == "logits"
+    image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
+    out = backend.infer(image, return_logits=True)
+    ref = TorchBackend(load_model(tiny_checkpoint)).infer(image, return_logits=True)
+    assert np.abs(out.logits - ref.logits).max() <= 1e-4 * np.abs(ref.logits).max()
+    mtime = files[0].stat().st_mtime_ns
+    OnnxBackend.from_path(tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
+    assert files[0].stat().st_mtime_ns == mtime  # reused, not re-exported
+
+    from blindnet.backends import make_backend
+
+    assert make_backend("onnx", files[0]).name == "onnx"
+    with pytest.raises(ValueError, match="float32 graph"):
+        OnnxBackend(files[0], precision="float16")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pipeline / CLI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_exports_onnx_and_triton(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["--checkpoint", str(tiny_checkpoint), "--format", "onnx", "triton", "--out", str(out),
+               "--uint8-input", "--argmax", "--exporter", "torchscript"])
+    assert rc == 0
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["artifacts"]["onnx"]["check"]["passed"] is True
+    assert summary["artifacts"]["onnx"]["export"]["exporter"] == "torchscript"
+    assert (out / "model.onnx.check.json").exists()
+    assert (out / "triton" / "blindnet" / "1" / "model.onnx").exists()
+    assert (out / "triton" / "blindnet" / "config.pbtxt").exists()
+
+
+def test_missing_and_corrupt_checkpoints_give_clear_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        run_export(tmp_path / "nope.safetensors", tmp_path / "out")
+    bad = tmp_path / "corrupt.safetensors"
+    save_model(_model("mobilenetv2"), bad)
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])  # truncated download
+    with pytest.raises(CheckpointError, match="corrupt|truncated|readable"):
+        run_export(bad, tmp_path / "out")
+    assert main(["--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and "Traceback" not in err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    assert main(["--checkpoint", str(garbage), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_export_code_never_imports_training_code() -> None:
+    code = (
+        "import sys, export, export.onnx, export.tensorrt, export.triton, export.__main__, blindnet.onnx_backend, "
+        "blindnet.tensorrt_backend, blindnet.cost\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses')))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
