@@ -269,6 +269,15 @@ VIDEO_CODECS: tuple[tuple[str, str, str], ...] = (
 @functools.cache
 def available_codec() -> tuple[str, str, str]:
     """The first entry of :data:`VIDEO_CODECS` this OpenCV build can actually write (probed once, on 2 frames)."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a failed probe is expected, not an error
+    try:
+        return _probe_codecs()
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+def _probe_codecs() -> tuple[str, str, str]:
     with tempfile.TemporaryDirectory(prefix="blindnet-codec-") as tmp:
         for fourcc, suffix, desc in VIDEO_CODECS:
             probe = Path(tmp) / f"probe{suffix}"
@@ -281,6 +290,11 @@ def available_codec() -> tuple[str, str, str]:
             if ok and probe.is_file() and probe.stat().st_size > 0:
                 return fourcc, suffix, desc
     raise RuntimeError("this OpenCV build cannot write any video codec (tried avc1, VP80, mp4v)")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _even_size(width: int, height: int) -> tuple[int, int]:
@@ -358,7 +372,7 @@ def segment_video(
     expected = min(max_frames, math.ceil(info.frame_count / stride)) if info.frame_count else max_frames
     if stride > 1:
         notices.append(
-            f"The video has {info.frame_count} frames, more than the limit of {max_frames}: every {stride}th frame "
+            f"The video has {info.frame_count} frames, more than the limit of {max_frames}: every {_ordinal(stride)} frame "
             f"was processed ({expected} frames), and the result plays at {fps_in / stride:.1f} fps to keep its length."
         )
     size: tuple[int, int] | None = None
@@ -814,7 +828,7 @@ def build_demo(
         # ---- events: one inference at a time across tabs (one model, often one GPU) -------------------------
         common = {"concurrency_id": "inference", "concurrency_limit": 1, "preprocess": False}
         gr.on(
-            [img_btn.click, img_in.change],
+            [img_btn.click, img_in.change, img_model.change],
             on_image,
             inputs=[img_in, img_alpha, img_model],
             outputs=[img_overlay, img_labels, img_legend, img_time, img_state],
