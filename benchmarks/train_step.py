@@ -50,6 +50,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="torch.compile the network's forward_features, or the whole task forward",
     )
     p.add_argument("--only", default=None, choices=["blindnet", "baseline"], help="time one of the two steps")
+    p.add_argument(
+        "--sync-debug",
+        default="off",
+        choices=["off", "warn", "error"],
+        help="CUDA only: torch.cuda.set_sync_debug_mode during the timed steps (report or refuse host syncs)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON row (created if needed)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -112,7 +118,13 @@ def time_step(args: argparse.Namespace, config_name: str, device: torch.device) 
     for _ in range(args.steps):
         _sync(device)
         t0 = time.perf_counter()
-        out = step()
+        if device.type == "cuda" and args.sync_debug != "off":
+            torch.cuda.set_sync_debug_mode(args.sync_debug)
+        try:
+            out = step()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
         _sync(device)
         times.append((time.perf_counter() - t0) * 1000.0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -280,3 +280,18 @@ def test_train_step_benchmark_refuses_missing_cuda() -> None:
 
     with pytest.raises(SystemExit, match="CUDA is not available"):
         main(["--device", "cuda"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "shufflenetv2"])
+def test_other_backbones_run_a_bf16_step(backbone: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone))
+    cfg = LossConfig(align=0.1, align_kind="cosine", align_levels=("style1", "layer4"))
+    task = BlindNetTask(model, cfg).train()
+    x, x_a, target = _batch(8, size=128)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = task(x, x_a, target)
+    out["loss"].backward()
+    assert all(math.isfinite(v.item()) for v in out.values())
+    assert all(out[k].item() > 0 for k in ("cml", "ccl", "cwcl", "align"))
