@@ -140,6 +140,8 @@ class RuntimeConfig:
         seed: model-initialisation and loss-sampling seed (rank r uses ``seed + r`` for loss sampling).
         deterministic: ``torch.use_deterministic_algorithms`` (slower on GPU).
         progress: show the tqdm bar (rank 0 only).
+        threads: CPU threads for torch ops (0 = torch's default). 1 is much faster on a shared, oversubscribed CPU
+            (OpenMP spin-waits otherwise) and is what the tests use.
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -153,6 +155,7 @@ class RuntimeConfig:
     seed: int = 304
     deterministic: bool = False
     progress: bool = True
+    threads: int = 0
 
 
 @dataclass

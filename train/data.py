@@ -16,9 +16,7 @@ The global batch of step ``s`` is the same set of items whatever the world size;
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,35 +210,26 @@ def _synthetic_specs(cfg: TrainConfig) -> list[DatasetSpec]:
 def ensure_synthetic(root: str | Path, split: str, cfg: TrainConfig) -> Path:
     """Render the synthetic aligned scenes of ``split`` into ``root`` unless they are already there.
 
-    Written into a temporary sibling and renamed into place, so a crash or a concurrent run never leaves a
-    half-written split. Train and val use different scene seeds: val layouts are held out.
+    ``write_aligned_dataset`` is itself atomic per file and resumable (``meta.json`` is written last and a matching
+    one makes the call a no-op), so a killed generation is simply repeated. Scene ``i`` of a split is seeded by
+    ``(seed, i)``: val gets a different seed, so its layouts are held out from training.
     """
     from blindnet.data.synthetic import write_aligned_dataset
 
     s = cfg.data.synthetic
-    root = Path(root)
-    marker = root / split
-    if marker.exists():
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{split}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     n = s.train_scenes if split == "train" else s.val_scenes
     seed = s.seed if split == "train" else s.seed + 1_000_003
     write_aligned_dataset(
-        tmp, num_scenes=n, seed=seed, height=s.height, width=s.width, appearances=tuple(s.appearances), split=split
+        root,
+        num_scenes=n,
+        seed=seed,
+        height=s.height,
+        width=s.width,
+        appearances=tuple(s.appearances),
+        split=split,
+        progress=cfg.runtime.progress,
     )
-    try:
-        os.replace(tmp / split, marker)
-    except OSError:
-        if not marker.exists():
-            raise
-    for extra in tmp.iterdir() if tmp.exists() else []:
-        dst = root / extra.name
-        if not dst.exists():
-            os.replace(extra, dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return Path(root)
 
 
 def prepare_data(cfg: TrainConfig, info: DistInfo) -> None:

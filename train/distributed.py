@@ -1,8 +1,7 @@
 """Process-group setup from ``torchrun`` environment variables, and SyncBN that also works on CPU (gloo).
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors ("expected input tensor to be on GPU"), so on CPU the BatchNorm layers
-are converted to :class:`CPUSyncBatchNorm`, which all-reduces the per-channel sums with the differentiable
-``torch.distributed.nn.functional.all_reduce``. That keeps "the same code on CPU" true: a 2-process gloo run normalises
+are converted to :class:`CPUSyncBatchNorm`, which all-reduces the per-channel sums with a differentiable all-reduce. That keeps "the same code on CPU" true: a 2-process gloo run normalises
 over the global batch exactly like one process with the whole batch.
 """
 
@@ -70,21 +69,37 @@ def current_dist_info() -> DistInfo:
     return DistInfo()
 
 
-def _sync_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Global per-channel mean and biased variance of ``x`` (``N x C x ...``) over all ranks, differentiably."""
-    from torch.distributed.nn.functional import all_reduce
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over ranks: the backward all-reduces the gradient too, so each rank's input receives the
+    gradient of *every* rank's loss through the shared statistics (what CUDA SyncBN's backward does)."""
 
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def _sync_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Global per-channel mean and biased variance of ``x`` (``N x C x ...``) over all ranks, differentiably.
+
+    Two passes (mean, then the mean squared deviation) rather than ``E[x^2] - E[x]^2``: the one-pass form cancels
+    catastrophically in float32 when a channel's mean is large against its spread.
+    """
     dims = [0] + list(range(2, x.dim()))
-    count = x.numel() // x.shape[1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
     xf = x.float()
-    # One collective for both moments; all_reduce's backward all-reduces the gradients, which is what makes the
-    # gradient w.r.t. this rank's input include the other ranks' losses (as in CUDA SyncBN).
-    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([float(count)])])
-    stats = all_reduce(stats)
-    c = x.shape[1]
-    n = stats[-1]
-    mean = stats[:c] / n
-    var = (stats[c : 2 * c] / n - mean * mean).clamp(min=0)
+    n_local = xf.new_tensor([float(x.numel() // x.shape[1])])
+    s = _AllReduceSum.apply(torch.cat([xf.sum(dims), n_local]))
+    n = s[-1]
+    mean = s[:-1] / n
+    var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dims)) / n
     return mean, var, int(n.item())
 
 

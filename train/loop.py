@@ -217,6 +217,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {info.world_size} ranks")
     use_amp = rt.amp == "bf16" or (rt.amp == "auto" and device.type == "cuda")
     channels_last = rt.channels_last == "on" or (rt.channels_last == "auto" and device.type == "cuda")
+    if rt.threads > 0:
+        torch.set_num_threads(rt.threads)
     if rt.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(out_dir)
