@@ -377,7 +377,9 @@ def compare_with_baseline(cfg: ModelConfig, *, exporter: str = "auto", workdir: 
         "graph_weight_elements_note": (
             "ONNX InstanceNormalization requires scale and bias inputs: the exporter materialises unit scales and "
             f"zero biases ({2 * sum(bl_net.encoder.style_channels)} constants for C = "
-            f"{list(bl_net.encoder.style_channels)}); a folded BatchNorm costs no extra constants"
+            f"{list(bl_net.encoder.style_channels)}); the rest of the delta is the baseline's stem BatchNorm where "
+            "the baseline has one (folded into conv1 as a bias by TorchScript, or a BatchNormalization node with "
+            "4 x C values by dynamo)"
         ),
         "unexplained": unexplained,
         "same_size": not unexplained,

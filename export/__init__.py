@@ -69,17 +69,27 @@ def run_export(
     unknown = wanted - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown format(s) {sorted(unknown)}; choose from {FORMATS}")
-    if "all" in wanted:
-        wanted = {"onnx", "tensorrt", "triton"}
-    if "tensorrt" in wanted:
-        from export.tensorrt import require_tensorrt
+    skipped: dict[str, str] = {}
+    if "tensorrt" in wanted or "all" in wanted:
+        from export.tensorrt import TensorRTUnavailable, require_tensorrt
 
-        require_tensorrt()  # fail before minutes of ONNX export, with the installation hint
+        try:
+            require_tensorrt()  # fail before minutes of ONNX export, with the installation hint
+        except TensorRTUnavailable as exc:
+            if "tensorrt" in wanted:
+                raise
+            skipped["tensorrt"] = str(exc)  # --format all: do what this machine can, say what it skipped
+            print(f"skipping TensorRT: {exc}")
+    if "all" in wanted:
+        wanted = {"onnx", "triton"} | ({"tensorrt"} if "tensorrt" not in skipped else set())
+    if "tensorrt" in wanted and precision == "float16":
+        fp16 = True  # TensorRT float16 is built from a float16 ONNX: the only route on TensorRT 11, typed on 10
     ckpt = resolve_checkpoint(checkpoint)
     model = load_model(ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {}}
+    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {},
+                               "skipped": skipped}
 
     if wanted & {"onnx", "tensorrt", "triton"}:
         from export.onnx import export_onnx, verify_onnx

@@ -177,11 +177,12 @@ def write_triton_repository(
     if batch < 0:
         raise ValueError(f"max_batch_size must be >= 0, got {batch}")
     if batch > 0:
+        # Triton batches along the first axis only when every tensor's first dimension is dynamic.
         for s in inputs + outputs:
-            if s.shape and s.shape[0] not in (-1, batch) and s.shape[0] < batch:
+            if not s.shape or s.shape[0] != -1:
                 raise ValueError(
-                    f"tensor {s.name} has a fixed batch dimension {s.shape[0]} < max_batch_size {batch}; "
-                    "export with dynamic shapes or set max_batch_size=0"
+                    f"tensor {s.name} has a fixed batch dimension ({s.shape[:1]}), so Triton cannot batch it with "
+                    f"max_batch_size={batch}; export with dynamic shapes or pass max_batch_size=0"
                 )
 
     model_dir = Path(repo_dir) / model_name

@@ -43,6 +43,16 @@ def test_missing_tensorrt_message_says_how_to_install(tmp_path: Path, tiny_check
     assert not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
+def test_format_all_without_tensorrt_exports_the_rest(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    from export import run_export
+
+    summary = run_export(tiny_checkpoint, tmp_path, formats=["all"], exporter="torchscript", uint8_input=True)
+    assert "pip install 'blindnet[tensorrt]'" in summary["skipped"]["tensorrt"]
+    assert set(summary["artifacts"]) == {"onnx", "triton"}
+    assert (tmp_path / "triton" / "blindnet" / "1" / "model.onnx").exists()
+
+
 META = {"engine": "model.plan", "tensorrt_version": "10.16.1", "gpu_name": "NVIDIA H100 80GB HBM3",
         "compute_capability": "9.0"}
 
