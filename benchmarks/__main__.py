@@ -21,6 +21,7 @@ QUICK = {
     "device": "cpu",
     "backbones": ("mobilenetv2",),
     "networks": ("blindnet",),
+    "peer": False,  # the peer is OS8 ResNet-50: 10x our tiny model's work; --peer adds it back
     "size": (64, 128),
     "trials": 5,
     "warmup": 1,
@@ -50,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu")
     p.add_argument("--backbones", type=_csv, help=f"comma list from {','.join(BACKBONES)} (first = headline)")
     p.add_argument("--networks", type=_csv, help=f"comma list from {','.join(NETWORKS)}")
-    p.add_argument("--no-peer", action="store_true", help="skip torchvision's deeplabv3_resnet50 peer row")
+    p.add_argument(
+        "--peer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time torchvision's deeplabv3_resnet50 (random init) too (default: yes, no with --quick)",
+    )
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default 1024 2048)")
     p.add_argument("--trials", type=int, help="timed calls at batch 1 (default 400)")
     p.add_argument("--batch-trials", type=int, help="timed calls at batch > 1 (default: --trials)")
@@ -93,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "onnx_exporter": args.onnx_exporter,
     }
     values.update({k: v for k, v in explicit.items() if v is not None})
-    values["peer"] = not args.no_peer
+    if args.peer is not None:
+        values["peer"] = args.peer
     values["end_to_end"] = not args.no_end_to_end
     values["profile"] = not args.no_profile
     values["seed"] = args.seed
