@@ -11,6 +11,9 @@
    done or ``max_seconds`` pass. We record throughput (images/s), p50/p90/p99 latency, errors, and the server's
    mean batch size (from ``/v1/stats``).
 3. **Ratio**: server images/s / Predictor images/s per concurrency level, and the best level (target >= 0.85).
+   Also **CPU efficiency**: the Predictor's CPU seconds per image / the server process's CPU seconds per image (read
+   from ``/proc``), which is what the wall-clock ratio measures on a dedicated host, but stays meaningful when other
+   jobs share the machine (wall-clock ratios there mostly measure the scheduler).
 
 Caveats printed with the result: on a small CPU machine the load generator competes with the server for cores, so
 the ratio understates what a GPU host (where the network runs on the device) achieves; requests carry raw tensors, so
@@ -52,6 +55,8 @@ CSV_FIELDS = (
     "p99_ms",
     "mean_batch_size",
     "fraction_of_predictor",
+    "server_cpu_ms_per_image",
+    "cpu_efficiency",
 )
 
 
@@ -69,6 +74,8 @@ class LevelResult:
     p99_ms: float
     mean_batch_size: float
     fraction_of_predictor: float | None = None
+    server_cpu_ms_per_image: float | None = None
+    cpu_efficiency: float | None = None
 
 
 @dataclass
@@ -78,6 +85,7 @@ class LoadReport:
     setup: dict[str, Any]
     predictor_images_per_s: float | None
     predictor_images_per_s_before_after: list[float] = field(default_factory=list)
+    predictor_cpu_ms_per_image: float | None = None
     levels: list[LevelResult] = field(default_factory=list)
     best_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -88,20 +96,48 @@ class LoadReport:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def predictor_throughput(
-    predictor, images: Sequence[np.ndarray], *, min_seconds: float = 3.0, warmup: int = 2
-) -> float:
-    """Images/s of ``predictor.predict_arrays`` on full batches of ``images`` (``len(images)`` = batch size)."""
+def _throughput_here(predictor, images: Sequence[np.ndarray], min_seconds: float, warmup: int) -> tuple[float, float]:
     for _ in range(warmup):
         predictor.predict_arrays(images)
     n = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     while True:
         predictor.predict_arrays(images)
         n += len(images)
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds and n >= 3 * len(images):
-            return n / elapsed
+            return n / elapsed, (time.process_time() - c0) / n
+
+
+def predictor_throughput(
+    predictor, images: Sequence[np.ndarray], *, min_seconds: float = 3.0, warmup: int = 2
+) -> tuple[float, float]:
+    """``(images/s, CPU seconds per image)`` of ``predictor.predict_arrays`` on full batches of ``images``.
+
+    ``len(images)`` is the batch size. Measured twice, on the calling thread and on a fresh thread (where the server's
+    batcher runs it), keeping the *better* figure of each: with a CPU backend on a busy host the OpenMP pool of the
+    main thread and of a secondary thread can differ several-fold, and the baseline must be the best the Predictor
+    does, or the server/Predictor ratio flatters the server. CPU time is the whole process's (all threads).
+    """
+    import threading
+
+    results = [_throughput_here(predictor, images, min_seconds / 2, warmup)]
+    thread = threading.Thread(
+        target=lambda: results.append(_throughput_here(predictor, images, min_seconds / 2, warmup)), daemon=True
+    )
+    thread.start()
+    thread.join()
+    return max(r[0] for r in results), min(r[1] for r in results)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all threads) from ``/proc``; None where unavailable."""
+    try:
+        fields_ = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -278,7 +314,7 @@ def run_load_benchmark(
         # measurement, and the conservative ratio divides by the best the Predictor managed.
         predictor = Predictor(make_backend(backend, ckpt, **backend_kwargs), batch_size=max_batch_size)
         backend_desc = predictor.backend.describe()
-        base_before = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
+        base_before, cpu_before = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
 
         # 2. The server.
         proc = None
@@ -319,10 +355,12 @@ def run_load_benchmark(
             levels = []
             for c in concurrencies:
                 before = _stats(url, headers)
+                cpu0 = process_cpu_seconds(proc.pid) if proc is not None else None
                 lat, errors, wall = asyncio.run(
                     _run_level(url, bodies, concurrency=c, requests=requests, max_seconds=max_seconds, headers=headers)
                 )
                 after = _stats(url, headers)
+                cpu1 = process_cpu_seconds(proc.pid) if proc is not None else None
                 batches = after["batches"] - before["batches"]
                 imgs = after["images"] - before["images"]
                 ms = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
@@ -339,6 +377,11 @@ def run_load_benchmark(
                         p99_ms=round(float(np.percentile(ms, 99)), 2),
                         mean_batch_size=round(imgs / batches, 2) if batches else 0.0,
                         fraction_of_predictor=None,  # filled in once the baseline is final
+                        server_cpu_ms_per_image=(
+                            round((cpu1 - cpu0) * 1000 / imgs, 2)
+                            if cpu0 is not None and cpu1 is not None and imgs
+                            else None
+                        ),
                     )
                 )
                 print(
@@ -346,7 +389,9 @@ def run_load_benchmark(
                     f"p99 {levels[-1].p99_ms:8.1f} ms  mean batch {levels[-1].mean_batch_size:4.1f}",
                     flush=True,
                 )
-            base_after = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
+            base_after, cpu_after = predictor_throughput(
+                predictor, images[:max_batch_size], min_seconds=baseline_seconds
+            )
         finally:
             if proc is not None:
                 proc.terminate()
@@ -355,9 +400,16 @@ def run_load_benchmark(
                 except subprocess.TimeoutExpired:
                     proc.kill()
     base = max(base_before, base_after)
+    cpu_ms = 1000 * min(cpu_before, cpu_after)
     for lv in levels:
         lv.fraction_of_predictor = round(lv.images_per_s / base, 3)
-        print(f"concurrency {lv.concurrency:4d}: {lv.fraction_of_predictor} of the Predictor's {base:.2f} img/s")
+        if lv.server_cpu_ms_per_image:
+            lv.cpu_efficiency = round(cpu_ms / lv.server_cpu_ms_per_image, 3)
+        print(
+            f"concurrency {lv.concurrency:4d}: {lv.fraction_of_predictor} of the Predictor's {base:.2f} img/s; "
+            f"CPU per image {lv.server_cpu_ms_per_image} ms vs the Predictor's {cpu_ms:.1f} ms "
+            f"(efficiency {lv.cpu_efficiency})"
+        )
     if (os.cpu_count() or 1) <= 4 and backend_desc.get("device", "cpu") == "cpu":
         notes.append(
             f"{os.cpu_count()} CPU cores: the load generator and the server's HTTP handling compete with the CPU "
@@ -379,6 +431,7 @@ def run_load_benchmark(
         },
         predictor_images_per_s=round(base, 2),
         predictor_images_per_s_before_after=[round(base_before, 2), round(base_after, 2)],
+        predictor_cpu_ms_per_image=round(cpu_ms, 2),
         levels=levels,
         best_fraction=max((lv.fraction_of_predictor or 0.0) for lv in levels) if levels else None,
         notes=notes,
