@@ -136,6 +136,10 @@ def test_cwcl_loss_matches_hand_computation_for_both_negative_modes() -> None:
     # The original's floor: with q == k every anchor also sees its own positive as a negative -> loss >= log 2.
     same = cwcl_from_embeddings(k, k, label, valid, temperature=0.07, negatives="original")
     assert same.item() > math.log(2) - 1e-6
+    # Gradient reaches the anchors (augmented view) and never the keys (original view).
+    q_leaf, k_leaf = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    cwcl_from_embeddings(q_leaf, k_leaf, label, valid, temperature=t).backward()
+    assert k_leaf.grad is None and q_leaf.grad is not None and q_leaf.grad.abs().sum() > 0
 
 
 def test_paper_mask_has_no_same_class_negative_and_original_has() -> None:
