@@ -158,3 +158,13 @@ def test_clip_objects_approach():
     solo = dataclasses.replace(world, parts=[lamp])
     areas = [int((_rasterise(solo, H * 2, W * 2, cam_z=z).ids > 0).sum()) for z in (0.0, 8.0, 16.0)]
     assert areas[0] < areas[1] < areas[2], areas
+
+
+def test_parallel_writer_matches_serial(tmp_path):
+    a = write_aligned_dataset(tmp_path / "a", 3, seed=2, height=32, width=64, appearances=("rain",), progress=False)
+    b = write_aligned_dataset(
+        tmp_path / "b", 3, seed=2, height=32, width=64, appearances=("rain",), num_workers=2, progress=False
+    )
+    for sub in ("labels", "rain"):
+        for p in sorted((a / sub).iterdir()):
+            assert p.read_bytes() == (b / sub / p.name).read_bytes()

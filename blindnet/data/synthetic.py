@@ -1143,7 +1143,7 @@ _APPEARANCE_LIGHT = {
     # direction towards the sun, sun colour, ambient colour
     "noon": ((0.25, 0.9, -0.3), (1.0, 0.97, 0.9), (0.38, 0.42, 0.5)),
     "sunset": ((0.9, 0.15, 0.3), (1.25, 0.62, 0.28), (0.22, 0.17, 0.3)),
-    "night": ((0.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.045, 0.05, 0.085)),
+    "night": ((0.0, 1.0, 0.0), (0.0, 0.0, 0.0), (0.06, 0.065, 0.1)),
     "fog": ((0.0, 1.0, 0.0), (0.25, 0.25, 0.25), (0.6, 0.62, 0.64)),
     "rain": ((0.0, 1.0, 0.0), (0.25, 0.25, 0.27), (0.38, 0.4, 0.45)),
 }
@@ -1422,7 +1422,9 @@ def write_aligned_dataset(
     if num_workers > 0 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(num_workers) as pool:
+        # fork where the platform has it: workers need nothing but numpy/cv2, and spawn would re-import __main__
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(num_workers) as pool:
             for _ in pool.imap_unordered(_write_scene, jobs, chunksize=4):
                 bar.update(1)
     else:
