@@ -361,28 +361,40 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str
 
     matplotlib.use("Agg")  # headless: no display on servers or in tests
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - used as matplotlib.ticker below
 
     path = Path(path)
     b1 = _ok(rows, scope="network", batch=1)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, max(4.0, 0.32 * len(b1) + 1.5)))
-    colours = {"float32": "tab:blue", "tf32": "tab:cyan", "float16": "tab:orange", "bfloat16": "tab:red"}
+    # Colour = backend, hatch = precision: both dimensions readable at a glance.
+    colours = {"torch": "tab:blue", "onnxruntime": "tab:green", "tensorrt": "tab:purple"}
+    hatches = {"float32": "", "tf32": "..", "float16": "//", "bfloat16": "\\\\", "int8": "xx"}
     if b1:
         labels = [f"{r['model']} / {r['variant']}" for r in b1]
         medians = [float(r["median_ms"]) for r in b1]
         errs = [[0.0] * len(b1), [float(r["p90_ms"]) - float(r["median_ms"]) for r in b1]]
-        ax1.barh(
+        bars = ax1.barh(
             range(len(b1)),
             medians,
             xerr=errs,
-            color=[colours.get(r["precision"], "tab:gray") for r in b1],
+            color=[colours.get(r["backend"], "tab:gray") for r in b1],
             capsize=2,
         )
+        for bar, r in zip(bars, b1):
+            bar.set_hatch(hatches.get(r["precision"], ""))
+        for i, m in enumerate(medians):
+            ax1.text(m, i, f" {m:.3g}", va="center", fontsize=6)
         ax1.set_yticks(range(len(b1)), labels, fontsize=7)
         ax1.invert_yaxis()
         ax1.set_xscale("log")
+        ax1.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax1.set_xlabel("median latency, ms (bar to p90), log scale")
         handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-        ax1.legend(handles, list(colours), fontsize=7, loc="lower right")
+        handles += [
+            plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h) for h in hatches.values()
+        ]
+        ax1.legend(handles, list(colours) + list(hatches), fontsize=6, loc="best", framealpha=0.6)
     ax1.set_title("Latency by backend and precision, batch 1", fontsize=9)
     net = _ok(rows, scope="network")
     if net:
@@ -394,6 +406,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str
             )
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=variant)
         ax2.set_xscale("log", base=2)
+        ax2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%d"))
         ax2.set_xlabel("batch size")
         ax2.set_ylabel("images / s")
         ax2.legend(fontsize=7)
