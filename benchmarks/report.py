@@ -267,12 +267,12 @@ def markdown_report(
                     _fmt(r["median_ms"]),
                     overhead,
                     _fmt(r["p99_ms"]),
+                    _sig(r.get("achieved_tflops")),
                     r.get("note", ""),
                 ]
             )
-        lines += _table(
-            ["model", "variant", "network median", "end-to-end median", "difference", "end-to-end p99", "path"], body
-        )
+        header = ["model", "variant", "network median", "end-to-end median", "difference", "end-to-end p99"]
+        lines += _table(header + ["end-to-end TFLOP/s", "path"], body)
         lines.append("")
 
     # ---- throughput ---------------------------------------------------------------------------------------------
