@@ -68,7 +68,11 @@ def _tiny_predictors() -> dict:
     from blindnet.models import ModelConfig, build_model
 
     torch.manual_seed(0)
-    return {"random-mobilenetv2": Predictor(TorchBackend(build_model(ModelConfig(backbone="mobilenetv2"))))}
+    return {
+        "untrained-mobilenetv2 (random weights)": Predictor(
+            TorchBackend(build_model(ModelConfig(backbone="mobilenetv2")))
+        )
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
