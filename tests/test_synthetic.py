@@ -154,9 +154,9 @@ def test_clip_objects_approach():
     from blindnet.data.synthetic import POLE, _build_world, _rasterise
 
     world = _build_world(9, length=20)
-    lamp = next(p for p in world.parts if p.cls == POLE and p.vz == 0 and 50 < p.key < 90)
+    lamp = next(p for p in world.parts if p.cls == POLE and p.vz == 0 and 80 < p.key < 140)
     solo = dataclasses.replace(world, parts=[lamp])
-    areas = [int((_rasterise(solo, H * 2, W * 2, cam_z=z).ids > 0).sum()) for z in (0.0, 8.0, 16.0)]
+    areas = [int((_rasterise(solo, H * 4, W * 4, cam_z=z).ids > 0).sum()) for z in (0.0, 10.0, 20.0)]
     assert areas[0] < areas[1] < areas[2], areas
 
 

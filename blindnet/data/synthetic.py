@@ -573,8 +573,9 @@ class _Builder:
         self.add(self.zellipse(z - 0.01, x, h * 0.6 + rad * 0.8, rad, rad * 1.1, 18, jag), VEGETATION, green, **kw)
 
 
-def _build_world(seed: int, length: float = 0.0) -> _World:
-    """A random straight street. ``length`` extends the populated stretch for forward-moving clips."""
+def _build_world(seed: int, length: float = 0.0, ego_speed: float = 0.0) -> _World:
+    """A random straight street. ``length`` extends the populated stretch for forward-moving clips; traffic ahead in
+    the camera's own lane drives at least at ``ego_speed`` (metres per frame) so the camera never drives into it."""
     rng = np.random.default_rng(seed)
     b = _Builder(rng)
     lane = rng.uniform(3.0, 3.6)
@@ -704,7 +705,8 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
                 with_rider=bool(rng.random() < 0.3),
             )
         for zp in rng.uniform(5, 80 + length, int(rng.integers(0, 4))):  # parked cars along the kerb
-            b.vehicle(edge - side * 1.2, zp, CAR)
+            if abs(edge - side * 1.2) > 2.2:  # not when the kerb lane is the camera's own lane
+                b.vehicle(edge - side * 1.2, zp, CAR)
 
     # traffic in the lanes
     lanes_same = [xc + (k + 0.5) * lane - lane / 2 + lane / 2 for k in range(n_right)]
@@ -717,6 +719,8 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
         u = rng.random()
         cls = CAR if u < 0.7 else TRUCK if u < 0.82 else BUS if u < 0.94 else MOTORCYCLE
         vz = -rng.uniform(0.8, 1.5) if oncoming else rng.uniform(0.0, 0.6)
+        if not oncoming and abs(xl) < 2.2:
+            vz = max(vz, 1.1 * ego_speed)
         if cls == MOTORCYCLE:
             b.two_wheeler(xl, z, MOTORCYCLE, facing=float(rng.choice([-1, 1])), vz=vz)
         else:
@@ -728,7 +732,7 @@ def _build_world(seed: int, length: float = 0.0) -> _World:
                 rng.uniform(8, 50),
                 BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
                 facing=float(rng.choice([-1, 1])),
-                vz=0.3,
+                vz=max(0.3, 1.1 * ego_speed) if abs(right - 0.9) < 2.2 else 0.3,
             )
     # distant skyline closing the street
     for x in np.arange(-250, 250, 18.0):
@@ -1335,7 +1339,7 @@ def render_clip(
     if num_frames < 1:
         raise ValueError(f"render_clip: num_frames must be >= 1, got {num_frames}")
     apps = _check_appearances(appearances)
-    world = _build_world(int(seed), length=num_frames * speed)
+    world = _build_world(int(seed), length=num_frames * speed, ego_speed=speed)
     frames: dict[str, list[np.ndarray]] = {a: [] for a in apps}
     masks = []
     for t in range(num_frames):
