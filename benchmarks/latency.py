@@ -1268,7 +1268,8 @@ def _measure(
     batch = int(row["batch"])
     row["images_per_s"] = round(batch * 1e3 / stats["median_ms"], 3)
     # Significant digits, not decimals: a CPU achieves ~0.01 TFLOP/s, an H100 hundreds.
-    row["achieved_tflops"] = float(f"{float(row['flops_g']) * batch / stats['median_ms'] / 1e3:.5g}")
+    # GFLOP per ms is TFLOP per s.
+    row["achieved_tflops"] = float(f"{float(row['flops_g']) * batch / stats['median_ms']:.5g}")
     say(
         f"[bench] {label}: median {stats['median_ms']:.3f} ms (p90 {stats['p90_ms']:.3f}), "
         f"{row['images_per_s']:.1f} img/s, {row['achieved_tflops']:.4g} TFLOP/s over {timing.trials} trials"
