@@ -338,7 +338,7 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
 
 def test_demo_never_imports_training_code() -> None:
     code = (
-        "import sys, demo.app, demo.__main__, demo.styles; "
+        "import sys, demo.app, demo.__main__, demo.styles, demo.screenshot, demo.make_examples; "
         "bad = [m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses'))]; "
         "assert not bad, bad"
     )
