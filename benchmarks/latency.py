@@ -774,6 +774,9 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
     if provider == "CUDAExecutionProvider":
         providers = [(provider, {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if session.get_providers()[0] != provider:
+        # ORT silently falls back to the CPU when the CUDA provider's libraries do not load: never label that "cuda".
+        raise Skip(f"{provider} did not load (session runs on {session.get_providers()}); check CUDA/cuDNN libraries")
     in_meta, out_meta = session.get_inputs()[0], session.get_outputs()[0]
     # The exporter keeps float32 at the graph boundary of float16 graphs; read what this file wants.
     in_np = np.float16 if "float16" in in_meta.type else np.float32
