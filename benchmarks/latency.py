@@ -981,7 +981,10 @@ OP_TYPES: tuple[tuple[str, str], ...] = (
     ("interpolation", r"upsample|interp|resize|bilinear|grid_sample"),
     ("activation", r"^relu$|^clip$|^sigmoid$|hardswish"),
     ("pooling/reduction", r"pool|reduce|argmax|\bmax\b|\bmean\b|\bsum\b"),
-    ("copy/layout/cast", r"copy|cast|\bto\b|contiguous|\bcat\b|concat|nchw|nhwc|transpose|permute|memcpy|memset"),
+    (
+        "copy/layout/cast",
+        r"copy|cast|\bto\b|contiguous|\bcat\b|concat|nchw|nhwc|transpose|permute|memcpy|memset|reorder",
+    ),
     ("allocation", r"empty|fill|expand|clone|zero"),
     ("fused (triton)", r"triton"),
     ("elementwise", r"relu|add|mul|div|sub|clamp|hardtanh|sigmoid|elementwise|vectorized|unrolled|where"),
@@ -1258,7 +1261,9 @@ def _measure(
         say(f"[bench] {label}: skipped ({exc})")
         return
     except Exception as exc:  # noqa: BLE001 - one broken variant must not lose the rest of a long GPU run
-        row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:500])
+        # Exporter messages carry terminal colour codes; keep the note plain text.
+        message = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")
+        row.update(status="error", note=message[:500])
         say(f"[bench] {label}: ERROR {row['note'][:300]}")
         if os.environ.get("BLINDNET_BENCH_DEBUG"):
             traceback.print_exc()

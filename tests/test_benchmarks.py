@@ -119,6 +119,7 @@ def test_profile_groups_time_by_layer_type(tiny_run):
     assert op_type("sm90_xmma_fprop_implicit_gemm_f16") == "convolution"
     assert op_type("triton_poi_fused_add_relu_0") == "fused (triton)"
     assert op_type("InstanceNormalization") == "normalization"
+    assert op_type("ReorderOutput") == "copy/layout/cast"
 
 
 def test_write_results_and_append(tiny_run, tmp_path):
