@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Iterable, Sequence
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,7 +275,8 @@ class PredictorStats:
     images: int = 0
     batches: int = 0
     seconds: float = 0.0
-    per_batch: list[float] = field(default_factory=list)
+    #: seconds of the most recent batches (bounded, so a long-running server does not grow it forever)
+    per_batch: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
 
 ImageInput = np.ndarray | str | Path

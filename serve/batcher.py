@@ -288,10 +288,6 @@ class DynamicBatcher:
             for i in live:
                 i.future.set_exception(err)
         compute = time.perf_counter() - start
-        # Predictor keeps a per-batch timing list for CLI summaries; a long-running server must not grow it forever.
-        per_batch = self.predictor.stats.per_batch
-        if len(per_batch) > 1024:
-            del per_batch[:-256]
         self._batch_seconds_ema = 0.8 * self._batch_seconds_ema + 0.2 * compute
         s = self.stats
         s.batches += 1
