@@ -126,7 +126,12 @@ def _syncbn_worker(rank: int, port: int, out: dict) -> None:
         x, y = _bn_data()
         s = slice(2 * rank, 2 * rank + 2)
         ((ddp(x[s]) - y[s]) ** 2).mean().backward()
+        # in_train_stats="batch" (the original's PyTorch 1.2 behaviour) normalises over the *global* batch too.
+        from blindnet.models import StyleNorm
+
+        style = convert_sync_batchnorm(nn.Sequential(StyleNorm(3, "batch")), "cpu").train()
         out[rank] = {
+            "style": style(x[s]),
             "grads": [p.grad.clone() for p in net.parameters()],
             "running_mean": net[1].running_mean.clone(),
             "running_var": net[1].running_var.clone(),
@@ -141,7 +146,9 @@ def test_cpu_syncbn_matches_single_process_batchnorm() -> None:
     net = _make_bn_net()
     x, y = _bn_data()
     ((net(x) - y) ** 2).mean().backward()
+    style_ref = torch.nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
     for rank in (0, 1):
+        assert torch.allclose(out[rank]["style"], style_ref[2 * rank : 2 * rank + 2], atol=1e-5)
         for p, g in zip(net.parameters(), out[rank]["grads"]):
             assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-5)
         assert torch.allclose(net[1].running_mean, out[rank]["running_mean"], atol=1e-6)

@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result["rank"] != 0:  # under torchrun only rank 0 reports
+        return 0
     if result["eval"]:
         print(
             (Path(result["run_dir"]) / "miou.md").read_text() if (Path(result["run_dir"]) / "miou.md").exists() else ""

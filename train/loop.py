@@ -456,4 +456,5 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
         "history": history,
         "seconds": time.perf_counter() - t0,
         "world_size": info.world_size,
+        "rank": info.rank,
     }
