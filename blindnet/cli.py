@@ -259,19 +259,21 @@ def _add_predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 for checkpoints, the file's own precision for exported models")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W before the network")
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
+    kwargs = {"precision": args.precision} if args.precision else {}
     return Predictor.from_checkpoint(
         args.checkpoint,
         backend=args.backend,
         device=args.device,
-        precision=args.precision,
         input_size=tuple(args.input_size) if args.input_size else None,
         batch_size=args.batch_size,
+        **kwargs,
     )
 
 

@@ -313,16 +313,18 @@ class Predictor:
         *,
         backend: str = "torch",
         device: str = "cpu",
-        precision: str = "float32",
         input_size: tuple[int, int] | None = None,
         batch_size: int = 8,
         **backend_kwargs,
     ) -> Predictor:
-        """Build a predictor for a checkpoint (the shipped default when ``path`` is None) and a backend by name."""
+        """Build a predictor for a checkpoint (the shipped default when ``path`` is None) and a backend by name.
+
+        ``backend_kwargs`` go to the backend (e.g. ``precision="bfloat16"``); unset, each backend uses its default.
+        """
         from blindnet.backends import make_backend
 
         return cls(
-            make_backend(backend, path, device=device, precision=precision, **backend_kwargs),
+            make_backend(backend, path, device=device, **backend_kwargs),
             input_size=input_size,
             batch_size=batch_size,
         )
