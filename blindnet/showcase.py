@@ -40,7 +40,9 @@ def run_synthetic_showcase(
     out = Path(out_dir)
     clip = write_clip(out / "synthetic", seed=seed, num_frames=frames, height=size[0], width=size[1],
                       appearances=tuple(appearances))
-    masks = clip["masks"]
+    from PIL import Image
+
+    masks = [np.array(Image.open(p)) for p in clip["masks"]]
     results: dict = {}
     for app in appearances:
         video = Path(clip["videos"][app])

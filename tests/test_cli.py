@@ -71,3 +71,15 @@ def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys:
     assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "conv.safetensors"),
                  "--backbone", "shufflenetv2"]) == 0
     assert load_model(tmp_path / "conv.safetensors").config.backbone == "shufflenetv2"
+
+
+def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    rc = main(["segment", "--synthetic", "fog,night", "--frames", "3", "--clip-size", "64", "128",
+               "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "show")])
+    assert rc == 0
+    summary = json.loads((tmp_path / "show" / "summary.json").read_text())["synthetic"]
+    for app in ("fog", "night"):
+        assert 0.0 <= summary[app]["miou"] <= 100.0 and summary[app]["frames"] == 3
+        assert _count_frames(Path(summary[app]["overlay"])) == 3
+    assert main(["segment", "--synthetic", "snow", "--checkpoint", str(tiny_checkpoint),
+                 "--out", str(tmp_path / "bad")]) == 2
