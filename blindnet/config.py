@@ -46,7 +46,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, path: str = "") -> T
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; valid keys here: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]} for {cls.__name__}; valid keys here: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterable, Sequence
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -16,7 +16,7 @@ As in the original, each view is forwarded separately, so BatchNorm statistics a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -97,14 +97,9 @@ class LossConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently change the objective)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LossConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        data = dict(data)
-        if "align_levels" in data:
-            data["align_levels"] = tuple(data["align_levels"])
-        cfg = cls(**data)
+        from blindnet.config import from_dict
+
+        cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 

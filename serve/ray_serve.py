@@ -28,7 +28,7 @@ import argparse
 import asyncio
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +74,9 @@ class RayServeConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RayServeConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ray serve config key(s) {unknown}; valid keys: {sorted(known)}")
-        cfg = cls(**data)
+        from blindnet.config import from_dict
+
+        cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 

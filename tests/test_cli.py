@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from blindnet.checkpoint import load_model
 from blindnet.cli import main, segment_paths
 from blindnet.inference import Predictor, TorchBackend
-from blindnet.checkpoint import load_model
 
 
 def _write_video(path: Path, frames: int, h: int = 48, w: int = 64) -> None:

@@ -6,7 +6,7 @@ module names follow its checkpoints (``aspp``, ``bot_aspp``, ``bot_fine``, ``fin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -44,11 +44,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently change the network)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig key(s) {unknown}; valid keys: {sorted(known)}")
-        cfg = cls(**data)
+        from blindnet.config import from_dict
+
+        cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 
