@@ -646,11 +646,19 @@ def float32_matmul_mode(tf32: bool) -> Iterator[None]:
     PyTorch lets cuDNN convolutions use TF32 by default, so an honest "float32" row must switch it off.
     """
     new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
     if new_api:
-        saved = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+        saved = (
+            torch.backends.cudnn.conv.fp32_precision,
+            torch.backends.cuda.matmul.fp32_precision,
+            rnn.fp32_precision if rnn is not None else None,
+        )
         mode = "tf32" if tf32 else "ieee"
         torch.backends.cudnn.conv.fp32_precision = mode
         torch.backends.cuda.matmul.fp32_precision = mode
+        # cuDNN RNN must follow: torch.export reads the legacy cudnn flag and refuses mixed conv/RNN settings.
+        if rnn is not None:
+            rnn.fp32_precision = mode
     else:
         saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
         torch.backends.cudnn.allow_tf32 = tf32
@@ -659,7 +667,9 @@ def float32_matmul_mode(tf32: bool) -> Iterator[None]:
         yield
     finally:
         if new_api:
-            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[:2]
+            if rnn is not None:
+                rnn.fp32_precision = saved[2]
         else:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
@@ -737,6 +747,37 @@ def torch_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg
     return Runner(fn=fn, inputs=inputs, note=note, check=check)
 
 
+# The flags as PyTorch set them at start-up (this module is imported before any variant changes them).
+_IMPORT_TIME_PRECISION = (
+    [torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
+     torch.backends.cuda.matmul.fp32_precision]
+    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
+    else []
+)
+
+
+@contextlib.contextmanager
+def _default_precision_flags() -> Iterator[None]:
+    """Put the cuDNN/matmul fp32-precision flags back to their defaults for the duration (restored afterwards).
+
+    torch.export reads the legacy ``cudnn.allow_tf32`` flag, which raises once the new per-backend precision API has
+    set anything; the timing variants set it, so an export made while timing would otherwise fail.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        yield
+        return
+    objs = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
+    saved = [o.fp32_precision for o in objs]
+    for o, v in zip(objs, _IMPORT_TIME_PRECISION):
+        o.fp32_precision = v
+    try:
+        yield
+    finally:
+        for o, v in zip(objs, saved):
+            o.fp32_precision = v
+
+
 def _export_onnx(model: nn.Module, path: Path, *, fp16: bool, shape: tuple[int, ...], exporter: str = "auto") -> Path:
     """Export the raw network (normalised float input -> logits) through the project's exporter."""
     try:
@@ -745,7 +786,10 @@ def _export_onnx(model: nn.Module, path: Path, *, fp16: bool, shape: tuple[int, 
         raise Skip(f"export/onnx.py is not available ({exc})") from exc
     if not path.exists():
         cpu_model = model.float().to("cpu").to(memory_format=torch.contiguous_format).eval()
-        export_onnx(cpu_model, path, normalize_input=False, argmax=False, fp16=fp16, exporter=exporter)
+        # Runners are built under inference_mode, which torch.export (the dynamo exporter) cannot trace through;
+        # without this, dynamo fails and only TorchScript is tried (which cannot export ShuffleNetV2).
+        with torch.inference_mode(False), _default_precision_flags():
+            export_onnx(cpu_model, path, normalize_input=False, argmax=False, fp16=fp16, exporter=exporter)
     return path
 
 
@@ -957,7 +1001,8 @@ def ort_end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: B
     path = workdir / f"{getattr(model, '_bench_name', 'model')}-deploy-{'fp16' if fp16 else 'fp32'}.onnx"
     if not path.exists():
         cpu_model = model.float().to("cpu").eval()
-        export_onnx(cpu_model, path, normalize_input=True, argmax=True, fp16=fp16, exporter=cfg.onnx_exporter)
+        with torch.inference_mode(False), _default_precision_flags():
+            export_onnx(cpu_model, path, normalize_input=True, argmax=True, fp16=fp16, exporter=cfg.onnx_exporter)
     backend = OnnxBackend(path, device=variant.provider or "cpu", threads=cfg.threads or torch.get_num_threads())
     predictor = Predictor(backend, batch_size=batch)
     pool = uint8_pool(batch, cfg.size, cfg.seed + 3)
