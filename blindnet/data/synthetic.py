@@ -310,6 +310,27 @@ class _Builder:
                 seated=True,
             )
 
+    def _lamps(self, x, z0, left, right, width, y, height, cls, oncoming, vz, kw) -> None:
+        """A pair of lamps on a vehicle's visible face: white headlights (oncoming, also registered as light sources
+        for the night appearance) or red tail lights."""
+        if oncoming:
+            lights, emit = (0.95, 0.95, 0.85), (3.0, 2.9, 2.5)
+            self.heads.append((x, z0, vz))
+        else:
+            lights, emit = (0.7, 0.05, 0.05), (2.0, 0.1, 0.05)
+        self.add(
+            [
+                self.zplane(z0 - 0.02, left, left + width, y, y + height),
+                self.zplane(z0 - 0.02, right - width, right, y, y + height),
+            ],
+            cls,
+            lights,
+            emit=emit,
+            fine=0.0,
+            coarse=0.0,
+            **kw,
+        )
+
     def vehicle(self, x, z, cls, oncoming=False, vz=0.0):
         """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming)."""
         r = self.rng
@@ -373,24 +394,7 @@ class _Builder:
                 tyre,
                 **kw,
             )
-            ly = 0.55 * h * 0.62 + 0.15
-            if oncoming:
-                lights, emit = (0.95, 0.95, 0.85), (3.0, 2.9, 2.5)
-                self.heads.append((x, z0, vz))
-            else:
-                lights, emit = (0.7, 0.05, 0.05), (2.0, 0.1, 0.05)
-            self.add(
-                [
-                    self.zplane(z0 - 0.02, x0 + 0.08, x0 + 0.35, ly, ly + 0.15),
-                    self.zplane(z0 - 0.02, x1 - 0.35, x1 - 0.08, ly, ly + 0.15),
-                ],
-                cls,
-                lights,
-                emit=emit,
-                fine=0.0,
-                coarse=0.0,
-                **kw,
-            )
+            self._lamps(x, z0, x0 + 0.08, x1 - 0.08, 0.27, 0.55 * h * 0.62 + 0.15, 0.15, cls, oncoming, vz, kw)
             self.add(
                 self.zplane(z0 - 0.02, x - 0.25, x + 0.25, 0.35, 0.47),
                 cls,
@@ -446,24 +450,7 @@ class _Builder:
                 line=0.05,
                 **kw,
             )
-        ly = 0.35 + 0.45
-        if oncoming:
-            lights, emit = (0.95, 0.95, 0.85), (3.0, 2.9, 2.5)
-            self.heads.append((x, z0, vz))
-        else:
-            lights, emit = (0.7, 0.05, 0.05), (2.0, 0.1, 0.05)
-        self.add(
-            [
-                self.zplane(z0 - 0.02, x0 + 0.1, x0 + 0.4, ly, ly + 0.2),
-                self.zplane(z0 - 0.02, x1 - 0.4, x1 - 0.1, ly, ly + 0.2),
-            ],
-            cls,
-            lights,
-            emit=emit,
-            fine=0.0,
-            coarse=0.0,
-            **kw,
-        )
+        self._lamps(x, z0, x0 + 0.1, x1 - 0.1, 0.3, 0.35 + 0.45, 0.2, cls, oncoming, vz, kw)
         if cls == BUS:
             self.add(
                 self.zplane(z0 - 0.02, x0 + 0.3, x1 - 0.3, band[1] + 0.05, h - 0.1),
