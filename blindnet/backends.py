@@ -32,25 +32,15 @@ def _torch(path: str | Path | None, *, device: str = "cpu", precision: str = "fl
     return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision, **kw)
 
 
-def _exported(path: str | Path | None, suffixes: tuple[str, ...]) -> bool:
-    return path is not None and Path(path).suffix.lower() in suffixes
-
-
 def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
     from blindnet.onnx_backend import OnnxBackend
 
-    if precision is None and not _exported(path, (".onnx",)):
-        precision = "float32"  # a checkpoint is exported on first use; an .onnx file keeps the precision it was built in
-    if _exported(path, (".onnx",)):
-        return OnnxBackend(path, device=device, precision=precision, **kw)
     return OnnxBackend.from_path(path, device=device, precision=precision, **kw)
 
 
 def _tensorrt(path: str | Path | None, *, device: str = "cuda", precision: str | None = None, **kw) -> Backend:
     from blindnet.tensorrt_backend import TensorRTBackend
 
-    if precision is None and not _exported(path, (".plan", ".engine")):
-        precision = "float16"
     return TensorRTBackend.from_path(path, device=device, precision=precision, **kw)
 
 

@@ -510,7 +510,7 @@ class OnnxBackend(Backend):
         path: str | Path | None,
         *,
         device: str = "cpu",
-        precision: str = "float32",
+        precision: str | None = None,
         cache_dir: str | Path | None = None,
         exporter: str = "auto",
         **kwargs: Any,
@@ -519,7 +519,8 @@ class OnnxBackend(Backend):
 
         ``path`` None means the shipped default checkpoint. A checkpoint is exported with in-graph normalisation
         (uint8 NHWC input), float logits output (so scores stay available), dynamic shapes, and float16 when
-        ``precision="float16"``.
+        ``precision="float16"`` (float32 when None). An ``.onnx`` file runs in the precision it was exported in; a
+        given ``precision`` must match it.
         """
         from blindnet.backends import resolve_checkpoint
 
@@ -528,6 +529,7 @@ class OnnxBackend(Backend):
             return cls(path, device=device, precision=precision, **kwargs)
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
             raise ValueError(f"{path}: expected an .onnx file or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+        precision = precision or "float32"
         if precision not in ("float32", "float16"):
             raise ValueError(f"ONNX precision must be 'float32' or 'float16', got {precision!r}")
         onnx_path = cached_onnx_for_checkpoint(path, fp16=precision == "float16", cache_dir=cache_dir,

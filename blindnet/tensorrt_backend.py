@@ -444,10 +444,13 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def from_path(
-        cls, path: str | Path | None, *, device: str = "cuda", precision: str = "float16", cache_dir: str | Path | None
+        cls, path: str | Path | None, *, device: str = "cuda", precision: str | None = None, cache_dir: str | Path | None
         = None, **kwargs: Any,
     ) -> TensorRTBackend:
-        """Backend for a ``.plan`` engine, or for an ``.onnx``/checkpoint (engine built once into ``cache_dir``)."""
+        """Backend for a ``.plan`` engine, or for an ``.onnx``/checkpoint (engine built once into ``cache_dir``).
+
+        An engine runs in the precision it was built in (a given ``precision`` must match); a build defaults to float16.
+        """
         import_tensorrt()  # fail early, with the installation hint, before any export work
         from blindnet.backends import resolve_checkpoint
         from blindnet.onnx_backend import cached_onnx_for_checkpoint, default_cache_dir
@@ -455,6 +458,7 @@ class TensorRTBackend(Backend):
         path = resolve_checkpoint(path)
         if path.suffix.lower() in ENGINE_SUFFIXES:
             return cls(path, device=device, precision=precision, **kwargs)
+        precision = precision or "float16"
         onnx_path = path if path.suffix.lower() == ".onnx" else cached_onnx_for_checkpoint(
             path, fp16=precision == "float16", cache_dir=cache_dir)
         plat = current_platform()
