@@ -69,10 +69,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], dict[str, s
 def _write_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    from blindnet.checkpoint import atomic_write
+
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def iter_video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
@@ -143,8 +142,10 @@ def segment_video(
     max_frames: int | None = None,
     save_labels: bool = False,
     masks: Sequence[np.ndarray] | None = None,
+    overlay_path: Path | None = None,
 ) -> dict:
-    """Segment a video in batches; write ``<stem>_overlay.mp4`` (and label PNGs per frame if asked).
+    """Segment a video in batches; write ``overlay_path`` (default ``<out_dir>/<stem>_overlay.mp4``) and label PNGs
+    per frame if asked.
 
     Returns:
         ``{"frames", "seconds", "overlay", "confusion"}`` where ``confusion`` (a ConfusionMatrix, when ``masks`` are
@@ -169,7 +170,7 @@ def segment_video(
         seconds += time.perf_counter() - t0
         for pred in preds:
             if writer is None:
-                writer = VideoWriter(out_dir / f"{path.stem}_overlay.mp4", fps, pred.labels.shape)
+                writer = VideoWriter(overlay_path or out_dir / f"{path.stem}_overlay.mp4", fps, pred.labels.shape)
             writer.write(pred.overlay(alpha))
             if save_labels:
                 _write_png(out_dir / f"{path.stem}_labels" / f"frame_{frames:06d}.png", pred.labels)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from blindnet.inference import Predictor
 
@@ -40,18 +41,13 @@ def run_synthetic_showcase(
     out = Path(out_dir)
     clip = write_clip(out / "synthetic", seed=seed, num_frames=frames, height=size[0], width=size[1],
                       appearances=tuple(appearances))
-    from PIL import Image
-
     masks = [np.array(Image.open(p)) for p in clip["masks"]]
     results: dict = {}
     for app in appearances:
         video = Path(clip["videos"][app])
-        renamed = video.with_name(f"synthetic_{app}{video.suffix}")
-        t0 = time.perf_counter()
-        res = segment_video(predictor, video, out, alpha=alpha, masks=masks)
-        overlay = Path(res["overlay"])
         final = out / f"synthetic_{app}_overlay.mp4"
-        overlay.replace(final)
+        t0 = time.perf_counter()
+        res = segment_video(predictor, video, out, alpha=alpha, masks=masks, overlay_path=final)
         conf = res["confusion"]
         miou, acc = conf.miou() * 100.0, conf.pixel_accuracy()
         results[app] = {
@@ -61,7 +57,7 @@ def run_synthetic_showcase(
             "fps": round(res["frames"] / max(res["seconds"], 1e-9), 2),
             "wall_seconds": round(time.perf_counter() - t0, 2),
             "overlay": str(final),
-            "input_video": str(video if video.exists() else renamed),
+            "input_video": str(video),
         }
         print(f"{app:>8}: mIoU {miou:5.1f}  pixel acc {acc * 100:5.1f}  {results[app]['fps']:.1f} frames/s  -> {final}")
     results["mean_miou"] = round(float(np.mean([results[a]["miou"] for a in appearances])), 2)
