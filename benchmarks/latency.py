@@ -639,39 +639,49 @@ def uint8_pool(batch: int, size: tuple[int, int], seed: int, count: int = 4) -> 
     return [rng.integers(0, 256, size=(batch, *size, 3), dtype=np.uint8) for _ in range(count)]
 
 
+def _precision_flag_holders() -> list:
+    """The per-backend ``fp32_precision`` flag holders of PyTorch's new precision API (cuDNN conv, CUDA matmul and
+    cuDNN RNN, in that order); empty on a PyTorch without that API."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return []
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    return [h for h in (conv, torch.backends.cuda.matmul, rnn) if h is not None]
+
+
+@contextlib.contextmanager
+def _fp32_precision(values: Sequence[str]) -> Iterator[None]:
+    """Set the new API's flags (one value per holder of :func:`_precision_flag_holders`), restoring them afterwards."""
+    holders = _precision_flag_holders()
+    saved = [h.fp32_precision for h in holders]
+    for h, v in zip(holders, values):
+        h.fp32_precision = v
+    try:
+        yield
+    finally:
+        for h, v in zip(holders, saved):
+            h.fp32_precision = v
+
+
 @contextlib.contextmanager
 def float32_matmul_mode(tf32: bool) -> Iterator[None]:
     """Run float32 convolutions/matmuls in true float32 (``tf32=False``) or TF32 (``True``), restoring afterwards.
 
     PyTorch lets cuDNN convolutions use TF32 by default, so an honest "float32" row must switch it off.
     """
-    new_api = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision")
-    rnn = getattr(torch.backends.cudnn, "rnn", None)
-    if new_api:
-        saved = (
-            torch.backends.cudnn.conv.fp32_precision,
-            torch.backends.cuda.matmul.fp32_precision,
-            rnn.fp32_precision if rnn is not None else None,
-        )
-        mode = "tf32" if tf32 else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = mode
-        torch.backends.cuda.matmul.fp32_precision = mode
-        # cuDNN RNN must follow: torch.export reads the legacy cudnn flag and refuses mixed conv/RNN settings.
-        if rnn is not None:
-            rnn.fp32_precision = mode
-    else:
-        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+    holders = _precision_flag_holders()
+    if holders:
+        # cuDNN RNN must follow conv: torch.export reads the legacy cudnn flag and refuses mixed conv/RNN settings.
+        with _fp32_precision(["tf32" if tf32 else "ieee"] * len(holders)):
+            yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         yield
     finally:
-        if new_api:
-            torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved[:2]
-            if rnn is not None:
-                rnn.fp32_precision = saved[2]
-        else:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -748,34 +758,19 @@ def torch_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg
 
 
 # The flags as PyTorch set them at start-up (this module is imported before any variant changes them).
-_IMPORT_TIME_PRECISION = (
-    [torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision,
-     torch.backends.cuda.matmul.fp32_precision]
-    if hasattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision")
-    else []
-)
+_IMPORT_TIME_PRECISION = [h.fp32_precision for h in _precision_flag_holders()]
 
 
 @contextlib.contextmanager
-def _default_precision_flags() -> Iterator[None]:
-    """Put the cuDNN/matmul fp32-precision flags back to their defaults for the duration (restored afterwards).
+def _exportable() -> Iterator[None]:
+    """Leave inference mode and put the precision flags back to their start-up values for an ONNX export.
 
-    torch.export reads the legacy ``cudnn.allow_tf32`` flag, which raises once the new per-backend precision API has
-    set anything; the timing variants set it, so an export made while timing would otherwise fail.
+    Runners are built under inference_mode, which torch.export (the dynamo exporter) cannot trace through (without
+    this only TorchScript is tried, which cannot export ShuffleNetV2); and torch.export reads the legacy
+    ``cudnn.allow_tf32`` flag, which raises once the new precision API has set anything, as the timing variants do.
     """
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is None or not hasattr(conv, "fp32_precision"):
+    with torch.inference_mode(False), _fp32_precision(_IMPORT_TIME_PRECISION):
         yield
-        return
-    objs = [torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
-    saved = [o.fp32_precision for o in objs]
-    for o, v in zip(objs, _IMPORT_TIME_PRECISION):
-        o.fp32_precision = v
-    try:
-        yield
-    finally:
-        for o, v in zip(objs, saved):
-            o.fp32_precision = v
 
 
 def _export_onnx(model: nn.Module, path: Path, *, fp16: bool, shape: tuple[int, ...], exporter: str = "auto") -> Path:
@@ -786,9 +781,7 @@ def _export_onnx(model: nn.Module, path: Path, *, fp16: bool, shape: tuple[int, 
         raise Skip(f"export/onnx.py is not available ({exc})") from exc
     if not path.exists():
         cpu_model = model.float().to("cpu").to(memory_format=torch.contiguous_format).eval()
-        # Runners are built under inference_mode, which torch.export (the dynamo exporter) cannot trace through;
-        # without this, dynamo fails and only TorchScript is tried (which cannot export ShuffleNetV2).
-        with torch.inference_mode(False), _default_precision_flags():
+        with _exportable():
             export_onnx(cpu_model, path, normalize_input=False, argmax=False, fp16=fp16, exporter=exporter)
     return path
 
@@ -1001,7 +994,7 @@ def ort_end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: B
     path = workdir / f"{getattr(model, '_bench_name', 'model')}-deploy-{'fp16' if fp16 else 'fp32'}.onnx"
     if not path.exists():
         cpu_model = model.float().to("cpu").eval()
-        with torch.inference_mode(False), _default_precision_flags():
+        with _exportable():
             export_onnx(cpu_model, path, normalize_input=True, argmax=True, fp16=fp16, exporter=cfg.onnx_exporter)
     backend = OnnxBackend(path, device=variant.provider or "cpu", threads=cfg.threads or torch.get_num_threads())
     predictor = Predictor(backend, batch_size=batch)
