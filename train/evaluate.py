@@ -96,6 +96,41 @@ def evaluate(
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, str | Path],
+    datasets: Mapping[str, Dataset],
+    *,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    max_images: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, SegScores]]:
+    """Score each checkpoint (row label -> file) on each dataset (target label -> dataset, built once for all rows).
+
+    Returns ``{row label: {target label: SegScores}}``, the input of :func:`miou_table` and :func:`write_tables`.
+    """
+    from blindnet.checkpoint import load_model
+
+    device = torch.device(device)
+    results: dict[str, dict[str, SegScores]] = {}
+    for label, ckpt in checkpoints.items():
+        model = load_model(ckpt, device=device)
+        results[label] = {
+            target: evaluate(
+                model,
+                ds,
+                device=device,
+                amp=device.type == "cuda",
+                num_workers=num_workers,
+                max_images=max_images,
+                progress=progress,
+                desc=f"{label} on {target}",
+            )
+            for target, ds in datasets.items()
+        }
+    return results
+
+
 def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
@@ -207,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from blindnet.checkpoint import CheckpointError, load_model
+    from blindnet.checkpoint import CheckpointError
 
     specs: list[DatasetSpec] = []
     if args.config:
@@ -229,22 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         datasets = {s.label: build_eval_dataset(s) for s in specs}
-        results: dict[str, dict[str, SegScores]] = {}
-        for label, ckpt in zip(labels, args.checkpoint):
-            model = load_model(ckpt, device=device)
-            results[label] = {
-                t: evaluate(
-                    model,
-                    ds,
-                    device=device,
-                    amp=device.type == "cuda",
-                    num_workers=args.num_workers,
-                    max_images=args.max_images,
-                    progress=not args.no_progress,
-                    desc=f"{label} on {t}",
-                )
-                for t, ds in datasets.items()
-            }
+        results = evaluate_checkpoints(
+            dict(zip(labels, args.checkpoint)),
+            datasets,
+            device=device,
+            num_workers=args.num_workers,
+            max_images=args.max_images,
+            progress=not args.no_progress,
+        )
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

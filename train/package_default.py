@@ -39,18 +39,13 @@ def _run_facts(run: Path) -> dict:
 def _evaluate(checkpoints: dict[str, Path], config_path: Path) -> dict[str, dict[str, float]]:
     from train.config import load_config
     from train.data import build_eval_dataset
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate_checkpoints
 
-    cfg = load_config(config_path)
-    out: dict[str, dict[str, float]] = {}
-    for label, path in checkpoints.items():
-        model = load_model(path)
-        out[label] = {}
-        for spec in cfg.eval.targets:
-            dataset = build_eval_dataset(spec)
-            scores = evaluate(model, dataset, num_classes=model.config.num_classes, progress=False)
-            out[label][spec.options.get("appearance", spec.label)] = round(scores.miou * 100.0, 2)
-    return out
+    targets = load_config(config_path).eval.targets
+    names = {spec.label: spec.options.get("appearance", spec.label) for spec in targets}
+    results = evaluate_checkpoints(checkpoints, {spec.label: build_eval_dataset(spec) for spec in targets},
+                                   progress=False)
+    return {label: {names[t]: round(s.miou * 100.0, 2) for t, s in row.items()} for label, row in results.items()}
 
 
 def package_default(
