@@ -26,10 +26,11 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
     return Path(path) if path is not None else default_checkpoint()
 
 
-def _torch(path: str | Path | None, *, device: str = "cpu", precision: str = "float32", **kw) -> Backend:
+def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
     from blindnet.checkpoint import load_model
 
-    return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision, **kw)
+    # None means "the backend's default", as for the exported backends: float32 for a checkpoint.
+    return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision or "float32", **kw)
 
 
 def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:

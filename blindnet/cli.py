@@ -267,14 +267,13 @@ def _add_predictor_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
-    kwargs = {"precision": args.precision} if args.precision else {}
     return Predictor.from_checkpoint(
         args.checkpoint,
         backend=args.backend,
         device=args.device,
+        precision=args.precision,
         input_size=tuple(args.input_size) if args.input_size else None,
         batch_size=args.batch_size,
-        **kwargs,
     )
 
 
