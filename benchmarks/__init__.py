@@ -1,1 +1,1 @@
-"""Latency, throughput and cost tables of the deployable network: ``python -m benchmarks`` (see results/README.md)."""
+"""Latency, throughput and cost tables of the deployable network: ``python -m blindnet.benchmarks`` (see results/README.md)."""

@@ -1,10 +1,10 @@
-"""``python -m benchmarks``: latency/throughput tables of the deployable network (see benchmarks/results/README.md).
+"""``python -m blindnet.benchmarks``: latency/throughput tables of the deployable network (see benchmarks/results/README.md).
 
 Examples::
 
-    python -m benchmarks --quick                                  # CPU smoke run, tiny sizes, seconds
-    python -m benchmarks --device cuda                            # the full GPU table at 2048x1024
-    python -m benchmarks --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
+    python -m blindnet.benchmarks --quick                                  # CPU smoke run, tiny sizes, seconds
+    python -m blindnet.benchmarks --device cuda                            # the full GPU table at 2048x1024
+    python -m blindnet.benchmarks --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from benchmarks.latency import BACKBONES, NETWORKS, VARIANTS, BenchConfig, default_variants, run_benchmarks
+from blindnet.benchmarks.config import BACKBONES, NETWORKS, VARIANTS, BenchConfig, default_variants
+from blindnet.extras import require_extra
 
 #: What ``--quick`` changes (anything given explicitly wins): small enough for the test suite on 2 CPU cores.
 QUICK = {
@@ -45,8 +46,8 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m blindnet.benchmarks") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny CPU run (64x128, a few trials) for tests and CI")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu")
     p.add_argument("--backbones", type=_csv, help=f"comma list from {','.join(BACKBONES)} (first = headline)")
@@ -69,13 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="deployable checkpoint for the matching model (default: random weights)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--max-seconds", type=float, help="time cap per measurement; fewer trials when slow (default 120)")
-    p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    p.add_argument("--out", default="outputs/bench", help="output folder (default: outputs/bench in the current folder)")
     p.add_argument("--name", help="file stem (default: device slug, plus -TAG)")
     p.add_argument("--tag", help="suffix of the file stem (default 'quick' with --quick)")
     p.add_argument("--append", action="store_true", help="merge into existing <name>.json (split long GPU runs)")
     p.add_argument("--workdir", help="keep exported ONNX files here (default: a temporary folder)")
-    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), help="default auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"),
+                   help="ONNX exporter for the ONNX Runtime rows (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights")
     return p
 
 
@@ -107,10 +109,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**values)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benchmarks") -> int:
     """Run the benchmarks and write ``<out>/<name>.{csv,json,md,png}``; returns 0, or 2 on a bad option."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list_variants:
         for name, v in VARIANTS.items():
@@ -122,14 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.validate()
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
-    from benchmarks.latency import device_slug, environment_info
-    from benchmarks.report import write_results
+    require_extra("bench")
+    # Lazy CLI dispatch: --help and --list-variants answer before PyTorch is imported.
+    from blindnet.benchmarks.latency import device_slug, environment_info, run_benchmarks
+    from blindnet.benchmarks.report import write_results
 
     print(f"[bench] device {cfg.device}, variants {', '.join(cfg.variants or default_variants(cfg.device))}")
     result = run_benchmarks(cfg)
     tag = args.tag if args.tag is not None else ("quick" if args.quick else "")
     name = args.name or device_slug(environment_info(cfg.device)) + (f"-{tag}" if tag else "")
-    command = "python -m benchmarks " + shlex.join(argv)
+    command = "python -m blindnet.benchmarks " + shlex.join(argv)
     paths = write_results(result, args.out, name, command=command.strip(), append=args.append)
     for kind, path in paths.items():
         print(f"[bench] wrote {kind}: {path}")

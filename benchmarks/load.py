@@ -1,11 +1,11 @@
-"""Load generator for ``python -m serve``: throughput and latency under concurrency, against the Predictor's own pace.
+"""Load generator for ``python -m blindnet.serve``: throughput and latency under concurrency, against the Predictor's own pace.
 
-``python -m benchmarks.load`` (or :func:`run_load_benchmark`) does, in one run:
+``python -m blindnet.benchmarks.load`` (or :func:`run_load_benchmark`) does, in one run:
 
 1. **Baseline**: the :class:`~blindnet.inference.Predictor` with the same backend, device, precision and batch size
    as the server, fed full batches of distinct images in a loop, no HTTP: images/s of ``predict_arrays`` (the exact
    pre-process -> backend -> post-process path a server batch takes). Measured while no server runs.
-2. **Server**: ``python -m serve`` started as a subprocess on loopback (so client and server do not share a GIL), or
+2. **Server**: ``python -m blindnet.serve`` started as a subprocess on loopback (so client and server do not share a GIL), or
    an already running server given by ``url``. For each concurrency ``c``, ``c`` closed-loop clients send
    single-image requests (v2 binary tensors by default, or PNG uploads to ``/v1/segment``) until ``requests`` are
    done or ``max_seconds`` pass. We record throughput (images/s), p50/p90/p99 latency, errors, and the server's
@@ -252,7 +252,7 @@ def _resolve_checkpoint(checkpoint: str | Path | None, backbone: str, tmpdir: Pa
     """The checkpoint to load: given, the shipped default, or a random-init ``backbone`` (throughput only)."""
     if checkpoint is not None:
         return Path(checkpoint), "given"
-    from blindnet.backends import DEFAULT_CHECKPOINT
+    from blindnet.resolve import DEFAULT_CHECKPOINT
 
     if DEFAULT_CHECKPOINT.exists():
         return DEFAULT_CHECKPOINT, "shipped default"
@@ -322,7 +322,7 @@ def run_load_benchmark(
         if url is None:
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "serve", "--checkpoint", str(ckpt), "--backend", backend, "--port", str(port)]
+            cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(ckpt), "--backend", backend, "--port", str(port)]
             cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
             cmd += ["--max-queue-size", str(max(64, 2 * max(concurrencies))), "--log-level", "warning"]
             for flag, value in (("--device", device), ("--precision", precision), ("--api-key", api_key)):
@@ -460,7 +460,7 @@ def write_report(report: LoadReport, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m blindnet.benchmarks.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to serve (default: shipped checkpoint, else random-init --backbone)")
     p.add_argument("--backbone", default="mobilenetv2", help="random-init backbone when no checkpoint exists")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])

@@ -2,7 +2,7 @@
 
 Files (``<name>`` is the device slug, e.g. ``cuda-nvidia-h100-80gb-hbm3``, plus an optional tag):
 
-* ``<name>.csv``: one line per row, columns :data:`benchmarks.latency.ROW_FIELDS`;
+* ``<name>.csv``: one line per row, columns :data:`blindnet.benchmarks.config.ROW_FIELDS`;
 * ``<name>.json``: ``{"environment", "config", "command", "rows", "profiles"}``;
 * ``<name>.md``: the cost table (the paper's Table 3 layout), end-to-end vs network, throughput by batch, the profile
   of the best path, and what was not measured and why;
@@ -18,7 +18,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.latency import ROW_FIELDS, BenchResult
+from blindnet.benchmarks.config import ROW_FIELDS
+from blindnet.benchmarks.latency import BenchResult
 
 ROW_KEY = ("model", "variant", "scope", "batch", "height", "width")
 

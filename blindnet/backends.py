@@ -1,4 +1,4 @@
-"""Backend names -> constructors (a plain dict), and the shipped default checkpoint."""
+"""Backend names -> constructors (a plain dict)."""
 
 from __future__ import annotations
 
@@ -6,25 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blindnet.inference import Backend, TorchBackend
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
-
-
-def default_checkpoint() -> Path:
-    """Path of the checkpoint shipped inside the package (used whenever no ``--checkpoint`` is given)."""
-    if not DEFAULT_CHECKPOINT.exists():
-        raise FileNotFoundError(
-            f"the default checkpoint {DEFAULT_CHECKPOINT} is missing from this installation; "
-            "pass --checkpoint PATH or reinstall blindnet"
-        )
-    return DEFAULT_CHECKPOINT
-
-
-def resolve_checkpoint(path: str | Path | None) -> Path:
-    """``path`` itself, or the shipped default when None."""
-    return Path(path) if path is not None else default_checkpoint()
-
+from blindnet.resolve import resolve_checkpoint
 
 def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
     from blindnet.checkpoint import load_model

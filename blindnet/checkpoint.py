@@ -15,14 +15,13 @@ Official BlindNet/RobustNet checkpoints (``{"state_dict": {"module.layer0.0.weig
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from blindnet.io import atomic_write
 from blindnet.models import DeepLabV3Plus, ModelConfig, build_model
 
 FORMAT_VERSION = 1
@@ -34,30 +33,6 @@ _ENCODER_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not match the network it claims to hold."""
-
-
-def atomic_write(path: str | Path, write_fn) -> Path:
-    """Write a file through ``write_fn(tmp_path)`` into a temporary sibling, then rename it into place.
-
-    A crash or kill mid-write leaves the previous file (if any) untouched and never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # mkstemp creates the file 0600; give the result the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def deployable_state_dict(model: DeepLabV3Plus) -> dict[str, torch.Tensor]:

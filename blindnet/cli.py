@@ -1,380 +1,181 @@
-"""``blindnet`` command line: ``segment`` images/folders/videos, ``convert`` official checkpoints, ``info``.
+"""The ``blindnet`` command: one subcommand per job.
 
-Each sub-command parses its arguments and calls one library function (``segment_paths``, ``convert_official_checkpoint``,
-``describe_checkpoint``) that tests call directly.
+``blindnet <job> ...`` is the same as ``python -m blindnet <job> ...``; the jobs that live in their own folder also
+run as ``python -m blindnet.<module>`` (``blindnet.train``, ``blindnet.train.evaluate``, ``blindnet.export``,
+``blindnet.serve``, ``blindnet.demo``, ``blindnet.benchmarks``), which is what ``torchrun -m blindnet.train`` needs.
+
+This module imports nothing heavy: a job's modules (and PyTorch) are imported only once that job is chosen, so
+``blindnet --help`` and every ``blindnet <job> --help`` answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import importlib
 import json
 import sys
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
-import torch
+from blindnet.extras import require_extra
 
-from blindnet.inference import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageError, Predictor, load_image
-
-
-@dataclass
-class SegmentReport:
-    """What :func:`segment_paths` did: outputs written, inputs skipped (with the reason), throughput."""
-
-    written: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    images: int = 0
-    frames: int = 0
-    seconds: float = 0.0
-    per_input: dict[str, dict] = field(default_factory=dict)
-
-    @property
-    def fps(self) -> float:
-        n = self.images + self.frames
-        return n / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "written": self.written,
-            "skipped": self.skipped,
-            "images": self.images,
-            "frames": self.frames,
-            "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.fps, 3),
-            "per_input": self.per_input,
-        }
+# job -> (module holding ``main(argv)``, one line of help). A plain dict: adding a job is one line here.
+JOBS: dict[str, tuple[str, str]] = {
+    "segment": ("blindnet.cli", "segment images, folders and videos, or a synthetic clip scored against its masks"),
+    "convert": ("blindnet.cli", "convert an official BlindNet/RobustNet checkpoint into a deployable one"),
+    "info": ("blindnet.cli", "describe a checkpoint or an exported ONNX model"),
+    "train": ("blindnet.train.__main__", "train BlindNet or a baseline from a preset (torchrun for DDP)"),
+    "evaluate": ("blindnet.train.evaluate", "score checkpoints on evaluation datasets (mIoU tables)"),
+    "export": ("blindnet.export.__main__", "export ONNX / TensorRT / a Triton repository, checked against PyTorch"),
+    "serve": ("blindnet.serve.__main__", "batched HTTP inference server (KServe v2 / Triton protocol)"),
+    "demo": ("blindnet.demo.__main__", "Gradio app for driving images and videos"),
+    "bench": ("blindnet.benchmarks.__main__", "latency, throughput and cost tables"),
+}
+BACKENDS = ("torch", "onnx", "tensorrt")
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], dict[str, str]]:
-    """Files and folders (searched recursively for images and videos) -> (files in order, problems by input)."""
-    files: list[Path] = []
-    problems: dict[str, str] = {}
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
-            if not found:
-                problems[str(p)] = "folder holds no image or video files"
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            problems[str(p)] = "no such file or folder"
-    return files, problems
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    from PIL import Image
-
-    from blindnet.checkpoint import atomic_write
-
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
-
-
-def iter_video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
-    """Yield RGB uint8 frames of a video file; raises ImageError if OpenCV cannot open or decode it."""
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise ImageError(f"{path}: cannot open video (unsupported codec or not a video)")
-    n = 0
-    try:
-        while max_frames is None or n < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            n += 1
-            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-    finally:
-        cap.release()
-    if n == 0:
-        raise ImageError(f"{path}: video has no decodable frames")
-
-
-def video_fps(path: Path, default: float = 10.0) -> float:
-    import cv2
-
-    cap = cv2.VideoCapture(str(path))
-    fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
-    cap.release()
-    return float(fps) if fps and fps > 0 and np.isfinite(fps) else default
-
-
-class VideoWriter:
-    """Writes RGB frames to an mp4 (mp4v) file atomically: frames go to a temp file renamed on close."""
-
-    def __init__(self, path: Path, fps: float, size: tuple[int, int]) -> None:
-        import cv2
-
-        self.path = path
-        self.tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = size
-        self._w = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-        if not self._w.isOpened():
-            raise RuntimeError(f"OpenCV cannot write {path}")
-        self.frames = 0
-
-    def write(self, rgb: np.ndarray) -> None:
-        import cv2
-
-        self._w.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        self.frames += 1
-
-    def close(self, keep: bool = True) -> None:
-        self._w.release()
-        if keep and self.frames:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-
-
-def segment_video(
-    predictor: Predictor,
-    path: Path,
-    out_dir: Path,
-    *,
-    alpha: float = 0.5,
-    max_frames: int | None = None,
-    save_labels: bool = False,
-    masks: Sequence[np.ndarray] | None = None,
-    overlay_path: Path | None = None,
-) -> dict:
-    """Segment a video in batches; write ``overlay_path`` (default ``<out_dir>/<stem>_overlay.mp4``) and label PNGs
-    per frame if asked.
-
-    Returns:
-        ``{"frames", "seconds", "overlay", "confusion"}`` where ``confusion`` (a ConfusionMatrix, when ``masks`` are
-        given) scores the predictions against the ground-truth masks frame by frame.
-    """
-    from tqdm import tqdm
-
-    from blindnet.metrics import ConfusionMatrix
-
-    writer: VideoWriter | None = None
-    fps = video_fps(path)
-    frames = 0
-    seconds = 0.0
-    conf = ConfusionMatrix(predictor.num_classes) if masks is not None else None
-    batch: list[np.ndarray] = []
-    bar = tqdm(desc=path.name, unit="frame", leave=False, disable=None)
-
-    def flush() -> None:
-        nonlocal writer, frames, seconds
-        t0 = time.perf_counter()
-        preds = predictor.predict_arrays(batch)
-        seconds += time.perf_counter() - t0
-        for pred in preds:
-            if writer is None:
-                writer = VideoWriter(overlay_path or out_dir / f"{path.stem}_overlay.mp4", fps, pred.labels.shape)
-            writer.write(pred.overlay(alpha))
-            if save_labels:
-                _write_png(out_dir / f"{path.stem}_labels" / f"frame_{frames:06d}.png", pred.labels)
-            if conf is not None and masks is not None and frames < len(masks):
-                conf.update(torch.from_numpy(pred.labels.astype(np.int64)), torch.from_numpy(masks[frames].astype(np.int64)))
-            frames += 1
-        bar.update(len(batch))
-        batch.clear()
-
-    try:
-        for frame in iter_video_frames(path, max_frames):
-            batch.append(frame)
-            if len(batch) == predictor.batch_size:
-                flush()
-        if batch:
-            flush()
-    except BaseException:
-        if writer is not None:
-            writer.close(keep=False)
-        raise
-    finally:
-        bar.close()
-    assert writer is not None
-    writer.close()
-    return {"frames": frames, "seconds": seconds, "overlay": str(writer.path), "confusion": conf}
-
-
-def segment_paths(
-    predictor: Predictor,
-    inputs: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    alpha: float = 0.5,
-    max_frames: int | None = None,
-    save_video_labels: bool = False,
-) -> SegmentReport:
-    """Segment images, folders and videos; write ``<stem>_labels.png`` / ``<stem>_overlay.png`` (images) and
-    ``<stem>_overlay.mp4`` (videos) into ``out_dir``. Unreadable inputs are reported and skipped."""
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    report = SegmentReport()
-    files, problems = expand_inputs(inputs)
-    report.skipped.update(problems)
-    t_all = 0.0
-    for f in tqdm(files, desc="segment", unit="file", disable=None if len(files) > 1 else True):
-        try:
-            if f.suffix.lower() in VIDEO_SUFFIXES:
-                res = segment_video(predictor, f, out, alpha=alpha, max_frames=max_frames, save_labels=save_video_labels)
-                report.frames += res["frames"]
-                t_all += res["seconds"]
-                report.written.append(res["overlay"])
-                report.per_input[str(f)] = {"frames": res["frames"], "seconds": round(res["seconds"], 3)}
-            else:
-                image = load_image(f)
-                t0 = time.perf_counter()
-                pred = predictor.predict_arrays([image], sources=[str(f)])[0]
-                t_all += time.perf_counter() - t0
-                lab, ovl = out / f"{f.stem}_labels.png", out / f"{f.stem}_overlay.png"
-                _write_png(lab, pred.labels)
-                _write_png(ovl, pred.overlay(alpha))
-                report.images += 1
-                report.written += [str(lab), str(ovl)]
-                report.per_input[str(f)] = {"shares": pred.class_shares()}
-        except (ImageError, OSError, RuntimeError) as exc:
-            report.skipped[str(f)] = str(exc)
-            print(f"skipped {f}: {exc}", file=sys.stderr)
-    report.seconds = t_all
-    return report
-
-
-def describe_checkpoint(path: str | Path) -> dict:
-    """Config, parameter count and metadata of a checkpoint."""
-    from blindnet.checkpoint import load_checkpoint_state, load_model
-    from blindnet.models import count_parameters
-
-    cfg, _, meta = load_checkpoint_state(path)
-    model = load_model(path)
-    return {"path": str(path), "model_config": cfg.to_dict(), "parameters": count_parameters(model), "metadata": meta}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _add_predictor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: float32 for checkpoints, the file's own precision for exported models")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W before the network")
-
-
-def build_predictor(args: argparse.Namespace) -> Predictor:
-    return Predictor.from_checkpoint(
-        args.checkpoint,
-        backend=args.backend,
-        device=args.device,
-        precision=args.precision,
-        input_size=tuple(args.input_size) if args.input_size else None,
-        batch_size=args.batch_size,
+def _usage() -> str:
+    width = max(map(len, JOBS))
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in JOBS.items()]
+    return (
+        "usage: blindnet <job> [options]     (blindnet <job> --help for a job's options)\n\n"
+        "BlindNet style-blind semantic segmentation: train, export, serve, demo, benchmark.\n\njobs:\n"
+        + "\n".join(lines)
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="blindnet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to the chosen job's ``main``; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from importlib.metadata import version
 
-    seg = sub.add_parser("segment", help="segment images, folders and videos")
-    seg.add_argument("inputs", nargs="*", help="image files, folders, or videos (mp4/avi/mov)")
-    seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
-    seg.add_argument("--max-frames", type=int, default=None, help="stop each video after this many frames")
-    seg.add_argument("--save-video-labels", action="store_true", help="also write a label PNG per video frame")
-    seg.add_argument(
+        print(f"blindnet {version('blindnet')}")
+        return 0
+    job, rest = args[0], args[1:]
+    if job not in JOBS:
+        close = difflib.get_close_matches(job, JOBS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(JOBS)}"
+        print(f"blindnet: unknown job {job!r}{hint}", file=sys.stderr)
+        return 2
+    module = JOBS[job][0]
+    if module == __name__:
+        return BASE_JOBS[job](rest)
+    # Lazy CLI dispatch: only the chosen job's modules are imported.
+    return int(importlib.import_module(module).main(rest, prog=f"blindnet {job}") or 0)
+
+
+def _predictor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default: torch)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 for checkpoints, the file's own precision for exported models")
+    p.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per network call")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W before the network")
+
+
+def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Segment images, folders and videos, or a synthetic clip.")
+    p.add_argument("inputs", nargs="*", help="image files, folders, or videos (mp4/avi/mov/mkv/webm)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
+    p.add_argument("--max-frames", type=int, default=None, help="stop each video after this many frames")
+    p.add_argument("--save-video-labels", action="store_true", help="also write a label PNG per video frame")
+    p.add_argument(
         "--synthetic",
         metavar="APPEARANCES",
         help="render a synthetic driving clip on the spot in these appearances (e.g. night,fog,rain), segment it and "
         "score it against its generated masks",
     )
-    seg.add_argument("--frames", type=int, default=24, help="frames per synthetic clip")
-    seg.add_argument("--seed", type=int, default=2024, help="seed of the synthetic clip")
-    seg.add_argument("--clip-size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"))
-    _add_predictor_args(seg)
-
-    conv = sub.add_parser("convert", help="convert an official BlindNet/RobustNet checkpoint")
-    conv.add_argument("src")
-    conv.add_argument("dst")
-    conv.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"])
-    conv.add_argument("--baseline", action="store_true", help="the checkpoint is a plain DeepLabV3+ (no IN layers)")
-    conv.add_argument("--output-stride", type=int, default=16)
-
-    info = sub.add_parser("info", help="print a checkpoint's config and size")
-    info.add_argument("checkpoint", nargs="?")
-
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "segment":
-            return _cmd_segment(args)
-        if args.command == "convert":
-            from blindnet.checkpoint import convert_official_checkpoint
-
-            model = convert_official_checkpoint(
-                args.src,
-                args.dst,
-                backbone=args.backbone,
-                instance_norm=not args.baseline,
-                output_stride=args.output_stride,
-            )
-            print(f"wrote {args.dst} ({model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} params)")
-            return 0
-        if args.command == "info":
-            from blindnet.backends import resolve_checkpoint
-
-            print(json.dumps(describe_checkpoint(resolve_checkpoint(args.checkpoint)), indent=2))
-            return 0
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"blindnet {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 2
+    p.add_argument("--frames", type=int, default=24, help="frames per synthetic clip")
+    p.add_argument("--seed", type=int, default=2024, help="seed of the synthetic clip")
+    p.add_argument("--clip-size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"),
+                   help="frame size of the synthetic clip")
+    _predictor_args(p)
+    return p
 
 
-def _cmd_segment(args: argparse.Namespace) -> int:
+def segment_main(argv: Sequence[str]) -> int:
+    """``blindnet segment``: exit 0 when every input was segmented, 1 when some were skipped, 2 on errors."""
+    args = segment_parser().parse_args(argv)
     if not args.inputs and not args.synthetic:
         print("blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr)
         return 2
-    predictor = build_predictor(args)
-    out = Path(args.out)
-    summary: dict = {}
-    failed = False
-    if args.inputs:
-        report = segment_paths(
-            predictor,
-            args.inputs,
-            out,
-            alpha=args.alpha,
-            max_frames=args.max_frames,
-            save_video_labels=args.save_video_labels,
-        )
-        summary["inputs"] = report.to_dict()
-        failed = bool(report.skipped)
-        print(
-            f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} images/s; "
-            f"{len(report.skipped)} skipped; outputs in {out}"
-        )
-    if args.synthetic:
-        from blindnet.showcase import run_synthetic_showcase
+    from blindnet import segment
+    from blindnet.inference import Predictor
+    from blindnet.io import write_text
 
-        summary["synthetic"] = run_synthetic_showcase(
-            predictor,
-            out,
-            appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
-            frames=args.frames,
-            seed=args.seed,
-            size=tuple(args.clip_size),
-            alpha=args.alpha,
+    try:
+        print(f"loading the model ({args.backend} on {args.device})", file=sys.stderr)
+        predictor = Predictor.from_checkpoint(
+            args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
+            input_size=tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size,
         )
-    from blindnet.checkpoint import atomic_write
+        summary: dict = {}
+        if args.inputs:
+            report = segment.segment_paths(predictor, args.inputs, args.out, alpha=args.alpha,
+                                           max_frames=args.max_frames, save_video_labels=args.save_video_labels)
+            summary["inputs"] = report.to_dict()
+            print(f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} "
+                  f"images/s; {len(report.skipped)} skipped; outputs in {args.out}")
+        if args.synthetic:
+            summary["synthetic"] = segment.run_synthetic_showcase(
+                predictor, args.out, appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
+                frames=args.frames, seed=args.seed, size=tuple(args.clip_size), alpha=args.alpha,
+            )
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"blindnet segment: error: {exc}", file=sys.stderr)
+        return 2
+    write_text(f"{args.out}/summary.json", json.dumps(summary, indent=2, default=str))
+    return 1 if summary.get("inputs", {}).get("skipped") else 0
 
-    text = json.dumps(summary, indent=2, default=str)
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
-    return 1 if failed else 0
+
+def convert_main(argv: Sequence[str]) -> int:
+    """``blindnet convert SRC DST``: an official checkpoint -> a deployable safetensors file."""
+    p = argparse.ArgumentParser(prog="blindnet convert", description=JOBS["convert"][1])
+    p.add_argument("src", help="the official checkpoint (.pth, a dict with 'state_dict')")
+    p.add_argument("dst", help="the deployable checkpoint to write (.safetensors)")
+    p.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"],
+                   help="the checkpoint's backbone")
+    p.add_argument("--baseline", action="store_true", help="the checkpoint is a plain DeepLabV3+ (no IN layers)")
+    p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="the checkpoint's output stride")
+    args = p.parse_args(argv)
+    from blindnet.checkpoint import convert_official_checkpoint
+
+    try:
+        model = convert_official_checkpoint(args.src, args.dst, backbone=args.backbone,
+                                            instance_norm=not args.baseline, output_stride=args.output_stride)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"blindnet convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} params)")
+    return 0
+
+
+def info_main(argv: Sequence[str]) -> int:
+    """``blindnet info [MODEL]``: what a checkpoint or an ONNX file holds, as JSON."""
+    p = argparse.ArgumentParser(prog="blindnet info", description=JOBS["info"][1])
+    p.add_argument("model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)")
+    args = p.parse_args(argv)
+    from blindnet import info
+    from blindnet.resolve import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(args.model)
+        if path.suffix == ".onnx":
+            require_extra("info", "onnx")
+        print(json.dumps(info.describe(path), indent=2, default=str))
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"blindnet info: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+BASE_JOBS = {"segment": segment_main, "convert": convert_main, "info": info_main}
 
 
 if __name__ == "__main__":  # pragma: no cover

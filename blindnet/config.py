@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from blindnet.io import write_text
+
 T = TypeVar("T")
 
 
@@ -183,7 +185,4 @@ def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] |
 
 def save_yaml(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    from blindnet.checkpoint import atomic_write
-
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

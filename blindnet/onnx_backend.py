@@ -1,7 +1,7 @@
 """ONNX: the graph contract, the exporter core, and the ONNX Runtime backend for the :class:`Predictor`.
 
 The exporter core lives here (not in the ``export`` stage folder) so that an installed ``blindnet`` can turn a
-checkpoint into an ONNX file on first use (``OnnxBackend.from_path("model.safetensors")``); ``python -m export``
+checkpoint into an ONNX file on first use (``OnnxBackend.from_path("model.safetensors")``); ``python -m blindnet.export``
 adds the CLI, the parity check and the other formats on top.
 
 Graph contract (also written into the model's ``metadata_props`` so that any consumer can read it back):
@@ -522,7 +522,7 @@ class OnnxBackend(Backend):
         ``precision="float16"`` (float32 when None). An ``.onnx`` file runs in the precision it was exported in; a
         given ``precision`` must match it.
         """
-        from blindnet.backends import resolve_checkpoint
+        from blindnet.resolve import resolve_checkpoint
 
         path = resolve_checkpoint(path)
         if path.suffix.lower() in ONNX_SUFFIXES:
@@ -609,7 +609,8 @@ def cached_onnx_for_checkpoint(
     """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file."""
     import hashlib
 
-    from blindnet.checkpoint import atomic_write, load_model
+    from blindnet.checkpoint import load_model
+    from blindnet.io import atomic_write
 
     checkpoint = Path(checkpoint)
     digest = hashlib.sha256()

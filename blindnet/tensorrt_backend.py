@@ -119,7 +119,7 @@ def read_engine_metadata(engine: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: the engine's build metadata is missing, so its TensorRT version and GPU are unknown; rebuild "
-            "it with `python -m export --format tensorrt`"
+            "it with `python -m blindnet.export --format tensorrt`"
         )
     return json.loads(path.read_text())
 
@@ -160,7 +160,7 @@ def check_engine_compatibility(
         raise EngineMismatchError(
             f"refusing to load {meta.get('engine', 'the engine')}: it was built for " + " and ".join(problems)
             + ". Engines are specific to the TensorRT version and GPU; rebuild it here with "
-            "`python -m export --format tensorrt --checkpoint CKPT --out DIR` (or pass strict_gpu=False to accept "
+            "`python -m blindnet.export --format tensorrt --checkpoint CKPT --out DIR` (or pass strict_gpu=False to accept "
             "another GPU model of the same architecture)."
         )
 
@@ -241,12 +241,12 @@ def build_engine(
         if precision == "float16" and onnx_precision != "float16":
             raise ValueError(
                 f"TensorRT {trt.__version__} builds strongly typed networks: float16 needs a float16 ONNX "
-                "(export_onnx(fp16=True) / `python -m export --fp16`), got a float32 one"
+                "(export_onnx(fp16=True) / `python -m blindnet.export --fp16`), got a float32 one"
             )
         if precision in ("int8", "fp8") and not qdq:
             raise ValueError(
                 f"{precision} on TensorRT {trt.__version__} needs an ONNX with Q/DQ nodes (NVIDIA ModelOpt PTQ: "
-                "`pip install nvidia-modelopt`, then `python -m export --format tensorrt --precision int8 "
+                "`pip install nvidia-modelopt`, then `python -m blindnet.export --format tensorrt --precision int8 "
                 "--calibration DATA`)"
             )
     if precision == "fp8" and not qdq:
@@ -304,7 +304,7 @@ def build_engine(
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     build_seconds = time.perf_counter() - t0
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    from blindnet.checkpoint import atomic_write
+    from blindnet.io import atomic_write
 
     atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     if timing_cache is not None:
@@ -452,7 +452,7 @@ class TensorRTBackend(Backend):
         An engine runs in the precision it was built in (a given ``precision`` must match); a build defaults to float16.
         """
         import_tensorrt()  # fail early, with the installation hint, before any export work
-        from blindnet.backends import resolve_checkpoint
+        from blindnet.resolve import resolve_checkpoint
         from blindnet.onnx_backend import cached_onnx_for_checkpoint, default_cache_dir
 
         path = resolve_checkpoint(path)

@@ -1,1 +1,1 @@
-"""Gradio demo for BlindNet: ``python -m demo --checkpoint model.safetensors`` (see ``demo.app.build_demo``)."""
+"""Gradio demo for BlindNet: ``python -m blindnet.demo --checkpoint model.safetensors`` (see ``demo.app.build_demo``)."""

@@ -1,10 +1,10 @@
-"""``python -m demo``: load one or two checkpoints and launch the Gradio app (loopback only unless asked).
+"""``python -m blindnet.demo``: load one or two checkpoints and launch the Gradio app (loopback only unless asked).
 
 Examples::
 
-    python -m demo                                        # the shipped default checkpoint
-    python -m demo --checkpoint blindnet=runs/bn.safetensors --compare baseline=runs/base.safetensors
-    python -m demo --backend onnx --checkpoint model.onnx --host 0.0.0.0 --port 8080
+    python -m blindnet.demo                                        # the shipped default checkpoint
+    python -m blindnet.demo --checkpoint blindnet=runs/bn.safetensors --compare baseline=runs/base.safetensors
+    python -m blindnet.demo --backend onnx --checkpoint model.onnx --host 0.0.0.0 --port 8080
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from blindnet.backends import BACKENDS, default_checkpoint
+from blindnet.extras import require_extra
+from blindnet.resolve import resolve_checkpoint
+
+BACKENDS = ("torch", "onnx", "tensorrt")
 
 
 def _named(spec: str) -> tuple[str | None, Path]:
@@ -30,7 +33,7 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
 
     Names default to the file stem (``default``, ``blindnet_r50`` ...); duplicates get ``-2``, ``-3`` suffixes.
     """
-    specs = [_named(s) for s in (checkpoints or [])] or [(None, default_checkpoint())]
+    specs = [_named(s) for s in (checkpoints or [])] or [(None, resolve_checkpoint(None))]
     if compare:
         specs.append(_named(compare))
     out: list[tuple[str, Path]] = []
@@ -45,9 +48,9 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     p.add_argument(
         "--checkpoint",
@@ -71,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m blindnet.demo") -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.max_video_frames < 1 or args.batch_size < 1:
         print("error: --max-video-frames and --batch-size must be >= 1", file=sys.stderr)
         return 2
+    require_extra("demo")
+    # Lazy CLI dispatch: --help answers before PyTorch and Gradio are imported.
+    from blindnet.demo.app import build_demo, launch
     from blindnet.inference import Predictor
 
     backend_kwargs = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
@@ -99,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from demo.app import build_demo, launch
-
+    print("building the Gradio app", file=sys.stderr)
     demo = build_demo(
         predictors,
         max_video_frames=args.max_video_frames,

@@ -28,7 +28,7 @@ import pandas as pd
 
 from blindnet.classes import class_names, palette
 from blindnet.inference import ImageError, Prediction, Predictor, decode_image, to_rgb_uint8
-from demo.styles import STYLES, apply_style
+from blindnet.demo.styles import STYLES, apply_style
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Render the demo's example inputs with the synthetic scene generator: ``python -m demo.make_examples``.
+"""Render the demo's example inputs with the synthetic scene generator: ``python -m blindnet.demo.make_examples``.
 
 Writes small 256 x 512 street scenes (PNG) and one short driving clip (VP8 WebM, so the browser can preview it; the
 demo reads it back with OpenCV like any upload) into ``demo/examples``. Deterministic: the same seeds give the same
@@ -55,7 +55,7 @@ def write_examples(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m demo.make_examples", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m blindnet.demo.make_examples", description=__doc__)
     p.add_argument("--out", type=Path, default=EXAMPLES_DIR, help="output folder (default: demo/examples)")
     args = p.parse_args(argv)
     for path in write_examples(args.out):

@@ -1,4 +1,4 @@
-"""Save a screenshot of the running demo with headless Chromium: ``python -m demo.screenshot``.
+"""Save a screenshot of the running demo with headless Chromium: ``python -m blindnet.demo.screenshot``.
 
 Launches the app on a free loopback port (the first example is pre-segmented at build time, so the page shows real
 output without any clicking), points ``chromium --headless --screenshot`` at it, and writes a PNG. Without
@@ -76,7 +76,7 @@ def _tiny_predictors() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m demo.screenshot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m blindnet.demo.screenshot", description=__doc__)
     p.add_argument("--checkpoint", action="append", metavar="[NAME=]PATH", help="model(s) to show (repeatable)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG to write (default: {DEFAULT_OUT})")
     p.add_argument("--tab", choices=["image", "video", "robustness"], default="image", help="tab to show")
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
     from blindnet.inference import Predictor
-    from demo.__main__ import model_specs
-    from demo.app import build_demo, launch
+    from blindnet.demo.__main__ import model_specs
+    from blindnet.demo.app import build_demo, launch
 
     if args.checkpoint:
         predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}

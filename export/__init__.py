@@ -1,4 +1,4 @@
-"""``python -m export``: turn a checkpoint into deployable artifacts (ONNX, TensorRT, Triton) and verify each one.
+"""``python -m blindnet.export``: turn a checkpoint into deployable artifacts (ONNX, TensorRT, Triton) and verify each one.
 
 Library entry point: :func:`run_export` (the CLI in ``__main__`` only parses arguments and calls it). Nothing here
 imports the training code (``blindnet.task`` / ``blindnet.losses``): a deployable checkpoint holds everything needed.
@@ -62,7 +62,7 @@ def run_export(
         CheckpointError: missing or corrupt checkpoint. TensorRTUnavailable: TensorRT requested but not installed.
         ExportError: an artifact failed its parity check.
     """
-    from blindnet.backends import resolve_checkpoint
+    from blindnet.resolve import resolve_checkpoint
     from blindnet.checkpoint import load_model
 
     wanted = set(formats)
@@ -71,7 +71,7 @@ def run_export(
         raise ValueError(f"unknown format(s) {sorted(unknown)}; choose from {FORMATS}")
     skipped: dict[str, str] = {}
     if "tensorrt" in wanted or "all" in wanted:
-        from export.tensorrt import TensorRTUnavailable, require_tensorrt
+        from blindnet.export.tensorrt import TensorRTUnavailable, require_tensorrt
 
         try:
             require_tensorrt()  # fail before minutes of ONNX export, with the installation hint
@@ -92,7 +92,7 @@ def run_export(
                                "skipped": skipped}
 
     if wanted & {"onnx", "tensorrt", "triton"}:
-        from export.onnx import export_onnx, verify_onnx
+        from blindnet.export.onnx import export_onnx, verify_onnx
 
         res = export_onnx(model, out / f"{name}.onnx", opset=opset, normalize_input=uint8_input,
                           input_layout=input_layout, argmax=argmax, label_dtype=label_dtype, fp16=fp16,
@@ -104,7 +104,7 @@ def run_export(
         report.raise_if_failed()
 
     if "tensorrt" in wanted:
-        from export.tensorrt import Profile, build_tensorrt, verify_engine
+        from blindnet.export.tensorrt import Profile, build_tensorrt, verify_engine
 
         h, w = max_size or size
         mh, mw = min_size or (min(256, h), min(256, w))
@@ -115,12 +115,12 @@ def run_export(
         check = verify_engine(out / f"{name}.plan", model)
         summary["artifacts"]["tensorrt"] = {"metadata": meta, "check": check}
         if not check["passed"]:
-            from export.onnx import ExportError
+            from blindnet.export.onnx import ExportError
 
             raise ExportError(f"TensorRT parity check failed: {json.dumps(check['checks'])}")
 
     if "triton" in wanted:
-        from export.triton import write_triton_repository
+        from blindnet.export.triton import write_triton_repository
 
         source = out / f"{name}.plan" if "tensorrt" in wanted else out / f"{name}.onnx"
         model_dir = write_triton_repository(source, out / "triton", model_name=triton_model_name,

@@ -236,7 +236,7 @@ def verify_onnx(
 
 def write_check_report(artifact: Path, report: dict[str, Any]) -> Path:
     """Write ``<artifact>.check.json`` next to the artifact (atomically)."""
-    from blindnet.checkpoint import atomic_write
+    from blindnet.io import atomic_write
 
     target = artifact.with_name(artifact.name + ".check.json")
     text = json.dumps(report, indent=2, default=str)

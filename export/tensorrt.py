@@ -119,7 +119,7 @@ def verify_engine(engine_path: str | Path, model: nn.Module, *, shapes: tuple[tu
     Thresholds: float32 (built without TF32) logits rel error <= 1e-4 and labels >= 99.9%, float16 labels >= 99.5%,
     int8/fp8 labels >= 98%.
     """
-    from export.onnx import (
+    from blindnet.export.onnx import (
         FP16_MIN_AGREEMENT,
         FP32_MAX_REL_ERROR,
         FP32_MIN_AGREEMENT,

@@ -59,11 +59,11 @@ def onnx_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def plan_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of a TensorRT engine, from the metadata JSON :mod:`export.tensorrt` writes beside it
     (so a repository can be written on a machine without TensorRT)."""
-    from export.tensorrt import metadata_path
+    from blindnet.export.tensorrt import metadata_path
 
     meta_file = metadata_path(path)
     if not meta_file.exists():
-        raise FileNotFoundError(f"{meta_file}: build metadata missing; build the engine with `python -m export`")
+        raise FileNotFoundError(f"{meta_file}: build metadata missing; build the engine with `python -m blindnet.export`")
     meta = json.loads(meta_file.read_text())
     ins, outs = [], []
     for t in meta["io"]:
@@ -164,7 +164,7 @@ def write_triton_repository(
     elif suffix in (".plan", ".engine"):
         platform, target_name, kind = "tensorrt_plan", "model.plan", instance_kind or "KIND_GPU"
         inputs, outputs = plan_io(model_path)
-        from export.tensorrt import read_engine_metadata
+        from blindnet.export.tensorrt import read_engine_metadata
 
         meta = read_engine_metadata(model_path)
         classes = num_classes or int(meta.get("num_classes", 0)) or _channels(outputs)

@@ -1,10 +1,10 @@
-"""``python -m serve``: run the batched inference server for a checkpoint or exported model.
+"""``python -m blindnet.serve``: run the batched inference server for a checkpoint or exported model.
 
 Examples::
 
-    python -m serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, torch on CPU
-    python -m serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
-    python -m serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
+    python -m blindnet.serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, torch on CPU
+    python -m blindnet.serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
+    python -m blindnet.serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
 
 SIGTERM / Ctrl-C: stop accepting connections, finish in-flight requests, drain the queue, then exit (uvicorn
 re-raises the signal after the graceful shutdown, so the exit status is the usual "terminated by SIGTERM").
@@ -17,20 +17,21 @@ import logging
 import os
 import sys
 
-from serve.app import InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
+from blindnet.extras import require_extra
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped one")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"], help="inference backend")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own default)")
     p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model-name", default="blindnet", help="name under /v2/models/")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-size", type=int, default=8, help="most images per network call")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
+                   help="how long the first queued image waits for others to fill its batch")
     p.add_argument("--max-queue-size", type=int, default=64, help="images waiting before 503 + Retry-After")
     p.add_argument(
         "--input-size",
@@ -52,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    require_extra("serve")
+    # Lazy CLI dispatch: --help answers before PyTorch and FastAPI are imported.
+    from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         check_bind(args.host, args.api_key, allow_unauthenticated=args.allow_unauthenticated)

@@ -46,7 +46,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.concurrency import run_in_threadpool
 
 from blindnet.inference import Backend, ImageError, Prediction, Predictor, decode_image
-from serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
+from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
 
 log = logging.getLogger("blindnet.serve")
 
@@ -60,7 +60,7 @@ _UNAUTHENTICATED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 @dataclass
 class ServeConfig:
-    """Server settings (the CLI flags of ``python -m serve`` map 1:1 onto these).
+    """Server settings (the CLI flags of ``python -m blindnet.serve`` map 1:1 onto these).
 
     Attributes:
         model_name: the name under ``/v2/models/``.
@@ -764,7 +764,7 @@ class BackgroundServer:
     """Run the app under uvicorn in a daemon thread (tests, benchmarks, notebooks). Use as a context manager.
 
     ``port=0`` picks a free port; :attr:`url` is set once the server listens. Leaving the context does what SIGTERM
-    does in ``python -m serve``: stop accepting, finish in-flight requests, drain the queue.
+    does in ``python -m blindnet.serve``: stop accepting, finish in-flight requests, drain the queue.
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:

@@ -4,7 +4,7 @@ Why Ray Serve (deployment_notes.md §1.7): the runner is Python, Ray hosts it un
 nodes, autoscaling, fractional GPUs and backpressure. The mapping from the single-machine server:
 
 =============================  ======================================================================
-``python -m serve``            Ray Serve
+``python -m blindnet.serve``            Ray Serve
 =============================  ======================================================================
 ``max_batch_size``             ``@serve.batch(max_batch_size)`` (set per replica from the config)
 ``max_queue_delay_ms``         ``batch_wait_timeout_s``
@@ -17,7 +17,7 @@ Guard from the notes (Ray #43288): ``max_ongoing_requests`` must be >= ``max_bat
 
 HTTP: ``POST /`` (route prefix configurable) with the image bytes, ``?format=labels|color|overlay|json`` exactly as
 ``/v1/segment`` answers. Python: ``handle.segment.remote(image_uint8_hwc)`` returns the label map. The KServe v2
-endpoints stay on ``python -m serve`` (one per node, or Triton) when a v2 client is needed.
+endpoints stay on ``python -m blindnet.serve`` (one per node, or Triton) when a v2 client is needed.
 
 Ray is imported lazily, so this module imports (and the rest of ``serve`` works) without Ray installed.
 """
@@ -43,7 +43,7 @@ class RayServeConfig:
 
     Attributes:
         checkpoint: model file; None: the shipped default checkpoint.
-        backend, device, precision: as ``python -m serve`` (device/precision None: the backend's defaults).
+        backend, device, precision: as ``python -m blindnet.serve`` (device/precision None: the backend's defaults).
         input_size: serving resolution ``(H, W)``, or None to run each image at its own size.
         max_batch_size: images per backend call in one replica.
         batch_wait_timeout_s: longest a replica waits to fill a batch.
@@ -157,7 +157,7 @@ def _deployment_class():
         async def __call__(self, request):
             from starlette.responses import JSONResponse
 
-            from serve.app import SEGMENT_FORMATS, HTTPError, decode_upload, segment_response
+            from blindnet.serve.app import SEGMENT_FORMATS, HTTPError, decode_upload, segment_response
 
             fmt = request.query_params.get("format", "labels")
             if fmt not in SEGMENT_FORMATS:
@@ -195,8 +195,8 @@ def start(config: RayServeConfig, *, host: str = "127.0.0.1", port: int = 8000, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m serve.ray_serve [--config cfg.yaml] [--checkpoint ...] [--num-replicas N] ...``; Ctrl-C stops."""
-    p = argparse.ArgumentParser(prog="python -m serve.ray_serve", description="Deploy blindnet on Ray Serve")
+    """``python -m blindnet.serve.ray_serve [--config cfg.yaml] [--checkpoint ...] [--num-replicas N] ...``; Ctrl-C stops."""
+    p = argparse.ArgumentParser(prog="python -m blindnet.serve.ray_serve", description="Deploy blindnet on Ray Serve")
     p.add_argument("--config", help="YAML file with RayServeConfig keys (flags below override it)")
     p.add_argument("--checkpoint")
     p.add_argument("--backend")

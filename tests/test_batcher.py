@@ -12,7 +12,7 @@ import torch
 
 from blindnet.inference import BackendOutput, Predictor, TorchBackend
 from blindnet.models import ModelConfig, build_model
-from serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
+from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.__main__ import main
-from benchmarks.latency import (
+from blindnet.benchmarks.__main__ import main
+from blindnet.benchmarks.config import (
     PAPER_ROW,
     PEER_MODEL,
     R50_FLOPS_2048,
@@ -26,6 +26,8 @@ from benchmarks.latency import (
     TIME_FIELDS,
     VARIANTS,
     BenchConfig,
+)
+from blindnet.benchmarks.latency import (
     _meta_flops,
     device_slug,
     environment_info,
@@ -36,7 +38,7 @@ from benchmarks.latency import (
     run_benchmarks,
     time_calls,
 )
-from benchmarks.report import merge_rows, write_results
+from blindnet.benchmarks.report import merge_rows, write_results
 from blindnet.models import ModelConfig, build_model, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +126,7 @@ def test_profile_groups_time_by_layer_type(tiny_run):
 
 def test_write_results_and_append(tiny_run, tmp_path):
     _, result = tiny_run
-    paths = write_results(result, tmp_path, "run", command="python -m benchmarks --test")
+    paths = write_results(result, tmp_path, "run", command="python -m blindnet.benchmarks --test")
     assert {p.suffix for p in paths.values()} == {".csv", ".json", ".md", ".png"}
     with open(paths["csv"]) as fh:
         reader = csv.DictReader(fh)
@@ -136,7 +138,7 @@ def test_write_results_and_append(tiny_run, tmp_path):
     # Appending the same measurements replaces rows instead of duplicating them; new keys are added.
     write_results(result, tmp_path, "run", command="again", append=True)
     data = json.loads(paths["json"].read_text())
-    assert len(data["rows"]) == len(result.rows) and data["command"] == ["python -m benchmarks --test", "again"]
+    assert len(data["rows"]) == len(result.rows) and data["command"] == ["python -m blindnet.benchmarks --test", "again"]
     extra = dict(result.rows[0], batch=99)
     assert len(merge_rows(result.rows, [extra])) == len(result.rows) + 1
 
@@ -155,7 +157,7 @@ def test_cli_quick_writes_every_file(tmp_path):
     for suffix in ("csv", "md", "png"):
         assert (tmp_path / f"quick.{suffix}").stat().st_size > 0
     assert data["environment"]["device_type"] == "cpu"
-    assert data["command"] == [f"python -m benchmarks --quick --out {tmp_path} --name quick"]
+    assert data["command"] == [f"python -m blindnet.benchmarks --quick --out {tmp_path} --name quick"]
 
 
 def test_bad_options_are_named():

@@ -187,7 +187,7 @@ def test_clear_errors(tmp_path: Path, tiny_checkpoint: Path) -> None:
 
 
 def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
-    from blindnet.checkpoint import atomic_write
+    from blindnet.io import atomic_write
 
     target = tmp_path / "ckpt.bin"
     target.write_bytes(b"old")

@@ -25,9 +25,9 @@ from blindnet.models import ModelConfig, build_model
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from demo import styles  # noqa: E402
-from demo.__main__ import main, model_specs  # noqa: E402
-from demo.app import (  # noqa: E402
+from blindnet.demo import styles  # noqa: E402
+from blindnet.demo.__main__ import main, model_specs  # noqa: E402
+from blindnet.demo.app import (  # noqa: E402
     VideoError,
     agreement,
     build_demo,
@@ -350,7 +350,7 @@ def test_demo_never_imports_training_code() -> None:
 @pytest.mark.slow
 def test_screenshot_of_the_running_app(tmp_path) -> None:
     """Headless Chromium renders the app (layout + pre-segmented example); skipped where no browser is installed."""
-    from demo import screenshot
+    from blindnet.demo import screenshot
 
     try:
         screenshot.find_browser()

@@ -60,8 +60,8 @@ def _train_worker(rank: int, world: int, port: int, overrides: list[str], out_di
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
-    from train.config import load_config
-    from train.loop import train
+    from blindnet.train.config import load_config
+    from blindnet.train.loop import train
 
     try:
         result = train(load_config("synthetic_smoke", overrides), out_dir)
@@ -114,7 +114,7 @@ def _syncbn_worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from train.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
+        from blindnet.train.distributed import CPUSyncBatchNorm, convert_sync_batchnorm
 
         net = _make_bn_net()
         params_before = list(net.parameters())

@@ -14,7 +14,7 @@ from PIL import Image
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor, TorchBackend
 from blindnet.models import ModelConfig, build_model
-from serve.ray_serve import REPO_ROOT, RayServeConfig
+from blindnet.serve.ray_serve import REPO_ROOT, RayServeConfig
 
 
 def test_config_is_strict_and_guards_batching() -> None:
@@ -34,7 +34,7 @@ def test_local_ray_deployment_matches_predictor(tmp_path) -> None:
     import ray
     from ray import serve
 
-    from serve.ray_serve import start
+    from blindnet.serve.ray_serve import start
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))

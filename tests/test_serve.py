@@ -1,6 +1,6 @@
 """The real HTTP server on loopback with a tiny real model: Triton client, concurrency, bad input, backpressure, auth.
 
-Every test talks HTTP to uvicorn running the app (in a thread, or ``python -m serve`` in a subprocess for SIGTERM).
+Every test talks HTTP to uvicorn running the app (in a thread, or ``python -m blindnet.serve`` in a subprocess for SIGTERM).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from PIL import Image
 from blindnet.checkpoint import save_model
 from blindnet.inference import BackendOutput, Predictor, TorchBackend
 from blindnet.models import ModelConfig, build_model
-from serve.__main__ import main as serve_main
-from serve.app import BackgroundServer, InsecureBindError, ServeConfig, check_bind, create_app
+from blindnet.serve.__main__ import main as serve_main
+from blindnet.serve.app import BackgroundServer, InsecureBindError, ServeConfig, check_bind, create_app
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -404,7 +404,7 @@ def _free_port() -> int:
 def test_sigterm_finishes_queued_requests_before_exit(checkpoint, reference) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     # A long queue delay keeps the request queued when SIGTERM arrives.
     cmd += ["--max-queue-delay-ms", "1500", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -442,7 +442,7 @@ def test_sigterm_finishes_queued_requests_before_exit(checkpoint, reference) -> 
 def test_png_helper_roundtrip_matches_cv2() -> None:
     # The server writes PNGs with OpenCV; make sure RGB order survives (PIL reads them here).
     image = _image(12)
-    from serve.app import encode_png
+    from blindnet.serve.app import encode_png
 
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), image)
     assert cv2.imdecode(np.frombuffer(encode_png(image[:, :, 0]), np.uint8), cv2.IMREAD_UNCHANGED).shape == (H, W)

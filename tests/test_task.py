@@ -246,7 +246,7 @@ def test_ablation_copies_are_private() -> None:
 
 
 def test_train_step_benchmark_cpu_smoke(tmp_path) -> None:
-    from benchmarks.train_step import main
+    from blindnet.benchmarks.train_step import main
 
     row = main(
         [
@@ -276,7 +276,7 @@ def test_train_step_benchmark_cpu_smoke(tmp_path) -> None:
 def test_train_step_benchmark_refuses_missing_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    from benchmarks.train_step import main
+    from blindnet.benchmarks.train_step import main
 
     with pytest.raises(SystemExit, match="CUDA is not available"):
         main(["--device", "cuda"])

@@ -28,8 +28,8 @@ needs_trt = pytest.mark.skipif(
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_missing_tensorrt_message_says_how_to_install(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
     from blindnet.backends import make_backend
-    from export.__main__ import main
-    from export.tensorrt import require_tensorrt
+    from blindnet.export.__main__ import main
+    from blindnet.export.tensorrt import require_tensorrt
 
     with pytest.raises(TensorRTUnavailable) as info:
         require_tensorrt()
@@ -45,7 +45,7 @@ def test_missing_tensorrt_message_says_how_to_install(tmp_path: Path, tiny_check
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_format_all_without_tensorrt_exports_the_rest(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from export import run_export
+    from blindnet.export import run_export
 
     summary = run_export(tiny_checkpoint, tmp_path, formats=["all"], exporter="torchscript", uint8_input=True)
     assert "pip install 'blindnet[tensorrt]'" in summary["skipped"]["tensorrt"]
@@ -90,7 +90,7 @@ def test_build_engine_and_parity(fp16: bool, tiny_checkpoint: Path, tmp_path: Pa
     from blindnet.checkpoint import load_model
     from blindnet.inference import Predictor
     from blindnet.tensorrt_backend import TensorRTBackend
-    from export import run_export
+    from blindnet.export import run_export
 
     summary = run_export(tiny_checkpoint, tmp_path, formats=["tensorrt", "triton"], fp16=fp16, uint8_input=True,
                          size=(128, 192), max_batch=2, min_size=(64, 64))

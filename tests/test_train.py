@@ -15,7 +15,7 @@ from blindnet.checkpoint import load_model
 from blindnet.config import ConfigError
 from blindnet.data.synthetic import write_aligned_dataset
 from blindnet.task import ABLATIONS
-from train.config import CONFIG_DIR, load_config
+from blindnet.train.config import CONFIG_DIR, load_config
 
 H, W = 64, 128
 
@@ -83,8 +83,8 @@ def _log_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_smoke_train_checkpoint_resume_evaluate(scenes: Path, tmp_path: Path) -> None:
-    from train.evaluate import main as evaluate_main
-    from train.loop import train
+    from blindnet.train.evaluate import main as evaluate_main
+    from blindnet.train.loop import train
 
     cfg = load_config("synthetic_smoke", tiny_overrides(scenes))
     run = tmp_path / "run"
@@ -157,7 +157,7 @@ def test_smoke_train_checkpoint_resume_evaluate(scenes: Path, tmp_path: Path) ->
 
 
 def test_nan_loss_stops_with_step_terms_and_checkpoint(scenes: Path, tmp_path: Path, capsys) -> None:
-    from train.__main__ import main
+    from blindnet.train.__main__ import main
 
     ov = tiny_overrides(scenes, **{"optim.lr": "1e30", "runtime.ckpt_interval": "1", "eval.targets": "[]"})
     args = ["--config", "synthetic_smoke", "--out", str(tmp_path / "nan")]
@@ -172,7 +172,7 @@ def test_nan_loss_stops_with_step_terms_and_checkpoint(scenes: Path, tmp_path: P
 
 def test_dataset_with_missing_labels_fails_before_training(tmp_path: Path) -> None:
     from blindnet.data import DatasetError
-    from train.loop import train
+    from blindnet.train.loop import train
 
     root = tmp_path / "broken"
     write_aligned_dataset(root, num_scenes=3, seed=1, height=H, width=W, split="train", progress=False)

@@ -1,11 +1,11 @@
-"""``python -m train``: train BlindNet from a preset.
+"""``python -m blindnet.train``: train BlindNet from a preset.
 
 Examples::
 
-    python -m train --config synthetic_smoke --out runs/smoke
-    python -m train --config train/configs/paper_r50_gtav.yaml --set optim.max_iter=1000
-    torchrun --nproc-per-node 2 -m train --config paper_r50_gtav          # DDP + SyncBN, global batch 8
-    python -m train --resume runs/smoke                                     # continue exactly where it stopped
+    python -m blindnet.train --config synthetic_smoke --out runs/smoke
+    python -m blindnet.train --config train/configs/paper_r50_gtav.yaml --set optim.max_iter=1000
+    torchrun --nproc-per-node 2 -m blindnet.train --config paper_r50_gtav          # DDP + SyncBN, global batch 8
+    python -m blindnet.train --resume runs/smoke                                     # continue exactly where it stopped
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from blindnet.config import ConfigError
+from blindnet.extras import require_extra
 
 
 def _resume_run_dir(resume: Path) -> Path:
@@ -26,9 +26,9 @@ def _resume_run_dir(resume: Path) -> Path:
     return resume
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.train") -> int:
     p = argparse.ArgumentParser(
-        prog="python -m train",
+        prog=prog,
         description="Train BlindNet (or a baseline) from a preset.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
@@ -47,9 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = p.parse_args(argv)
 
-    from blindnet.config import save_yaml
-    from train.config import config_from_dict, load_config
-    from train.loop import NonFiniteLossError, load_training_checkpoint, train
+    require_extra("train")
+    # Lazy CLI dispatch: --help answers before PyTorch is imported.
+    from blindnet.config import ConfigError, save_yaml
+    from blindnet.train.config import config_from_dict, load_config
+    from blindnet.train.loop import NonFiniteLossError, load_training_checkpoint, train
 
     try:
         if args.resume and args.config is None:

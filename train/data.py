@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import ConcatDataset, Dataset, Sampler, get_worker_info
 
-from train.config import DatasetSpec, TrainConfig
-from train.distributed import DistInfo
+from blindnet.train.config import DatasetSpec, TrainConfig
+from blindnet.train.distributed import DistInfo
 
 
 # ---- seeded items -------------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Library: :func:`evaluate` (one model, one dataset -> :class:`~blindnet.metrics.S
 
 CLI::
 
-    python -m train.evaluate --checkpoint runs/x/model.safetensors --dataset cityscapes --root data/cityscapes
-    python -m train.evaluate --checkpoint a.safetensors b.pt --config synthetic_full   # the preset's eval targets
+    python -m blindnet.train.evaluate --checkpoint runs/x/model.safetensors --dataset cityscapes --root data/cityscapes
+    python -m blindnet.train.evaluate --checkpoint a.safetensors b.pt --config synthetic_full   # the preset's eval targets
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from blindnet.classes import class_names
 from blindnet.metrics import ConfusionMatrix, SegScores
-from train.distributed import current_dist_info
+from blindnet.train.distributed import current_dist_info
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def class_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "i
 
 def write_tables(results: Mapping[str, Mapping[str, SegScores]], out_dir: str | Path) -> dict[str, Path]:
     """Write ``miou.md/csv``, ``class_iou.md/csv`` and ``class_acc.md/csv`` into ``out_dir``; returns the paths."""
-    from blindnet.checkpoint import atomic_write
+    from blindnet.io import atomic_write
 
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
@@ -222,11 +222,11 @@ def _row_label(path: Path) -> str:
     return path.parent.name if path.stem in ("model", "final") else path.stem
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from train.config import DatasetSpec, load_config
-    from train.data import build_eval_dataset
+def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.train.evaluate") -> int:
+    from blindnet.train.config import DatasetSpec, load_config
+    from blindnet.train.data import build_eval_dataset
 
-    p = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", nargs="+", required=True, help="deployable .safetensors or training .pt file(s)")
     p.add_argument("--label", nargs="*", default=None, help="row labels (default: run folder or file name)")
     p.add_argument("--dataset", nargs="*", default=[], help="dataset name(s), keys of blindnet.data.DATASETS")

@@ -28,15 +28,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from blindnet.checkpoint import FORMAT_VERSION, atomic_write, deployable_state_dict, load_state_into, save_model
+from blindnet.checkpoint import FORMAT_VERSION, deployable_state_dict, load_state_into, save_model
 from blindnet.config import save_yaml, to_dict
+from blindnet.io import atomic_write
 from blindnet.metrics import SegScores
 from blindnet.models import build_model
 from blindnet.task import BlindNetTask
-from train.config import TrainConfig, config_from_dict
-from train.data import SeededItems, StepBatchSampler, build_eval_dataset, build_train_source, prepare_data
-from train.distributed import DistInfo, convert_sync_batchnorm, init_distributed
-from train.evaluate import evaluate, write_tables
+from blindnet.train.config import TrainConfig, config_from_dict
+from blindnet.train.data import SeededItems, StepBatchSampler, build_eval_dataset, build_train_source, prepare_data
+from blindnet.train.distributed import DistInfo, convert_sync_batchnorm, init_distributed
+from blindnet.train.evaluate import evaluate, write_tables
 
 CKPT_DIR = "checkpoints"
 CKPT_PATTERN = "ckpt_{step:07d}.pt"

@@ -1,6 +1,6 @@
 """Package a finished run as the checkpoint shipped inside ``blindnet`` and write its model card.
 
-    python -m train.package_default --run runs/default_shufflenetv2 --baseline-run runs/default_shufflenetv2_baseline
+    python -m blindnet.train.package_default --run runs/default_shufflenetv2 --baseline-run runs/default_shufflenetv2_baseline
 
 Steps: store the run's weights in float16 (``blindnet/weights/default.safetensors``, < 30 MB) with the training facts in
 the header; score the shipped file and the baseline on the run's held-out targets (all five appearances); run the main
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from blindnet.backends import DEFAULT_CHECKPOINT
-from blindnet.checkpoint import atomic_write, load_model, save_model
+from blindnet.resolve import DEFAULT_CHECKPOINT
+from blindnet.checkpoint import load_model, save_model
+from blindnet.io import atomic_write
 
 CARD = DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md"
 
@@ -37,9 +38,9 @@ def _run_facts(run: Path) -> dict:
 
 
 def _evaluate(checkpoints: dict[str, Path], config_path: Path) -> dict[str, dict[str, float]]:
-    from train.config import load_config
-    from train.data import build_eval_dataset
-    from train.evaluate import evaluate_checkpoints
+    from blindnet.train.config import load_config
+    from blindnet.train.data import build_eval_dataset
+    from blindnet.train.evaluate import evaluate_checkpoints
 
     targets = load_config(config_path).eval.targets
     names = {spec.label: spec.options.get("appearance", spec.label) for spec in targets}
@@ -59,14 +60,14 @@ def package_default(
 ) -> dict:
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers."""
     from blindnet.inference import Predictor, TorchBackend
-    from blindnet.showcase import run_synthetic_showcase
+    from blindnet.segment import run_synthetic_showcase
 
     run = Path(run)
     facts = _run_facts(run)
     cfg = facts["config"]
     device = device or f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
     meta = {
-        "training_command": command or f"python -m train --config {cfg['name']} --out {run}",
+        "training_command": command or f"python -m blindnet.train --config {cfg['name']} --out {run}",
         "config_name": cfg["name"],
         "data_seed": str(cfg["data"]["seed"]),
         "synthetic_seed": str(cfg["data"]["synthetic"]["seed"]),
@@ -142,7 +143,7 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 {b_line}
 ## Held-out scenes: mIoU (%) per appearance
 {cfg['data']['synthetic']['val_scenes']} held-out layouts at full {cfg['data']['synthetic']['height']}x{cfg['data']['synthetic']['width']} resolution, last weights, single scale.
-Made by `python -m train.package_default` (it calls `train.evaluate` on the shipped float16 file):
+Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on the shipped float16 file):
 
 {_table(scores, apps)}
 
@@ -154,7 +155,7 @@ What `blindnet segment --synthetic night,fog,rain --out outputs/showcase` prints
 
 ## Limits
 Synthetic scenes are far simpler than real driving footage; this model is for trying the tools, not for driving.
-Train on real data with `python -m train --config paper_r50_gtav` (see the README).
+Train on real data with `python -m blindnet.train --config paper_r50_gtav` (see the README).
 """
 
 
