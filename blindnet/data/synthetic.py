@@ -560,145 +560,148 @@ class _Builder:
         self.add(self.zellipse(z - 0.01, x, h * 0.6 + rad * 0.8, rad, rad * 1.1, 18, jag), VEGETATION, green, **kw)
 
 
+@dataclass
+class _Street:
+    """The cross-section every stage of :func:`_build_world` builds on (x to the right, z forward, metres)."""
+
+    lane: float  # lane width
+    n_right: int  # lanes in the camera's direction
+    n_left: int  # oncoming lanes
+    xc: float  # centre line (the camera drives at x = 0 in one of the right-hand lanes)
+    z_far: float  # end of the populated stretch
+    z_back: float = -10.0
+    terrain_col: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def right(self) -> float:
+        return self.xc + self.n_right * self.lane
+
+    @property
+    def left(self) -> float:
+        return self.xc - self.n_left * self.lane
+
+
 def _build_world(seed: int, length: float = 0.0, ego_speed: float = 0.0) -> _World:
     """A random straight street. ``length`` extends the populated stretch for forward-moving clips; traffic ahead in
-    the camera's own lane drives at least at ``ego_speed`` (metres per frame) so the camera never drives into it."""
+    the camera's own lane drives at least at ``ego_speed`` (metres per frame) so the camera never drives into it.
+
+    The stages draw from one generator in a fixed order, so a seed always gives the same street.
+    """
     rng = np.random.default_rng(seed)
     b = _Builder(rng)
     lane = rng.uniform(3.0, 3.6)
     n_right, n_left = int(rng.integers(1, 3)), int(rng.integers(1, 3))
     xc = -lane / 2 - lane * int(rng.integers(0, n_right))  # camera drives in one of the right-hand lanes
-    right, left = xc + n_right * lane, xc - n_left * lane
-    z_far = 140.0 + length
-    z_back = -10.0
-    terrain_col = b.jitter((0.35, 0.45, 0.2), 0.15)
-    b.add(
-        b.ground(-600, 600, z_back, 3000),
-        TERRAIN,
-        terrain_col,
-        layer=_L_GROUND,
-        surf=_S_GROUND,
-        normal=(0, 1, 0),
-        fine=0.2,
-        coarse=0.3,
+    st = _Street(lane, n_right, n_left, xc, z_far=140.0 + length)
+    _road(b, rng, st)
+    _crossing_and_tram(b, rng, st)
+    for side in (-1.0, 1.0):
+        _roadside(b, rng, st, side, length)
+    _traffic(b, rng, st, length, ego_speed)
+    _skyline(b, rng, st)
+    sun = float(rng.choice([-1.0, 1.0]))
+    return _World(
+        b.parts,
+        float(rng.uniform(0.62, 0.82)),
+        float(rng.uniform(0.38, 0.5)),
+        float(rng.uniform(1.3, 1.7)),
+        b.lamps,
+        b.heads,
+        sun,
+        float(rng.uniform(22, 55)),
+        rng.uniform(0.92, 1.08, 3).astype(np.float32),
     )
+
+
+_GROUND_KW = dict(surf=_S_GROUND, normal=(0, 1, 0))
+
+
+def _road(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
+    """Terrain, the carriageway and its markings (markings are road, as in Cityscapes)."""
+    left, right, z_back = st.left, st.right, st.z_back
+    st.terrain_col = b.jitter((0.35, 0.45, 0.2), 0.15)
+    b.add(b.ground(-600, 600, z_back, 3000), TERRAIN, st.terrain_col, layer=_L_GROUND, fine=0.2, coarse=0.3,
+          **_GROUND_KW)
     road_col = b.jitter((0.3, 0.3, 0.32), 0.2)
-    b.add(
-        b.ground(left, right, z_back, 3000),
-        ROAD,
-        road_col,
-        layer=_L_STRIP,
-        surf=_S_GROUND,
-        normal=(0, 1, 0),
-        fine=0.12,
-        coarse=0.06,
-        wet=True,
-    )
+    b.add(b.ground(left, right, z_back, 3000), ROAD, road_col, layer=_L_STRIP, fine=0.12, coarse=0.06, wet=True,
+          **_GROUND_KW)
     mark = (0.85, 0.85, 0.8)
-    mk = dict(layer=_L_MARK, surf=_S_GROUND, normal=(0, 1, 0), fine=0.1, coarse=0.1)
-    # lane markings are road (as in Cityscapes); solid edges, dashed lane dividers, centre line maybe yellow
-    b.add(
-        [b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
-        ROAD,
-        mark,
-        **mk,
-    )
+    mk = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
+    # solid edges, dashed lane dividers, centre line maybe yellow
+    b.add([b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
+          ROAD, mark, **mk)
     dash, gap = rng.uniform(2.5, 4.0), rng.uniform(5.0, 9.0)
-    zs = np.arange(z_back, z_far + 60, dash + gap)
+    zs = np.arange(z_back, st.z_far + 60, dash + gap)
     centre_col = (0.85, 0.7, 0.1) if rng.random() < 0.3 else mark
-    b.add([b.ground(xc - 0.08, xc + 0.08, zz, zz + dash) for zz in zs], ROAD, centre_col, **mk)
-    for k in list(range(1, n_right)) + [-k for k in range(1, n_left)]:
-        xl = xc + k * lane
+    b.add([b.ground(st.xc - 0.08, st.xc + 0.08, zz, zz + dash) for zz in zs], ROAD, centre_col, **mk)
+    for k in list(range(1, st.n_right)) + [-k for k in range(1, st.n_left)]:
+        xl = st.xc + k * st.lane
         b.add([b.ground(xl - 0.07, xl + 0.07, zz, zz + dash) for zz in zs], ROAD, mark, **mk)
-    if rng.random() < 0.5:  # zebra crossing
+
+
+def _crossing_and_tram(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
+    """Maybe a zebra crossing with pedestrians, maybe tram rails in the opposite lane with a tram on them."""
+    mark = (0.85, 0.85, 0.8)
+    mk = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
+    left, right = st.left, st.right
+    if rng.random() < 0.5:
         zc = rng.uniform(12, 45)
         b.add([b.ground(x, x + 0.5, zc, zc + 3.5) for x in np.arange(left + 0.5, right - 0.5, 1.0)], ROAD, mark, **mk)
         for _ in range(rng.integers(0, 3)):
             b.person(rng.uniform(left + 1, right - 1), zc + rng.uniform(0.5, 3.0))
-    has_tram = rng.random() < 0.35
-    if has_tram:  # rails in the opposite lane (road class) and a tram on them
-        xt = xc - lane / 2
-        b.add(
-            [b.ground(xt - 0.75, xt - 0.68, z_back, 3000), b.ground(xt + 0.68, xt + 0.75, z_back, 3000)],
-            ROAD,
-            (0.55, 0.55, 0.58),
-            **mk,
-        )
+    if rng.random() < 0.35:  # rails are road class
+        xt = st.xc - st.lane / 2
+        b.add([b.ground(xt - 0.75, xt - 0.68, st.z_back, 3000), b.ground(xt + 0.68, xt + 0.75, st.z_back, 3000)],
+              ROAD, (0.55, 0.55, 0.58), **mk)
         b.vehicle(xt, rng.uniform(15, 60), TRAIN, oncoming=bool(rng.random() < 0.5))
 
-    for side in (-1.0, 1.0):
-        edge = right if side > 0 else left
-        sw = rng.uniform(2.2, 5.0)
-        outer = edge + side * sw
-        b.add(
-            b.ground(min(edge, outer), max(edge, outer), z_back, 3000),
-            SIDEWALK,
-            b.jitter((0.6, 0.58, 0.55), 0.15),
-            layer=_L_STRIP,
-            surf=_S_GROUND,
-            normal=(0, 1, 0),
-            fine=0.1,
-            coarse=0.08,
-            wet=True,
-        )
-        b.add(
-            b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000),
-            SIDEWALK,
-            (0.72, 0.72, 0.7),
-            layer=_L_MARK,
-            surf=_S_GROUND,
-            normal=(0, 1, 0),
-            fine=0.05,
-            coarse=0.1,
-        )  # kerb stones
-        park = rng.random() < 0.3
-        setback = 0.0 if (park or rng.random() < 0.5) else rng.uniform(1.0, 3.0)
-        front = outer + side * setback
-        if setback > 0:  # terrain strip, maybe behind a hedge or a low wall
-            b.add(
-                b.ground(min(outer, front), max(outer, front), z_back, 3000),
-                TERRAIN,
-                terrain_col,
-                layer=_L_STRIP,
-                surf=_S_GROUND,
-                normal=(0, 1, 0),
-                fine=0.2,
-                coarse=0.3,
-            )
-        if park:
-            _park_side(b, outer, side, z_back, z_far)
-        else:
-            _building_side(b, front, side, z_back, z_far)
-        # street furniture along the kerb
-        pole_x = edge + side * 0.5
-        for zl in np.arange(rng.uniform(0, 15), z_far, rng.uniform(18, 30)):
-            b.lamp(pole_x, zl, side)
-        for _ in range(int(rng.integers(1, 3))):
-            b.sign(pole_x + side * rng.uniform(0, 0.5), rng.uniform(6, 70))
-        if rng.random() < 0.7:
-            b.traffic_light(pole_x, rng.uniform(10, 60), side, overhead=bool(rng.random() < 0.4))
-        if not park and rng.random() < 0.6:
-            for zt in np.arange(rng.uniform(3, 12), z_far, rng.uniform(10, 20)):
-                b.tree(edge + side * rng.uniform(1.0, sw - 0.5), zt)
-        for _ in range(int(rng.integers(1, 6) + length / 30)):
-            b.person(edge + side * rng.uniform(0.8, sw - 0.3), rng.uniform(4, 60 + length))
-        for _ in range(int(rng.integers(0, 3))):  # parked bicycles / motorcycles on the sidewalk, in profile
-            cls = BICYCLE if rng.random() < 0.6 else MOTORCYCLE
-            b.two_wheeler(
-                edge + side * rng.uniform(1.0, sw - 0.5),
-                rng.uniform(5, 50),
-                cls,
-                facing=float(rng.choice([-1, 1])),
-                with_rider=bool(rng.random() < 0.3),
-            )
-        for zp in rng.uniform(5, 80 + length, int(rng.integers(0, 4))):  # parked cars along the kerb
-            if abs(edge - side * 1.2) > 2.2:  # not when the kerb lane is the camera's own lane
-                b.vehicle(edge - side * 1.2, zp, CAR)
 
-    # traffic in the lanes
-    lanes_same = [xc + (k + 0.5) * lane - lane / 2 + lane / 2 for k in range(n_right)]
-    lanes_same = [xc + lane / 2 + k * lane for k in range(n_right)]
-    lanes_opp = [xc - lane / 2 - k * lane for k in range(n_left)]
+def _roadside(b: _Builder, rng: np.random.Generator, st: _Street, side: float, length: float) -> None:
+    """One side of the street: sidewalk and kerb, buildings or a park, street furniture, pedestrians, parked
+    two-wheelers and cars."""
+    edge = st.right if side > 0 else st.left
+    z_back, z_far = st.z_back, st.z_far
+    sw = rng.uniform(2.2, 5.0)
+    outer = edge + side * sw
+    b.add(b.ground(min(edge, outer), max(edge, outer), z_back, 3000), SIDEWALK, b.jitter((0.6, 0.58, 0.55), 0.15),
+          layer=_L_STRIP, fine=0.1, coarse=0.08, wet=True, **_GROUND_KW)
+    b.add(b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000), SIDEWALK,
+          (0.72, 0.72, 0.7), layer=_L_MARK, fine=0.05, coarse=0.1, **_GROUND_KW)  # kerb stones
+    park = rng.random() < 0.3
+    setback = 0.0 if (park or rng.random() < 0.5) else rng.uniform(1.0, 3.0)
+    front = outer + side * setback
+    if setback > 0:  # terrain strip, maybe behind a hedge or a low wall
+        b.add(b.ground(min(outer, front), max(outer, front), z_back, 3000), TERRAIN, st.terrain_col,
+              layer=_L_STRIP, fine=0.2, coarse=0.3, **_GROUND_KW)
+    if park:
+        _park_side(b, outer, side, z_back, z_far)
+    else:
+        _building_side(b, front, side, z_back, z_far)
+    pole_x = edge + side * 0.5  # street furniture along the kerb
+    for zl in np.arange(rng.uniform(0, 15), z_far, rng.uniform(18, 30)):
+        b.lamp(pole_x, zl, side)
+    for _ in range(int(rng.integers(1, 3))):
+        b.sign(pole_x + side * rng.uniform(0, 0.5), rng.uniform(6, 70))
+    if rng.random() < 0.7:
+        b.traffic_light(pole_x, rng.uniform(10, 60), side, overhead=bool(rng.random() < 0.4))
+    if not park and rng.random() < 0.6:
+        for zt in np.arange(rng.uniform(3, 12), z_far, rng.uniform(10, 20)):
+            b.tree(edge + side * rng.uniform(1.0, sw - 0.5), zt)
+    for _ in range(int(rng.integers(1, 6) + length / 30)):
+        b.person(edge + side * rng.uniform(0.8, sw - 0.3), rng.uniform(4, 60 + length))
+    for _ in range(int(rng.integers(0, 3))):  # parked bicycles / motorcycles on the sidewalk, in profile
+        cls = BICYCLE if rng.random() < 0.6 else MOTORCYCLE
+        b.two_wheeler(edge + side * rng.uniform(1.0, sw - 0.5), rng.uniform(5, 50), cls,
+                      facing=float(rng.choice([-1, 1])), with_rider=bool(rng.random() < 0.3))
+    for zp in rng.uniform(5, 80 + length, int(rng.integers(0, 4))):  # parked cars along the kerb
+        if abs(edge - side * 1.2) > 2.2:  # not when the kerb lane is the camera's own lane
+            b.vehicle(edge - side * 1.2, zp, CAR)
+
+
+def _traffic(b: _Builder, rng: np.random.Generator, st: _Street, length: float, ego_speed: float) -> None:
+    """Vehicles in the lanes (the camera's own lane keeps ahead of the camera) and cyclists near the right kerb."""
+    lanes_same = [st.xc + st.lane / 2 + k * st.lane for k in range(st.n_right)]
+    lanes_opp = [st.xc - st.lane / 2 - k * st.lane for k in range(st.n_left)]
     for _ in range(int(rng.integers(2, 8) + length / 20)):
         oncoming = rng.random() < 0.45
         xl = float(rng.choice(lanes_opp if oncoming else lanes_same)) + rng.uniform(-0.3, 0.3)
@@ -712,36 +715,22 @@ def _build_world(seed: int, length: float = 0.0, ego_speed: float = 0.0) -> _Wor
             b.two_wheeler(xl, z, MOTORCYCLE, facing=float(rng.choice([-1, 1])), vz=vz)
         else:
             b.vehicle(xl, z, cls, oncoming=oncoming, vz=vz)
-    if rng.random() < 0.8:  # cyclists / motorcyclists near the right kerb
+    if rng.random() < 0.8:
+        right = st.right
         for _ in range(int(rng.integers(1, 3))):
-            b.two_wheeler(
-                right - 0.9,
-                rng.uniform(8, 50),
-                BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
-                facing=float(rng.choice([-1, 1])),
-                vz=max(0.3, 1.1 * ego_speed) if abs(right - 0.9) < 2.2 else 0.3,
-            )
-    # distant skyline closing the street
+            b.two_wheeler(right - 0.9, rng.uniform(8, 50), BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
+                          facing=float(rng.choice([-1, 1])),
+                          vz=max(0.3, 1.1 * ego_speed) if abs(right - 0.9) < 2.2 else 0.3)
+
+
+def _skyline(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
+    """A distant row of buildings and trees closing the street."""
+    z = st.z_far + 200
     for x in np.arange(-250, 250, 18.0):
         hh = rng.uniform(8, 45)
         cls = BUILDING if rng.random() < 0.75 else VEGETATION
         col = b.jitter((0.5, 0.48, 0.46), 0.2) if cls == BUILDING else b.jitter((0.2, 0.33, 0.12))
-        b.add(
-            b.zplane(z_far + 200, x, x + 18.5, 0, hh), cls, col, layer=_L_SIDE, key=z_far + 200, fine=0.15, coarse=0.2
-        )
-
-    sun = float(rng.choice([-1.0, 1.0]))
-    return _World(
-        b.parts,
-        float(rng.uniform(0.62, 0.82)),
-        float(rng.uniform(0.38, 0.5)),
-        float(rng.uniform(1.3, 1.7)),
-        b.lamps,
-        b.heads,
-        sun,
-        float(rng.uniform(22, 55)),
-        rng.uniform(0.92, 1.08, 3).astype(np.float32),
-    )
+        b.add(b.zplane(z, x, x + 18.5, 0, hh), cls, col, layer=_L_SIDE, key=z, fine=0.15, coarse=0.2)
 
 
 def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: float) -> None:
@@ -1338,7 +1327,11 @@ def render_clip(
 
 
 def _atomic_write_png(path: Path, image: np.ndarray) -> None:
-    """cv2.imwrite to a temporary sibling, then rename: a killed writer never leaves a truncated PNG."""
+    """cv2.imwrite to a temporary sibling, then rename: a killed writer never leaves a truncated PNG.
+
+    Unlike :func:`blindnet.io.atomic_write` there is no fsync: scenes are regenerable, thousands are written per
+    dataset, and a scene counts as complete only once its label (written last) exists.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     arr = image[:, :, ::-1] if image.ndim == 3 else image
     if not cv2.imwrite(str(tmp), np.ascontiguousarray(arr)):
