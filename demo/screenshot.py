@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-    from blindnet.inference import Predictor
     from blindnet.demo.__main__ import model_specs
     from blindnet.demo.app import build_demo, launch
+    from blindnet.inference import Predictor
 
     if args.checkpoint:
         predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}

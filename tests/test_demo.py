@@ -27,17 +27,9 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from blindnet.demo import styles  # noqa: E402
 from blindnet.demo.__main__ import main, model_specs  # noqa: E402
-from blindnet.demo.app import (  # noqa: E402
-    VideoError,
-    agreement,
-    build_demo,
-    compare_style,
-    launch_kwargs,
-    read_image_upload,
-    sampling_stride,
-    segment_image,
-    segment_video,
-)
+from blindnet.demo.app import build_demo, launch_kwargs  # noqa: E402
+from blindnet.demo.video import VideoError, process_video, sampling_stride  # noqa: E402
+from blindnet.demo.views import agreement, compare_style, read_image_upload, segment_image  # noqa: E402
 
 H, W = 64, 96
 
@@ -217,7 +209,7 @@ def test_sampling_stride() -> None:
 
 
 def test_segment_video_keeps_every_frame_under_the_cap(predictors, files, tmp_path) -> None:
-    res = segment_video(predictors["blindnet"], files["video"], out_dir=tmp_path, batch_size=3)
+    res = process_video(predictors["blindnet"], files["video"], out_dir=tmp_path, batch_size=3)
     assert res.frames == 8 and res.stride == 1
     assert _count_frames(res.path) == 8
     assert set(res.shares["frame"]) == set(range(8))
@@ -227,7 +219,7 @@ def test_segment_video_keeps_every_frame_under_the_cap(predictors, files, tmp_pa
 
 def test_long_video_is_subsampled_with_a_notice(predictors, files, tmp_path) -> None:
     seen = []
-    res = segment_video(
+    res = process_video(
         predictors["blindnet"], files["avi"], max_frames=5, out_dir=tmp_path, progress=lambda f, m: seen.append(f)
     )
     assert res.stride == 3 and res.frames == 4  # frames 0, 3, 6, 9 of 12
@@ -242,7 +234,7 @@ def test_long_video_is_subsampled_with_a_notice(predictors, files, tmp_path) -> 
 )
 def test_bad_videos_raise_video_errors(predictors, files, tmp_path, key, message) -> None:
     with pytest.raises(VideoError, match=message):
-        segment_video(predictors["blindnet"], files[key], out_dir=tmp_path)
+        process_video(predictors["blindnet"], files[key], out_dir=tmp_path)
 
 
 def test_compare_style_two_models(predictors) -> None:
@@ -338,7 +330,7 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
 
 def test_demo_never_imports_training_code() -> None:
     code = (
-        "import sys, demo.app, demo.__main__, demo.styles, demo.screenshot, demo.make_examples; "
+        "import sys, blindnet.demo.app, blindnet.demo.__main__, blindnet.demo.styles, blindnet.demo.screenshot, blindnet.demo.make_examples; "
         "bad = [m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses'))]; "
         "assert not bad, bad"
     )
