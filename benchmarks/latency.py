@@ -42,15 +42,16 @@ import torch
 from torch import nn
 
 from blindnet.benchmarks.config import (
-    BenchConfig,
     PAPER_NOTE,
     PAPER_ROW,
     PEER_MODEL,
     R50_FLOPS_2048,
     ROW_FIELDS,
+    BenchConfig,
     Variant,
 )
 from blindnet.models import ModelConfig, build_model, count_parameters
+
 
 class Skip(Exception):
     """A variant cannot run here (library or hardware missing); the row says why instead of failing the run."""
@@ -752,8 +753,8 @@ def end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: Bench
 def ort_end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: BenchConfig, workdir: Path) -> Runner:
     """The Predictor over :class:`OnnxBackend` on a deployment export (uint8 NHWC in, normalise + argmax in-graph)."""
     try:
-        from blindnet.onnx_backend import OnnxBackend
         from blindnet.export.onnx import export_onnx
+        from blindnet.onnx_backend import OnnxBackend
     except ImportError as exc:
         raise Skip(f"OnnxBackend / export_onnx not available ({exc})") from exc
     from blindnet.inference import Predictor

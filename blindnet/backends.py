@@ -8,6 +8,7 @@ from pathlib import Path
 from blindnet.inference import Backend, TorchBackend
 from blindnet.resolve import resolve_checkpoint
 
+
 def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
     from blindnet.checkpoint import load_model
 

@@ -165,11 +165,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults < YAML file at ``path`` < ``overrides`` (``a.b=value`` strings), strictly typed."""
-    data = to_dict(cls())
-    if path is not None:
-        data = merge(data, load_yaml(path))
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set ``a.b=value`` strings into the nested ``data`` (in place, returned); an unknown key is an error."""
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -180,7 +177,15 @@ def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] |
         if keys[-1] not in node:
             raise ConfigError(f"override {text!r}: unknown key {'.'.join(keys)}; valid keys here: {sorted(node)}")
         node[keys[-1]] = value
-    return from_dict(cls, data)
+    return data
+
+
+def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults < YAML file at ``path`` < ``overrides`` (``a.b=value`` strings), strictly typed."""
+    data = to_dict(cls())
+    if path is not None:
+        data = merge(data, load_yaml(path))
+    return from_dict(cls, apply_overrides(data, overrides))
 
 
 def save_yaml(cfg: Any, path: str | Path) -> Path:

@@ -452,8 +452,8 @@ class TensorRTBackend(Backend):
         An engine runs in the precision it was built in (a given ``precision`` must match); a build defaults to float16.
         """
         import_tensorrt()  # fail early, with the installation hint, before any export work
-        from blindnet.resolve import resolve_checkpoint
         from blindnet.onnx_backend import cached_onnx_for_checkpoint, default_cache_dir
+        from blindnet.resolve import resolve_checkpoint
 
         path = resolve_checkpoint(path)
         if path.suffix.lower() in ENGINE_SUFFIXES:

@@ -62,8 +62,8 @@ def run_export(
         CheckpointError: missing or corrupt checkpoint. TensorRTUnavailable: TensorRT requested but not installed.
         ExportError: an artifact failed its parity check.
     """
-    from blindnet.resolve import resolve_checkpoint
     from blindnet.checkpoint import load_model
+    from blindnet.resolve import resolve_checkpoint
 
     wanted = set(formats)
     unknown = wanted - set(FORMATS)

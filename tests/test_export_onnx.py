@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from blindnet.checkpoint import CheckpointError, load_model, save_model
-from blindnet.inference import Predictor, TorchBackend
-from blindnet.models import ModelConfig, build_model
-from blindnet.onnx_backend import OnnxBackend
 from blindnet.export import run_export
 from blindnet.export.__main__ import main
 from blindnet.export.onnx import ExportResult, export_onnx, op_histogram, read_onnx_metadata, verify_onnx
+from blindnet.inference import Predictor, TorchBackend
+from blindnet.models import ModelConfig, build_model
+from blindnet.onnx_backend import OnnxBackend
 
 # Two sizes per check, one not divisible by 16 (72 x 100), and two batch sizes: the dynamic axes are exercised.
 SHAPES = ((2, 64, 96), (1, 72, 100))

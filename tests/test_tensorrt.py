@@ -88,9 +88,9 @@ def test_profiles() -> None:
 @pytest.mark.parametrize("fp16", [False, True])
 def test_build_engine_and_parity(fp16: bool, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from blindnet.checkpoint import load_model
+    from blindnet.export import run_export
     from blindnet.inference import Predictor
     from blindnet.tensorrt_backend import TensorRTBackend
-    from blindnet.export import run_export
 
     summary = run_export(tiny_checkpoint, tmp_path, formats=["tensorrt", "triton"], fp16=fp16, uint8_input=True,
                          size=(128, 192), max_batch=2, min_size=(64, 64))

@@ -10,9 +10,9 @@ import torch
 from google.protobuf import text_format
 
 from blindnet.classes import CLASS_NAMES
-from blindnet.models import ModelConfig, build_model
 from blindnet.export.onnx import export_onnx
 from blindnet.export.triton import write_triton_repository
+from blindnet.models import ModelConfig, build_model
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 

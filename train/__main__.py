@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,16 +48,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
 
     require_extra("train")
     # Lazy CLI dispatch: --help answers before PyTorch is imported.
-    from blindnet.config import ConfigError, save_yaml
+    from blindnet.config import ConfigError
     from blindnet.train.config import config_from_dict, load_config
     from blindnet.train.loop import NonFiniteLossError, load_training_checkpoint, train
 
+    ckpt = None
     try:
-        if args.resume and args.config is None:
+        if args.resume:
+            ckpt = load_training_checkpoint(args.resume)  # read once; train() takes it as it is
+        if ckpt is not None and args.config is None:
             # The run's own config; --set may still change runtime/eval settings (e.g. the log interval).
-            stored = config_from_dict(load_training_checkpoint(args.resume)["config"])
-            with tempfile.TemporaryDirectory() as tmp:
-                cfg = load_config(save_yaml(stored, Path(tmp) / "config.yaml"), args.overrides)
+            cfg = config_from_dict(ckpt["config"], args.overrides)
         else:
             if args.config is None:
                 p.error("give --config PRESET (or --resume RUN_DIR)")
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
         Path(args.out) if args.out else (_resume_run_dir(Path(args.resume)) if args.resume else Path("runs") / cfg.name)
     )
     try:
-        result = train(cfg, out, resume=args.resume)
+        result = train(cfg, out, resume=ckpt)
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -6,11 +6,12 @@ top. Resolution is strict (:mod:`blindnet.config`): an unknown key or a wrongly 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from blindnet.config import ConfigError, resolve, save_yaml, to_dict
+from blindnet.config import ConfigError, apply_overrides, from_dict, merge, resolve, to_dict
 from blindnet.models import ModelConfig
 from blindnet.task import LossConfig
 
@@ -210,13 +211,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a config stored in a checkpoint (strict: a renamed key is reported, not ignored)."""
-    from blindnet.config import from_dict
-
-    cfg = from_dict(TrainConfig, data)
+def config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Rebuild a config stored in a checkpoint, then apply ``a.b=value`` overrides (strict: a renamed key is
+    reported, not ignored)."""
+    cfg = from_dict(TrainConfig, apply_overrides(merge_defaults(data), overrides))
     cfg.validate()
     return cfg
+
+
+def merge_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``data`` with the current defaults under it (keys added since it was stored get defaults)."""
+    return merge(to_dict(TrainConfig()), copy.deepcopy(data))
 
 
 __all__ = [
@@ -231,6 +236,4 @@ __all__ = [
     "config_from_dict",
     "load_config",
     "preset_path",
-    "save_yaml",
-    "to_dict",
 ]

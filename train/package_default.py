@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.checkpoint import load_model, save_model
 from blindnet.io import atomic_write
+from blindnet.resolve import DEFAULT_CHECKPOINT
 
 CARD = DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md"
 
