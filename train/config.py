@@ -1,4 +1,4 @@
-"""The training configuration: typed dataclasses whose defaults are the paper's recipe (facts §4).
+"""The training configuration: typed dataclasses whose defaults are the paper's recipe (``docs/original_implementation.md``, "Training recipe").
 
 A YAML preset in ``train/configs/`` holds only what differs from these defaults; ``--set a.b=value`` overrides on
 top. Resolution is strict (:mod:`blindnet.config`): an unknown key or a wrongly typed value is an error naming it.

@@ -134,7 +134,7 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
 
 
 class SyncStyleNorm(StyleNorm):
-    """The original's training-time behaviour of its InstanceNorm layers under PyTorch 1.2 (facts §8.1).
+    """The original's training-time behaviour of its InstanceNorm layers under PyTorch 1.2 (``docs/original_implementation.md``, "Training recipe").
 
     With ``train_stats="batch"`` the layer normalises over the whole *global* batch (SyncBatchNorm with
     ``affine=False, track_running_stats=False``), not just this rank's images. Eval is per instance, as in

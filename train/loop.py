@@ -1,11 +1,11 @@
 """The training loop: :func:`train` runs one BlindNet (or baseline) training to the end, on CPU, one GPU or many.
 
-Recipe (facts §4): SGD (lr 0.01, momentum 0.9, wd 5e-4 on every parameter), poly 0.9 stepped every iteration, a
+Recipe (``docs/original_implementation.md``, "Training recipe"): SGD (lr 0.01, momentum 0.9, wd 5e-4 on every parameter), poly 0.9 stepped every iteration, a
 global batch of 8 split across ranks, SyncBN across ranks. Differences from the original, on purpose:
 
-* SyncBN conversion happens **before** the optimizer is built (the original converted after; facts §8.1.2).
+* SyncBN conversion happens **before** the optimizer is built (the original converted after).
 * bfloat16 autocast and channels_last on GPU (the original ran FP32 with anomaly detection on).
-* Evaluation reports the **last** weights on every target; no per-target best-checkpoint selection (facts §8.2).
+* Evaluation reports the **last** weights on every target; no per-target best-checkpoint selection.
 * Checkpoints are atomic and hold every random state, and the data stream is a pure function of (seed, step), so
   ``resume`` continues the exact same run.
 """

@@ -138,7 +138,7 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 - Command: `{meta['training_command']}`
 - Config: `train/configs/{cfg['name']}.yaml` (the resolved config is in the run folder's `config.yaml`).
 - {meta['iterations']} iterations in {float(meta['train_seconds']) / 60:.0f} minutes on {meta['device']}, final loss
-  {facts['final_loss']:.3f}. This is a small CPU budget (issue 9: about an hour); the model is a demonstrator, not a
+  {facts['final_loss']:.3f}. This is a small CPU budget (about an hour); the model is a demonstrator, not a
   converged result.
 {b_line}
 ## Held-out scenes: mIoU (%) per appearance

@@ -1,4 +1,4 @@
-"""Joint (image, label) transforms of the original BlindNet recipe (facts §4.1), in numpy/cv2, driven by an explicit
+"""Joint (image, label) transforms of the original BlindNet recipe (``docs/original_implementation.md``, "Training recipe"), in numpy/cv2, driven by an explicit
 ``np.random.Generator`` so that an item's augmentation is a pure function of its seed.
 
 Geometry (shared by x, x_a and the label):
@@ -247,7 +247,7 @@ def build_train_transform(
     blur: bool = True,
     blur_sigma: Sequence[float] = (0.15, 1.3),
 ) -> TrainTransform:
-    """The paper's training transform (defaults = facts §4.1). ``crop_size`` is an int or ``(H, W)``."""
+    """The paper's training transform (defaults = the original's). ``crop_size`` is an int or ``(H, W)``."""
     if not 0 < scale_min <= scale_max:
         raise ValueError(f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}")
     return TrainTransform(

@@ -3,7 +3,7 @@
 Follows the idea of Montalvo et al., "Leveraging Contrastive Learning for Semantic Segmentation with Consistent Labels
 Across Varying Appearances" (arXiv 2412.16592): features of the two appearances are pushed to agree at several
 layers with an L2, MMD or cosine-similarity loss. That paper's code is not released and its exact formulas were not
-available, so the forms below are *our* choices (documented in ``shared/reference/aligned_appearances.md`` §2):
+available, so the forms below are *our* choices (``docs/original_implementation.md``, "Aligned appearances"):
 
 * ``l2``: per-location Euclidean norm of the channel difference (not squared), averaged over locations -- the
   DAFormer feature-distance convention;
