@@ -105,6 +105,7 @@ def segment_main(argv: Sequence[str]) -> int:
     if not args.inputs and not args.synthetic:
         print("blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr)
         return 2
+    # Lazy CLI dispatch: a job's modules (and PyTorch) load only once that job runs.
     from blindnet import segment
     from blindnet.inference import Predictor
     from blindnet.io import write_text
@@ -144,7 +145,7 @@ def convert_main(argv: Sequence[str]) -> int:
     p.add_argument("--baseline", action="store_true", help="the checkpoint is a plain DeepLabV3+ (no IN layers)")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="the checkpoint's output stride")
     args = p.parse_args(argv)
-    from blindnet.checkpoint import convert_official_checkpoint
+    from blindnet.checkpoint import convert_official_checkpoint  # lazy CLI dispatch
 
     try:
         model = convert_official_checkpoint(args.src, args.dst, backbone=args.backbone,
@@ -161,6 +162,7 @@ def info_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="blindnet info", description=JOBS["info"][1])
     p.add_argument("model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)")
     args = p.parse_args(argv)
+    # Lazy CLI dispatch, as above.
     from blindnet import info
     from blindnet.resolve import resolve_checkpoint
 

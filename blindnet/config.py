@@ -188,6 +188,11 @@ def resolve(cls: type[T], path: str | Path | None = None, overrides: list[str] |
     return from_dict(cls, apply_overrides(data, overrides))
 
 
+def dump_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text, in field order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
-    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return write_text(path, dump_yaml(cfg))

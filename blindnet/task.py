@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blindnet.config import from_dict
 from blindnet.losses.alignment import ALIGNMENT_LOSSES, AlignKind, alignment_loss
 from blindnet.losses.contrastive import (
     ProjectionHead,
@@ -97,8 +98,6 @@ class LossConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LossConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently change the objective)."""
-        from blindnet.config import from_dict
-
         cfg = from_dict(cls, data)
         cfg.validate()
         return cfg

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
 
     require_extra("train")
     # Lazy CLI dispatch: --help answers before PyTorch is imported.
-    from blindnet.config import ConfigError
+    from blindnet.config import ConfigError, dump_yaml
     from blindnet.train.config import config_from_dict, load_config
     from blindnet.train.loop import NonFiniteLossError, load_training_checkpoint, train
 
@@ -67,11 +67,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
-        import yaml
-
-        from blindnet.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        print(dump_yaml(cfg), end="")
         return 0
     out = (
         Path(args.out) if args.out else (_resume_run_dir(Path(args.resume)) if args.resume else Path("runs") / cfg.name)

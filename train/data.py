@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import ConcatDataset, Dataset, Sampler, get_worker_info
 
+from blindnet import data
+from blindnet.data import DATASETS
+from blindnet.data.synthetic import write_aligned_dataset
 from blindnet.train.config import DatasetSpec, TrainConfig
 from blindnet.train.distributed import DistInfo
 
@@ -157,25 +160,16 @@ class StepBatchSampler(Sampler[list[tuple[Any, int]]]):
 
 
 # ---- construction from the config ---------------------------------------------------------------------------------
-def _datasets() -> dict[str, type]:
-    from blindnet.data import DATASETS
-
-    return DATASETS
-
-
 def _lookup(name: str) -> type:
-    datasets = _datasets()
-    if name not in datasets:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(datasets)}")
-    return datasets[name]
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return DATASETS[name]
 
 
 def build_train_dataset(spec: DatasetSpec, cfg: TrainConfig) -> Dataset:
     """One training split with the recipe's joint transforms and the (x, x_a) pair."""
-    from blindnet.data import build_train_dataset as build
-
     d = cfg.data
-    return build(
+    return data.build_train_dataset(
         spec.dataset,
         spec.root,
         split=spec.split,
@@ -197,9 +191,7 @@ def build_train_source(cfg: TrainConfig) -> TrainSource:
 
 def build_eval_dataset(spec: DatasetSpec) -> Dataset:
     """A full-resolution evaluation split (no crop, no flip, normalised images)."""
-    from blindnet.data import build_eval_dataset as build
-
-    return build(spec.dataset, spec.root, split=spec.split, **spec.options)
+    return data.build_eval_dataset(spec.dataset, spec.root, split=spec.split, **spec.options)
 
 
 # ---- synthetic data -----------------------------------------------------------------------------------------------
@@ -214,8 +206,6 @@ def ensure_synthetic(root: str | Path, split: str, cfg: TrainConfig) -> Path:
     one makes the call a no-op), so a killed generation is simply repeated. Scene ``i`` of a split is seeded by
     ``(seed, i)``: val gets a different seed, so its layouts are held out from training.
     """
-    from blindnet.data.synthetic import write_aligned_dataset
-
     s = cfg.data.synthetic
     n = s.train_scenes if split == "train" else s.val_scenes
     seed = s.seed if split == "train" else s.seed + 1_000_003

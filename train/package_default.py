@@ -19,8 +19,13 @@ from pathlib import Path
 import yaml
 
 from blindnet.checkpoint import load_model, save_model
+from blindnet.inference import Predictor, TorchBackend
 from blindnet.io import atomic_write
 from blindnet.resolve import DEFAULT_CHECKPOINT
+from blindnet.segment import run_synthetic_showcase
+from blindnet.train.config import load_config
+from blindnet.train.data import build_eval_dataset
+from blindnet.train.evaluate import evaluate_checkpoints
 
 CARD = DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md"
 
@@ -38,10 +43,6 @@ def _run_facts(run: Path) -> dict:
 
 
 def _evaluate(checkpoints: dict[str, Path], config_path: Path) -> dict[str, dict[str, float]]:
-    from blindnet.train.config import load_config
-    from blindnet.train.data import build_eval_dataset
-    from blindnet.train.evaluate import evaluate_checkpoints
-
     targets = load_config(config_path).eval.targets
     names = {spec.label: spec.options.get("appearance", spec.label) for spec in targets}
     results = evaluate_checkpoints(checkpoints, {spec.label: build_eval_dataset(spec) for spec in targets},
@@ -59,9 +60,6 @@ def package_default(
     clip_out: str | Path = "outputs/package_showcase",
 ) -> dict:
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers."""
-    from blindnet.inference import Predictor, TorchBackend
-    from blindnet.segment import run_synthetic_showcase
-
     run = Path(run)
     facts = _run_facts(run)
     cfg = facts["config"]

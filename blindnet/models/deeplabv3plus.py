@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blindnet.config import from_dict
 from blindnet.models.backbones import ENCODERS
 
 
@@ -44,8 +45,6 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently change the network)."""
-        from blindnet.config import from_dict
-
         cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
