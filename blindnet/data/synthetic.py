@@ -170,6 +170,10 @@ class _Builder:
 
     # -- street elements --------------------------------------------------------------------------------------------
     def person(self, x, z, cls=PERSON, height=None, y0=0.0, key=None, vz=0.0, seated=False):
+        """A pedestrian (or a seated rider) standing at ``(x, z)``: legs, torso, arms, head, maybe a bag.
+
+        Long on purpose: the body parts share the proportions drawn at the top, read top to bottom.
+        """
         r = self.rng
         h = height or r.uniform(1.55, 1.95)
         key = z if key is None else key
@@ -332,7 +336,11 @@ class _Builder:
         )
 
     def vehicle(self, x, z, cls, oncoming=False, vz=0.0):
-        """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming)."""
+        """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming).
+
+        Long on purpose: one vehicle's parts share a dozen dimensions drawn once at the top; splitting would pass
+        them all around.
+        """
         r = self.rng
         dims = {CAR: (1.8, 1.45, 4.4), TRUCK: (2.5, 3.4, 8.5), BUS: (2.55, 3.2, 12.0), TRAIN: (2.65, 3.5, 28.0)}[cls]
         w, h, length = dims[0] * r.uniform(0.93, 1.07), dims[1] * r.uniform(0.93, 1.1), dims[2] * r.uniform(0.9, 1.1)
@@ -734,6 +742,11 @@ def _skyline(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
 
 
 def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: float) -> None:
+    """One side of the street lined with facades from ``front`` outwards: buildings with windows and doors,
+    walls, fences, poles and vegetation between them.
+
+    Long on purpose: each facade's parts share its randomly drawn size; the loop reads as one building at a time.
+    """
     r = b.rng
     z = z0
     while z < z_far:
@@ -945,6 +958,12 @@ def _flatten(world: _World) -> dict[str, np.ndarray]:
 
 
 def _rasterise(world: _World, height: int, width: int, cam_z: float = 0.0, frame: int = 0) -> _Raster:
+    """Project every part with a pinhole camera at ``cam_z`` and paint part ids far to near (painter's
+    algorithm) into an ``H x W`` id map, with per-part class, colour and shading tables.
+
+    Long on purpose: the per-part loop is the renderer's hot path, and keeping its tables in one frame avoids a
+    call per part.
+    """
     f = world.focal_rel * width
     cx, vh = width / 2.0, world.horizon_rel * height
     scale = float(1 << _SHIFT)
