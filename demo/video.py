@@ -147,6 +147,103 @@ def _read_batches(
     yield batch, bool(more)
 
 
+@dataclass
+class _Plan:
+    """How a video will be read: every ``stride``-th frame, resized to ``size`` (None: as is), and what to tell."""
+
+    info: VideoInfo
+    stride: int
+    fps_in: float
+    expected: int
+    size: tuple[int, int] | None
+    notices: list[str]
+
+
+def _plan(path: Path, max_frames: int, max_side: int) -> _Plan:
+    info = probe_video(path)
+    notices: list[str] = []
+    stride = sampling_stride(info.frame_count, max_frames)
+    fps_in = info.fps or 25.0
+    if not info.fps:
+        notices.append("The video reports no frame rate; assuming 25 fps.")
+    expected = min(max_frames, math.ceil(info.frame_count / stride)) if info.frame_count else max_frames
+    if stride > 1:
+        notices.append(
+            f"The video has {info.frame_count} frames, more than the limit of {max_frames}: every {_ordinal(stride)} "
+            f"frame was processed ({expected} frames), and the result plays at {fps_in / stride:.1f} fps to keep its "
+            "length."
+        )
+    size: tuple[int, int] | None = None
+    if info.width and info.height:
+        w, h = info.width, info.height
+        scale = min(1.0, max_side / max(w, h))
+        target = _even_size(round(w * scale), round(h * scale))
+        if scale < 1.0:
+            notices.append(f"Frames were downscaled from {w}×{h} to {target[0]}×{target[1]} for speed.")
+        if target != (w, h):
+            size = target
+    return _Plan(info, stride, fps_in, expected, size, notices)
+
+
+def _segment_frames(
+    predictor: Predictor, path: Path, plan: _Plan, out_path: Path, *, alpha: float, max_frames: int,
+    batch_size: int, progress: Callable[[float, str], None] | None,
+) -> tuple[list[np.ndarray], bool]:
+    """Write the overlay video; returns the class pixel counts per processed frame and whether frames were left."""
+    fourcc, _, codec_desc = available_codec()
+    writer: cv2.VideoWriter | None = None
+    per_frame: list[np.ndarray] = []  # C ints per processed frame: tiny
+    truncated = False
+    cap = cv2.VideoCapture(str(path))
+    try:
+        for batch, more in _read_batches(cap, stride=plan.stride, max_frames=max_frames, batch_size=batch_size,
+                                         size=plan.size):
+            if more is not None:
+                truncated = more
+            if not batch:
+                continue
+            if writer is None:
+                # the header's size can be missing or odd; the first decoded frame is the truth
+                write_size = _even_size(batch[0].shape[1], batch[0].shape[0])
+                writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*fourcc), plan.fps_in / plan.stride,
+                                         write_size)
+                if not writer.isOpened():
+                    raise VideoError(f"could not open a {codec_desc} writer for the result")
+            for pred in predictor.predict_arrays(batch):
+                frame = cv2.cvtColor(pred.overlay(float(alpha)), cv2.COLOR_RGB2BGR)
+                if (frame.shape[1], frame.shape[0]) != write_size:
+                    frame = cv2.resize(frame, write_size, interpolation=cv2.INTER_AREA)
+                writer.write(frame)
+                per_frame.append(np.bincount(pred.labels.reshape(-1), minlength=pred.num_classes)[: pred.num_classes])
+            if progress is not None:
+                done = len(per_frame)
+                progress(min(done / max(plan.expected, 1), 1.0), f"segmented {done}/{plan.expected} frames")
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    return per_frame, truncated
+
+
+def _shares(per_frame: list[np.ndarray], num_classes: int, stride: int, fps_in: float) -> tuple[pd.DataFrame, dict]:
+    """Long-format class shares per processed frame, and the mean share of each class present."""
+    frames = len(per_frame)
+    counts = np.stack(per_frame).astype(np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    names = class_names(num_classes)
+    present = [c for c in range(num_classes) if counts[:, c].any()]
+    times = np.arange(frames) * stride / fps_in
+    long = pd.DataFrame(
+        {
+            "frame": np.repeat(np.arange(frames) * stride, len(present)),
+            "time_s": np.repeat(np.round(times, 3), len(present)),
+            "class": [names[c] for c in present] * frames,
+            "share_pct": np.round(100.0 * shares[:, present].reshape(-1), 3),
+        }
+    )
+    return long, {names[c]: float(shares[:, c].mean()) for c in present}
+
+
 def process_video(
     predictor: Predictor,
     path: str | Path,
@@ -176,69 +273,20 @@ def process_video(
     """
     t_start = time.perf_counter()
     path = Path(path)
-    info = probe_video(path)
-    notices: list[str] = []
-    stride = sampling_stride(info.frame_count, max_frames)
-    fps_in = info.fps or 25.0
-    if not info.fps:
-        notices.append("The video reports no frame rate; assuming 25 fps.")
-    expected = min(max_frames, math.ceil(info.frame_count / stride)) if info.frame_count else max_frames
-    if stride > 1:
-        notices.append(
-            f"The video has {info.frame_count} frames, more than the limit of {max_frames}: every {_ordinal(stride)} frame "
-            f"was processed ({expected} frames), and the result plays at {fps_in / stride:.1f} fps to keep its length."
-        )
-    size: tuple[int, int] | None = None
-    if info.width and info.height:
-        w, h = info.width, info.height
-        scale = min(1.0, max_side / max(w, h))
-        target = _even_size(round(w * scale), round(h * scale))
-        if scale < 1.0:
-            notices.append(f"Frames were downscaled from {w}×{h} to {target[0]}×{target[1]} for speed.")
-        if target != (w, h):
-            size = target
-
+    plan = _plan(path, max_frames, max_side)
     fourcc, suffix, codec_desc = available_codec()
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="blindnet-video-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{path.stem[:40]}-overlay-{uuid.uuid4().hex[:8]}{suffix}"
-    fps_out = fps_in / stride
-
-    writer: cv2.VideoWriter | None = None
-    per_frame: list[np.ndarray] = []  # class pixel counts per processed frame (C ints each: tiny)
-    frames = 0
-    truncated = False
-    cap = cv2.VideoCapture(str(path))
-    try:
-        for batch, more in _read_batches(cap, stride=stride, max_frames=max_frames, batch_size=batch_size, size=size):
-            if more is not None:
-                truncated = more
-            if not batch:
-                continue
-            if writer is None:
-                # the header's size can be missing or odd; the first decoded frame is the truth
-                write_size = _even_size(batch[0].shape[1], batch[0].shape[0])
-                writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*fourcc), fps_out, write_size)
-                if not writer.isOpened():
-                    raise VideoError(f"could not open a {codec_desc} writer for the result")
-            for pred in predictor.predict_arrays(batch):
-                frame = cv2.cvtColor(pred.overlay(float(alpha)), cv2.COLOR_RGB2BGR)
-                if (frame.shape[1], frame.shape[0]) != write_size:
-                    frame = cv2.resize(frame, write_size, interpolation=cv2.INTER_AREA)
-                writer.write(frame)
-                per_frame.append(np.bincount(pred.labels.reshape(-1), minlength=pred.num_classes)[: pred.num_classes])
-            frames += len(batch)
-            if progress is not None:
-                progress(min(frames / max(expected, 1), 1.0), f"segmented {frames}/{expected} frames")
-    finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
+    per_frame, truncated = _segment_frames(predictor, path, plan, out_path, alpha=alpha, max_frames=max_frames,
+                                           batch_size=batch_size, progress=progress)
+    frames = len(per_frame)
     if frames == 0:
         out_path.unlink(missing_ok=True)
         raise VideoError(
             f"{path.name}: no frame could be decoded (an empty video, or a codec this OpenCV build cannot read)"
         )
+    notices = plan.notices
     if truncated:
         notices.append(
             f"Only the first {frames} frames were processed (limit {max_frames}; the video's length was unknown)."
@@ -247,31 +295,7 @@ def process_video(
         notices.append(f"Encoded as {codec_desc}: this OpenCV build has no H.264 encoder.")
     seconds = time.perf_counter() - t_start
     notices.append(f"{frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s end to end).")
-
-    num_classes = predictor.num_classes
-    counts = np.stack(per_frame).astype(np.float64)
-    totals = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
-    shares = counts / totals
-    names = class_names(num_classes)
-    present = [c for c in range(num_classes) if counts[:, c].any()]
-    times = np.arange(frames) * stride / fps_in
-    long = pd.DataFrame(
-        {
-            "frame": np.repeat(np.arange(frames) * stride, len(present)),
-            "time_s": np.repeat(np.round(times, 3), len(present)),
-            "class": [names[c] for c in present] * frames,
-            "share_pct": np.round(100.0 * shares[:, present].reshape(-1), 3),
-        }
-    )
-    mean = {names[c]: float(shares[:, c].mean()) for c in present}
-    return VideoResult(
-        path=out_path,
-        frames=frames,
-        source_frames=info.frame_count,
-        stride=stride,
-        fps=fps_out,
-        shares=long,
-        legend=legend_frame(mean, num_classes),
-        notices=notices,
-        seconds=seconds,
-    )
+    long, mean = _shares(per_frame, predictor.num_classes, plan.stride, plan.fps_in)
+    return VideoResult(path=out_path, frames=frames, source_frames=plan.info.frame_count, stride=plan.stride,
+                       fps=plan.fps_in / plan.stride, shares=long, legend=legend_frame(mean, predictor.num_classes),
+                       notices=notices, seconds=seconds)
