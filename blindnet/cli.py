@@ -302,8 +302,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("src")
     conv.add_argument("dst")
     conv.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"])
-    conv.add_argument("--baseline", action="store_true", help="the checkpoint is a plain DeepLabV3+ (no IN layers)")
+    variant = conv.add_mutually_exclusive_group()
+    variant.add_argument(
+        "--variant",
+        choices=["blindnet", "baseline"],
+        default=None,
+        help="BlindNet (InstanceNorm layers) or the plain DeepLabV3+ baseline; required for mobilenetv2/shufflenetv2, "
+        "whose two variants have the same keys (resnet50: read from the keys when omitted)",
+    )
+    variant.add_argument("--baseline", action="store_true", help="same as --variant baseline")
     conv.add_argument("--output-stride", type=int, default=16)
+    conv.add_argument(
+        "--no-variant-check",
+        action="store_true",
+        help="convert even if the checkpoint's BatchNorm statistics contradict the chosen variant",
+    )
 
     info = sub.add_parser("info", help="print a checkpoint's config and size")
     info.add_argument("checkpoint", nargs="?")
@@ -313,17 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "segment":
             return _cmd_segment(args)
         if args.command == "convert":
-            from blindnet.checkpoint import convert_official_checkpoint
-
-            model = convert_official_checkpoint(
-                args.src,
-                args.dst,
-                backbone=args.backbone,
-                instance_norm=not args.baseline,
-                output_stride=args.output_stride,
-            )
-            print(f"wrote {args.dst} ({model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} params)")
-            return 0
+            return _cmd_convert(args)
         if args.command == "info":
             from blindnet.backends import resolve_checkpoint
 
@@ -335,9 +338,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from blindnet.checkpoint import convert_official_checkpoint, read_metadata
+
+    chosen = "baseline" if args.baseline else args.variant
+    model = convert_official_checkpoint(
+        args.src,
+        args.dst,
+        backbone=args.backbone,
+        instance_norm=None if chosen is None else chosen == "blindnet",
+        output_stride=args.output_stride,
+        check_variant=not args.no_variant_check,
+    )
+    cfg = model.config
+    built = "BlindNet (3 InstanceNorm layers)" if cfg.instance_norm else "baseline DeepLabV3+ (no InstanceNorm)"
+    meta = read_metadata(args.dst)
+    print(
+        f"wrote {args.dst}: {cfg.backbone}, output stride {cfg.output_stride}, {built}, "
+        f"{sum(p.numel() for p in model.parameters()):,} params; variant check: {meta.get('variant_check', '-')}"
+    )
+    return 0
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     if not args.inputs and not args.synthetic:
-        print("blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr)
+        print(
+            "blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr
+        )
         return 2
     predictor = build_predictor(args)
     out = Path(args.out)
