@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blindnet.checkpoint import convert_official_checkpoint, read_metadata
 from blindnet.inference import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageError, Predictor, load_image
 
 
@@ -339,8 +340,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from blindnet.checkpoint import convert_official_checkpoint, read_metadata
-
     chosen = "baseline" if args.baseline else args.variant
     model = convert_official_checkpoint(
         args.src,
