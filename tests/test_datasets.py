@@ -258,9 +258,20 @@ def test_train_dataset_items_and_class_uniform_keys(tmp_path):
         scale_range=(1.0, 1.0),
         class_uniform_pct=1.0,
         cache_dir=tmp_path / "cache",
+        centroid_crop="uniform",  # the crop always contains the centroid (the original's may miss it by a pixel)
     )
     keys = ds.epoch_items(0, seed=1)
-    assert keys == ds.epoch_items(0, seed=1) and len(keys) == 19
+    # Only 2 of 19 classes have centroids: the original's epoch keeps just their items (19 - 17 * 1).
+    assert keys == ds.epoch_items(0, seed=1) and len(keys) == 2
+    kept = build_train_dataset(
+        "cityscapes",
+        tmp_path,
+        split="train",
+        class_uniform_pct=1.0,
+        cache_dir=tmp_path / "cache",
+        class_uniform_keep_size=True,
+    )
+    assert len(kept.epoch_items(0, seed=1)) == 19 and kept.transform.centroid_crop == "original"
     assert list((tmp_path / "cache").glob("cityscapes_train_tile1024_*.json"))
     bikes = [k for k in keys if isinstance(k, SampleKey) and k.class_id == 18]
     assert bikes

@@ -15,7 +15,7 @@ from blindnet.data import (
     class_uniform_epoch,
     gaussian_blur,
 )
-from blindnet.data.sampling import build_centroids, label_centroids
+from blindnet.data.sampling import build_centroids, class_uniform_epoch_size, label_centroids
 from blindnet.data.transforms import build_eval_transform, to_tensor
 from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
 
@@ -157,10 +157,50 @@ def test_class_uniform_epoch_is_deterministic_and_balanced(tmp_path):
     e0 = class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0)
     assert e0 == class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0)
     assert e0 != class_uniform_epoch(40, cents, 0.5, seed=1, epoch=1)
-    assert len(e0) == 40
+    # 17 of the 19 classes have no centroid: as the original, their share (1 item each) is dropped from the epoch.
+    per_class = int(40 * 0.5 / 19)
+    assert len(e0) == 40 - 17 * per_class == class_uniform_epoch_size(40, cents, 0.5)
+    assert sum(isinstance(k, int) for k in e0) == 40 - 19 * per_class
     rare = [k for k in e0 if isinstance(k, SampleKey) and k.class_id == 16]
-    assert len(rare) == int(40 * 0.5 / 19)
+    assert len(rare) == per_class
     assert all(k.index % 10 == 0 and k.row < 5 and k.col < 5 for k in rare)
+    # The option keeps the epoch's length by drawing uniform images instead.
+    kept = class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0, keep_size=True)
+    assert len(kept) == 40 == class_uniform_epoch_size(40, cents, 0.5, keep_size=True)
+    assert sum(isinstance(k, int) for k in kept) == 40 - 2 * per_class
+    sampler = ClassUniformSampler(40, cents, 0.5, seed=1)
+    assert len(sampler) == len(list(sampler)) == 23
+    assert len(ClassUniformSampler(40, cents, 0.5, seed=1, keep_size=True)) == 40
+
+
+def _crop_rows(t, label: np.ndarray, centroid: tuple[int, int], draws: int) -> np.ndarray:
+    """First row of each crop: the label stores its row index, so the crop's top-left label is the offset."""
+    image = np.zeros((*label.shape, 3), np.uint8)
+    return np.array(
+        [t.geometry(image, label, np.random.default_rng(s), centroid=centroid)[1][0, 0] for s in range(draws)]
+    )
+
+
+def test_centroid_crop_placement_original_and_uniform():
+    rows = np.repeat(np.arange(100, dtype=np.uint8)[:, None], 100, axis=1)  # label = row index
+    kw = dict(crop_size=40, scale_min=1.0, scale_max=1.0, flip=False)
+    original = build_train_transform(**kw)
+    uniform = build_train_transform(**kw, centroid_crop="uniform")
+    assert original.centroid_crop == "original"
+    # Centroid at row 5: the original draws the offset in [5 - 40, 5] and clips it to 0, so 36 of 41 values land on
+    # the border; uniform among crops containing row 5 gives offsets 0..5, each 1/6.
+    y_orig = _crop_rows(original, rows, (5, 50), 1500)
+    y_unif = _crop_rows(uniform, rows, (5, 50), 1500)
+    assert set(y_orig) <= set(range(6)) and set(y_unif) == set(range(6))
+    assert abs((y_orig == 0).mean() - 36 / 41) < 0.04
+    assert abs((y_unif == 0).mean() - 1 / 6) < 0.04
+    # Away from the borders the original offset is uniform on [c - 40, c] (41 values; at c - 40 the centroid row is
+    # just outside the crop), the uniform mode on [c - 39, c].
+    y_orig = _crop_rows(original, rows, (50, 50), 1500)
+    y_unif = _crop_rows(uniform, rows, (50, 50), 1500)
+    assert y_orig.min() == 10 and y_orig.max() == 50 and y_unif.min() == 11 and y_unif.max() == 50
+    with pytest.raises(ValueError, match="centroid_crop"):
+        build_train_transform(centroid_crop="clip")
 
 
 def test_sampler_shards_resume_and_world_size_invariance():

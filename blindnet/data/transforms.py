@@ -4,7 +4,9 @@
 Geometry (shared by x, x_a and the label):
   1. random rescale ``s ~ U(scale_min, scale_max)`` of the full image (bicubic image, nearest label);
   2. pad to at least the crop size (image 0 = black before normalisation, label 255), centred;
-  3. random crop; for class-uniform items the crop is forced to contain the chosen class centroid;
+  3. random crop; for class-uniform items the crop is placed around the chosen class centroid: by default as the
+     original (offset drawn in ``[c - crop, c]`` and clipped into the image, so crops pile up at the image border),
+     or ``centroid_crop="uniform"`` (uniform among the crops that contain the centroid);
   4. horizontal flip with p = 0.5.
 
 Photometric (independent per view, both from the same cropped image):
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -122,6 +125,10 @@ class TrainTransform:
         jitter, jitter_p: x's ColorJitter (brightness, contrast, saturation, hue) and its probability.
         aug_jitter: x_a's ColorJitter (always applied).
         blur: Gaussian blur on both views; ``blur_sigma`` its sigma range.
+        centroid_crop: where a class-uniform crop lands around its centroid ``c`` (per axis): ``"original"``
+            draws the offset uniformly in ``[c - crop, c]`` and clips it into the image, as the original (near a border
+            most draws clip to the border; at ``c - crop`` the centroid sits one pixel outside the crop);
+            ``"uniform"`` draws uniformly among the crops that contain ``c``.
     """
 
     crop_size: tuple[int, int] = (768, 768)
@@ -134,6 +141,11 @@ class TrainTransform:
     blur: bool = True
     blur_sigma: tuple[float, float] = (0.15, 1.3)
     ignore_index: int = IGNORE_INDEX
+    centroid_crop: Literal["original", "uniform"] = "original"
+
+    def __post_init__(self) -> None:
+        if self.centroid_crop not in ("original", "uniform"):
+            raise ValueError(f"centroid_crop must be 'original' or 'uniform', got {self.centroid_crop!r}")
 
     def geometry(
         self,
@@ -173,8 +185,7 @@ class TrainTransform:
         if centroid is not None:
             cy = min(max(int(centroid[0] * nh / h) + top, 0), H - 1)
             cx = min(max(int(centroid[1] * nw / w) + left, 0), W - 1)
-            y0 = int(rng.integers(max(0, cy - ch + 1), min(cy, H - ch) + 1))
-            x0 = int(rng.integers(max(0, cx - cw + 1), min(cx, W - cw) + 1))
+            y0, x0 = self._centroid_offset(cy, ch, H, rng), self._centroid_offset(cx, cw, W, rng)
         else:
             y0 = int(rng.integers(0, H - ch + 1))
             x0 = int(rng.integers(0, W - cw + 1))
@@ -185,6 +196,12 @@ class TrainTransform:
             label = label[:, ::-1]
         imgs = [np.ascontiguousarray(im) for im in imgs]
         return imgs[0], np.ascontiguousarray(label), imgs[1:]
+
+    def _centroid_offset(self, c: int, size: int, full: int, rng: np.random.Generator) -> int:
+        """Start of a crop of ``size`` (of ``full``) around centroid coordinate ``c``, per :attr:`centroid_crop`."""
+        if self.centroid_crop == "original":
+            return min(max(int(rng.integers(c - size, c + 1)), 0), full - size)
+        return int(rng.integers(max(0, c - size + 1), min(c, full - size) + 1))
 
     def weak(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """x's photometric: ColorJitter(0.4, 0.4, 0.4, 0.1) with p = jitter_p, then blur."""
@@ -246,8 +263,9 @@ def build_train_transform(
     aug_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.3),
     blur: bool = True,
     blur_sigma: Sequence[float] = (0.15, 1.3),
+    centroid_crop: Literal["original", "uniform"] = "original",
 ) -> TrainTransform:
-    """The paper's training transform (defaults = facts §4.1). ``crop_size`` is an int or ``(H, W)``."""
+    """The paper's training transform. ``crop_size`` is an int or ``(H, W)``; see :class:`TrainTransform`."""
     if not 0 < scale_min <= scale_max:
         raise ValueError(f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}")
     return TrainTransform(
@@ -260,6 +278,7 @@ def build_train_transform(
         tuple(aug_jitter),
         bool(blur),
         tuple(blur_sigma),
+        centroid_crop=centroid_crop,
     )  # type: ignore[arg-type]
 
 
