@@ -219,3 +219,26 @@ def test_sampler_shards_resume_and_world_size_invariance():
     single.set_epoch(4, start=6)
     assert list(single) == full[6:]
     assert len(r0) == 10
+
+
+def test_original_mapillary_protocol_crop_and_portrait_padding():
+    t = build_eval_transform("original", "mapillary")
+    assert t.normalize and t.resize_height == 1024 and t.center_crop == 1024 and t.pad_label == 0
+    # Landscape 256 x 512 -> 1024 x 2048 -> crop columns 512..1535: left half class 1, right half class 2.
+    label = np.full((256, 512), 2, np.uint8)
+    label[:, :256] = 1
+    out = t(np.full((256, 512, 3), 200, np.uint8), label)
+    lab = out["label"].numpy()
+    assert lab.shape == (1024, 1024) and (lab[:, :512] == 1).all() and (lab[:, 512:] == 2).all()
+    # Portrait 512 x 256 -> 1024 x 512, padded by 512 on both sides, crop offset round((512 - 1024) / 2) = -256 from
+    # the unpadded width: 256 columns outside + 512 padding columns, all label 0 (road) and black, then the content.
+    out = t(np.full((512, 256, 3), 200, np.uint8), np.full((512, 256), 5, np.uint8))
+    lab, img = out["label"].numpy(), out["image"]
+    assert (lab[:, :768] == 0).all() and (lab[:, 768:] == 5).all()
+    black = to_tensor(np.zeros((1, 1, 3), np.uint8))[:, 0, 0]
+    torch.testing.assert_close(img[:, :, :768], black[:, None, None].expand(3, 1024, 768))
+    assert not torch.allclose(img[:, 0, 800], black)
+    # Other datasets and the clean protocol: untouched full resolution, normalised.
+    for proto, ds in (("original", "bdd100k"), ("clean", "mapillary"), ("clean", "cityscapes")):
+        assert build_eval_transform(proto, ds) == build_eval_transform()
+    assert not build_eval_transform("original", "cityscapes").normalize

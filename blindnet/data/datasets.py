@@ -929,6 +929,13 @@ def build_train_dataset(
     )
 
 
-def build_eval_dataset(name: str, root: str | Path, split: str = "val", **options: Any) -> SegmentationDataset:
-    """A full-resolution evaluation dataset (``{"image", "label", "name"}`` items, plus ``"appearance"``)."""
-    return DATASETS[name](root, split, train=False, transform=build_eval_transform(), **options)
+def build_eval_dataset(
+    name: str, root: str | Path, split: str = "val", *, protocol: str = "clean", **options: Any
+) -> SegmentationDataset:
+    """An evaluation dataset (``{"image", "label", "name"}`` items, plus ``"appearance"``).
+
+    ``protocol``: ``clean`` (full resolution, ImageNet-normalised; default) or ``original`` (the original's
+    per-dataset quirks), see :func:`blindnet.data.transforms.build_eval_transform`.
+    """
+    transform = build_eval_transform(protocol, name)  # type: ignore[arg-type]
+    return DATASETS[name](root, split, train=False, transform=transform, **options)

@@ -38,11 +38,12 @@ _STD = np.asarray(IMAGENET_STD, np.float32)
 _GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor, ImageNet-normalised."""
+def to_tensor(image: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor in [0, 1], ImageNet-normalised unless told not to."""
     x = image.astype(np.float32) * (1.0 / 255.0)
-    x -= _MEAN
-    x /= _STD
+    if normalize:
+        x -= _MEAN
+        x /= _STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -243,14 +244,64 @@ class TrainTransform:
         return {"image": to_tensor(x), "image_aug": to_tensor(xa), "label": label_to_tensor(y)}
 
 
+EvalProtocol = Literal["clean", "original"]
+EVAL_PROTOCOLS: tuple[str, ...] = ("clean", "original")
+
+
 @dataclass(frozen=True)
 class EvalTransform:
-    """Full resolution, no augmentation: ``{"image": 3 x H x W float32, "label": H x W int64}``."""
+    """Evaluation items ``{"image": 3 x H' x W' float32, "label": H' x W' int64}``, no augmentation.
+
+    The defaults are the clean protocol: full resolution, ImageNet normalisation. The other fields express the
+    original's per-dataset quirks (see :func:`build_eval_transform`).
+
+    Attributes:
+        normalize: ImageNet mean/std normalisation (False: plain [0, 1] values).
+        resize_height: first resize to this height keeping the aspect ratio (image bicubic, label nearest).
+        center_crop: then a ``center_crop x center_crop`` centre crop, padding narrower/shorter images the way the
+            original's ``CenterCropPad`` does: the crop offset is computed from the *unpadded* size, so a portrait
+            image's content is shifted and the columns left of it are filled with image 0 and label ``pad_label``.
+        pad_label: label of padded/out-of-image pixels in that crop (the original: 0 = road).
+    """
+
+    normalize: bool = True
+    resize_height: int | None = None
+    center_crop: int | None = None
+    pad_label: int = 0
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
         if image.shape[:2] != label.shape[:2]:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
-        return {"image": to_tensor(image), "label": label_to_tensor(label)}
+        if self.resize_height is not None:
+            h, w = label.shape
+            nw = int(w / h * self.resize_height)
+            image = cv2.resize(image, (nw, self.resize_height), interpolation=cv2.INTER_CUBIC)
+            # NEAREST_EXACT samples pixel centres like PIL's nearest resize (plain NEAREST is shifted by half a pixel).
+            label = cv2.resize(label, (nw, self.resize_height), interpolation=cv2.INTER_NEAREST_EXACT)
+        if self.center_crop is not None:
+            image = _center_crop_pad(image, self.center_crop, 0)
+            label = _center_crop_pad(label, self.center_crop, self.pad_label)
+        return {"image": to_tensor(image, self.normalize), "label": label_to_tensor(label)}
+
+
+def _center_crop_pad(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """The original's ``CenterCropPad(size)``: pad by ``size - w`` (``size - h``) on *both* sides where smaller, then
+    crop ``size x size`` at ``round((w - size) / 2)`` of the unpadded width (height), filling outside pixels with 0.
+
+    ``arr``: ``H x W`` or ``H x W x C``. Returns ``size x size`` (x C).
+    """
+    h, w = arr.shape[:2]
+    pad_y, pad_x = max(size - h, 0), max(size - w, 0)
+    widths = [(pad_y, pad_y), (pad_x, pad_x)] + [(0, 0)] * (arr.ndim - 2)
+    padded = np.pad(arr, widths, constant_values=fill)
+    y1, x1 = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    out = np.zeros((size, size, *arr.shape[2:]), arr.dtype)  # PIL fills a crop outside the image with 0
+    ph, pw = padded.shape[:2]
+    ys, xs = max(y1, 0), max(x1, 0)
+    ye, xe = min(y1 + size, ph), min(x1 + size, pw)
+    if ye > ys and xe > xs:
+        out[ys - y1 : ye - y1, xs - x1 : xe - x1] = padded[ys:ye, xs:xe]
+    return out
 
 
 def build_train_transform(
@@ -282,6 +333,20 @@ def build_train_transform(
     )  # type: ignore[arg-type]
 
 
-def build_eval_transform() -> EvalTransform:
-    """Full-resolution evaluation transform (normalise only)."""
+def build_eval_transform(protocol: EvalProtocol = "clean", dataset: str | None = None) -> EvalTransform:
+    """The evaluation transform of ``protocol`` for ``dataset`` (a key of ``blindnet.data.DATASETS``).
+
+    * ``clean`` (default): every dataset at full resolution with ImageNet normalisation, the same input statistics
+      the network was trained on.
+    * ``original``: what the original evaluation did, for like-for-like comparisons with published numbers:
+      Cityscapes un-normalised ([0, 1] inputs: its Cityscapes dataset class had the normalisation commented out);
+      Mapillary resized to height 1024 and centre-cropped to 1024 x 1024 (portrait images padded with label 0);
+      every other dataset as ``clean``.
+    """
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {list(EVAL_PROTOCOLS)}")
+    if protocol == "original" and dataset == "cityscapes":
+        return EvalTransform(normalize=False)
+    if protocol == "original" and dataset == "mapillary":
+        return EvalTransform(resize_height=1024, center_crop=1024, pad_label=0)
     return EvalTransform()
