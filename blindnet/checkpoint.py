@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -172,19 +172,78 @@ def convert_official_state_dict(official: Mapping[str, torch.Tensor]) -> dict[st
     return out
 
 
+#: Per backbone, the BatchNorms that (in the BlindNet variant) normalise a bias-free 1x1 conv of an InstanceNorm
+#: output. Such a conv output has exactly zero mean in every image, so a BlindNet checkpoint's running means there
+#: are ~0 (exponential averages of zeros); in the baseline the same layers see un-normalised, biased features.
+VARIANT_PROBES: dict[str, tuple[str, ...]] = {
+    "mobilenetv2": ("encoder.layer1.0.conv.0.1", "encoder.layer2.0.conv.0.1", "encoder.layer3.0.conv.0.1"),
+    "shufflenetv2": ("encoder.layer2.0.branch2.1", "encoder.layer3.0.branch2.1"),
+}
+#: Probe scores (mean |running_mean| / running_std) below the first bound look like BlindNet (exact zeros up to
+#: float rounding and the decayed initial statistics), above the second like the baseline; in between: unknown.
+VARIANT_PROBE_BOUNDS = (1e-3, 1e-2)
+
+
+class VariantCheck(NamedTuple):
+    """What a converted state dict says about its variant.
+
+    Attributes:
+        detected: ``"blindnet"``, ``"baseline"`` or ``"unknown"`` (the statistics point both ways).
+        scores: per probe BatchNorm (see :data:`VARIANT_PROBES`), mean over channels of
+            ``|running_mean| / sqrt(running_var + 1e-5)``; empty where keys decide (ResNet-50).
+        reason: one line for the user.
+    """
+
+    detected: str
+    scores: dict[str, float]
+    reason: str
+
+
+def detect_variant(converted: Mapping[str, torch.Tensor], backbone: str) -> VariantCheck:
+    """Tell BlindNet from baseline weights (keys after :func:`convert_official_state_dict`).
+
+    ResNet-50: by keys (the baseline keeps its stem BatchNorm ``layer0.1``; BlindNet replaces it by a parameter-free
+    InstanceNorm). MobileNetV2/ShuffleNetV2 store the same keys for both variants, so the running statistics decide.
+    """
+    if backbone == "resnet50":
+        if "encoder.layer0.1.running_mean" in converted:
+            return VariantCheck("baseline", {}, "the stem BatchNorm layer0.1 is present")
+        return VariantCheck("blindnet", {}, "no stem BatchNorm layer0.1 (replaced by the InstanceNorm)")
+    scores: dict[str, float] = {}
+    for probe in VARIANT_PROBES.get(backbone, ()):
+        mean, var = converted.get(probe + ".running_mean"), converted.get(probe + ".running_var")
+        if mean is None or var is None:
+            return VariantCheck("unknown", {}, f"{probe} has no running statistics")
+        ratio = mean.double().abs() / (var.double().clamp(min=0) + 1e-5).sqrt()
+        scores[probe.removeprefix("encoder.")] = float(ratio.mean())
+    if not scores:
+        return VariantCheck("unknown", {}, f"no variant probe for backbone {backbone!r}")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    if max(scores.values()) < VARIANT_PROBE_BOUNDS[0]:
+        return VariantCheck("blindnet", scores, f"BN running means after the InstanceNorm positions are ~0 ({shown})")
+    if min(scores.values()) > VARIANT_PROBE_BOUNDS[1]:
+        return VariantCheck(
+            "baseline", scores, f"BN running means after the InstanceNorm positions are not 0 ({shown})"
+        )
+    return VariantCheck("unknown", scores, f"BN running statistics are inconclusive ({shown})")
+
+
 def convert_official_checkpoint(
     src: str | Path,
     dst: str | Path | None = None,
     *,
     backbone: str = "resnet50",
     num_classes: int | None = None,
-    instance_norm: bool = True,
+    instance_norm: bool | None = None,
     output_stride: int = 16,
+    check_variant: bool = True,
 ) -> DeepLabV3Plus:
     """Convert an official checkpoint file into our deployable format.
 
     The original stores no model config, so the backbone and variant are given here (``DeepR50V3PlusD`` = resnet50,
-    OS16, with InstanceNorm for BlindNet). ``num_classes`` defaults to the size of ``final2``.
+    OS16, with InstanceNorm for BlindNet). ``num_classes`` defaults to the size of ``final2``. See
+    :func:`convert_official_state` for ``instance_norm`` and ``check_variant``. The chosen variant and the check's
+    verdict are stored in the output's metadata (``variant``, ``variant_check``).
 
     Returns:
         The converted network in eval mode; also saved to ``dst`` when given.
@@ -199,10 +258,21 @@ def convert_official_checkpoint(
     if not isinstance(state, Mapping) or not state:
         raise CheckpointError(f"{src}: no 'state_dict' mapping found")
     model = convert_official_state(
-        state, backbone=backbone, num_classes=num_classes, instance_norm=instance_norm, output_stride=output_stride
+        state,
+        backbone=backbone,
+        num_classes=num_classes,
+        instance_norm=instance_norm,
+        output_stride=output_stride,
+        check_variant=check_variant,
     )
     if dst is not None:
-        save_model(model, dst, extra_metadata={"converted_from": str(Path(src).name)})
+        check = detect_variant(convert_official_state_dict(state), backbone)
+        meta = {
+            "converted_from": str(Path(src).name),
+            "variant": "blindnet" if model.config.instance_norm else "baseline",
+            "variant_check": f"{check.detected}: {check.reason}" if check_variant else "skipped",
+        }
+        save_model(model, dst, extra_metadata=meta)
     return model
 
 
@@ -211,11 +281,23 @@ def convert_official_state(
     *,
     backbone: str = "resnet50",
     num_classes: int | None = None,
-    instance_norm: bool = True,
+    instance_norm: bool | None = None,
     output_stride: int = 16,
+    check_variant: bool = True,
 ) -> DeepLabV3Plus:
-    """In-memory form of :func:`convert_official_checkpoint`."""
+    """In-memory form of :func:`convert_official_checkpoint`.
+
+    Args:
+        instance_norm: True = BlindNet variant (InstanceNorm layers), False = plain DeepLabV3+ baseline. None is
+            allowed for ResNet-50 only (its keys tell the variants apart); MobileNetV2/ShuffleNetV2 checkpoints hold
+            the same keys for both, and the wrong choice still loads and gives wrong logits, so it must be stated.
+        check_variant: compare the choice with :func:`detect_variant` and refuse a contradiction.
+
+    Raises:
+        CheckpointError: keys that do not fit, a missing variant choice, or a choice the statistics contradict.
+    """
     converted = convert_official_state_dict(state)
+    instance_norm = _choose_variant(converted, backbone, instance_norm, check_variant)
     if num_classes is None:
         if "final2.0.weight" not in converted:
             raise CheckpointError("official state dict has no 'final2.0.weight'; is it a DeepV3Plus checkpoint?")
@@ -226,6 +308,27 @@ def convert_official_state(
     model = build_model(cfg)
     load_state_into(model, converted, source="official state dict")
     return model.eval()
+
+
+def _choose_variant(
+    converted: Mapping[str, torch.Tensor], backbone: str, instance_norm: bool | None, check_variant: bool
+) -> bool:
+    check = detect_variant(converted, backbone)
+    if instance_norm is None:
+        if backbone != "resnet50":
+            raise CheckpointError(
+                f"{backbone} BlindNet and baseline checkpoints have the same keys: state the variant (CLI: --variant "
+                f"blindnet or --variant baseline). The running statistics suggest {check.detected!r} ({check.reason})"
+            )
+        return check.detected == "blindnet"
+    chosen = "blindnet" if instance_norm else "baseline"
+    if check_variant and check.detected not in ("unknown", chosen):
+        raise CheckpointError(
+            f"you chose the {chosen} variant, but the checkpoint looks like {check.detected}: {check.reason}. The "
+            f"wrong variant gives wrong logits. Convert with the other variant, or skip this check (CLI: "
+            f"--no-variant-check) if you are sure"
+        )
+    return instance_norm
 
 
 def _config_from(data: Any, path: Path) -> ModelConfig:

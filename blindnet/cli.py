@@ -25,7 +25,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "convert": ("blindnet.cli", "convert an official BlindNet/RobustNet checkpoint into a deployable one"),
     "info": ("blindnet.cli", "describe a checkpoint or an exported ONNX model"),
     "train": ("blindnet.train.__main__", "train BlindNet or a baseline from a preset (torchrun for DDP)"),
-    "evaluate": ("blindnet.train.evaluate", "score checkpoints on evaluation datasets (mIoU tables)"),
+    "evaluate": ("blindnet.train.evaluate_cli", "score checkpoints on evaluation datasets (mIoU tables)"),
     "export": ("blindnet.export.__main__", "export ONNX / TensorRT / a Triton repository, checked against PyTorch"),
     "serve": ("blindnet.serve.__main__", "batched HTTP inference server (KServe v2 / Triton protocol)"),
     "demo": ("blindnet.demo.__main__", "Gradio app for driving images and videos"),
@@ -142,18 +142,34 @@ def convert_main(argv: Sequence[str]) -> int:
     p.add_argument("dst", help="the deployable checkpoint to write (.safetensors)")
     p.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"],
                    help="the checkpoint's backbone")
-    p.add_argument("--baseline", action="store_true", help="the checkpoint is a plain DeepLabV3+ (no IN layers)")
+    variant = p.add_mutually_exclusive_group()
+    variant.add_argument(
+        "--variant", choices=["blindnet", "baseline"], default=None,
+        help="BlindNet (InstanceNorm layers) or the plain DeepLabV3+ baseline; required for mobilenetv2/shufflenetv2, "
+        "whose two variants have the same keys (resnet50: read from the keys when omitted)",
+    )
+    variant.add_argument("--baseline", action="store_true", help="same as --variant baseline")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="the checkpoint's output stride")
+    p.add_argument("--no-variant-check", action="store_true",
+                   help="convert even if the checkpoint's BatchNorm statistics contradict the chosen variant")
     args = p.parse_args(argv)
-    from blindnet.checkpoint import convert_official_checkpoint  # lazy CLI dispatch
+    # Lazy CLI dispatch: PyTorch loads only once the job runs.
+    from blindnet.checkpoint import convert_official_checkpoint, read_metadata
 
+    chosen = "baseline" if args.baseline else args.variant
     try:
-        model = convert_official_checkpoint(args.src, args.dst, backbone=args.backbone,
-                                            instance_norm=not args.baseline, output_stride=args.output_stride)
+        model = convert_official_checkpoint(
+            args.src, args.dst, backbone=args.backbone, instance_norm=None if chosen is None else chosen == "blindnet",
+            output_stride=args.output_stride, check_variant=not args.no_variant_check,
+        )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet convert: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst} ({model.config.backbone}, {sum(p.numel() for p in model.parameters()):,} params)")
+    cfg = model.config
+    built = "BlindNet (3 InstanceNorm layers)" if cfg.instance_norm else "baseline DeepLabV3+ (no InstanceNorm)"
+    meta = read_metadata(args.dst)
+    print(f"wrote {args.dst}: {cfg.backbone}, output stride {cfg.output_stride}, {built}, "
+          f"{sum(p.numel() for p in model.parameters()):,} params; variant check: {meta.get('variant_check', '-')}")
     return 0
 
 

@@ -9,6 +9,7 @@ the ground truth scores 0. Counts are kept as int64 (the original all-reduced fl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -127,3 +128,94 @@ class SegScores:
 def _nanmean(x: torch.Tensor) -> float:
     keep = ~torch.isnan(x)
     return float(x[keep].mean()) if bool(keep.any()) else float("nan")
+
+
+# ---- cross-appearance consistency ---------------------------------------------------------------------------------
+@dataclass
+class ConsistencyScores:
+    """How alike a model's predictions are for the same scene layout in different appearances (needs no labels).
+
+    Attributes:
+        appearances: the ``A`` appearances, in matrix order.
+        agreement: ``A x A`` fraction of pixels where the two appearances' predicted classes are equal, over all
+            pixels of all scenes seen in both (diagonal 1).
+        miou: ``A x A`` mIoU of one appearance's prediction scored against the other's as ground truth, confusion
+            counts summed over scenes (nanmean over classes present in either; symmetric; diagonal 1).
+        scenes: ``A x A`` number of scenes that contributed to each pair.
+    """
+
+    appearances: list[str]
+    agreement: list[list[float]]
+    miou: list[list[float]]
+    scenes: list[list[int]]
+
+    def mean_off_diagonal(self, which: str = "agreement") -> float:
+        """Mean over the pairs ``i != j`` of ``agreement`` or ``miou`` (NaN with fewer than two appearances)."""
+        m = getattr(self, which)
+        vals = [m[i][j] for i in range(len(m)) for j in range(len(m)) if i != j and not math.isnan(m[i][j])]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+
+class CrossAppearanceConsistency:
+    """Accumulates :class:`ConsistencyScores` from per-image predictions tagged with ``(scene, appearance)``.
+
+    A scene's predictions are buffered (CPU, uint8/int16) until all ``appearances`` of it have arrived, then every
+    pair is counted and the buffer dropped, so memory stays at one scene unless a scene's appearances arrive far
+    apart (e.g. one dataset per appearance); :meth:`scores` counts whatever pairs incomplete scenes have.
+    """
+
+    def __init__(self, appearances: Sequence[str], num_classes: int) -> None:
+        if len(set(appearances)) != len(appearances):
+            raise ValueError(f"appearances must be distinct, got {list(appearances)}")
+        self.appearances = list(appearances)
+        self.num_classes = num_classes
+        n = len(self.appearances)
+        self._agree = [[0] * n for _ in range(n)]
+        self._pixels = [[0] * n for _ in range(n)]
+        self._scenes = [[0] * n for _ in range(n)]
+        self._cm = {(i, j): ConfusionMatrix(num_classes) for i in range(n) for j in range(i + 1, n)}
+        self._pending: dict[str, dict[int, torch.Tensor]] = {}
+
+    def update(self, scene: str, appearance: str, pred: torch.Tensor) -> None:
+        """Add the ``H x W`` integer prediction for ``scene`` in ``appearance`` (unknown appearances are ignored)."""
+        if appearance not in self.appearances:
+            return
+        slot = self._pending.setdefault(scene, {})
+        a = self.appearances.index(appearance)
+        if a in slot:
+            raise ValueError(f"scene {scene!r} in appearance {appearance!r} was given twice")
+        small = torch.uint8 if self.num_classes <= 256 else torch.int16
+        slot[a] = pred.detach().to("cpu", small)
+        if len(slot) == len(self.appearances):
+            self._count(self._pending.pop(scene))
+
+    def _count(self, preds: dict[int, torch.Tensor]) -> None:
+        for i in sorted(preds):
+            for j in sorted(preds):
+                if j <= i:
+                    continue
+                pi, pj = preds[i], preds[j]
+                if pi.shape != pj.shape:
+                    raise ValueError(f"predictions of one scene differ in size: {tuple(pi.shape)} vs {tuple(pj.shape)}")
+                same = int((pi == pj).sum())
+                for a, b in ((i, j), (j, i)):
+                    self._agree[a][b] += same
+                    self._pixels[a][b] += pi.numel()
+                    self._scenes[a][b] += 1
+                self._cm[(i, j)].update(pj.long(), pi.long())
+
+    def scores(self) -> ConsistencyScores:
+        """The scores so far (incomplete scenes included)."""
+        for preds in self._pending.values():
+            self._count(preds)
+        self._pending.clear()
+        n = len(self.appearances)
+        agreement = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+        miou = [[1.0 if i == j else float("nan") for j in range(n)] for i in range(n)]
+        for i in range(n):
+            for j in range(n):
+                if i != j and self._pixels[i][j]:
+                    agreement[i][j] = self._agree[i][j] / self._pixels[i][j]
+                    miou[i][j] = self._cm[(min(i, j), max(i, j))].miou()
+        scenes = [[self._scenes[i][j] for j in range(n)] for i in range(n)]
+        return ConsistencyScores(list(self.appearances), agreement, miou, scenes)

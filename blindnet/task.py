@@ -67,6 +67,11 @@ class LossConfig:
         align_detach_original: stop the alignment gradient through the original view (default symmetric).
         align_mmd_samples: pixels per image for MMD.
         ignore_index: label ignored everywhere (255).
+        style_features: what CML/CCL (and ``style*`` alignment levels) read. ``"original"`` (default): each
+            InstanceNorm output as the original's losses saw it, which for ShuffleNetV2's stem is the feature *after*
+            the following ReLU (the original's in-place ReLU overwrote it; the published numbers come from that).
+            ``"pre_activation"``: every InstanceNorm output before any activation. ResNet-50 and MobileNetV2 give
+            the same features either way.
     """
 
     cml: float = 0.2
@@ -89,6 +94,7 @@ class LossConfig:
     align_detach_original: bool = False
     align_mmd_samples: int = 256
     ignore_index: int = 255
+    style_features: Literal["original", "pre_activation"] = "original"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,6 +114,8 @@ class LossConfig:
                 raise ValueError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.style_features not in ("original", "pre_activation"):
+            raise ValueError(f"style_features must be 'original' or 'pre_activation', got {self.style_features!r}")
         if self.cwcl_negatives not in ("paper", "original"):
             raise ValueError(f"cwcl_negatives must be 'paper' or 'original', got {self.cwcl_negatives!r}")
         for name in (
@@ -296,11 +304,12 @@ class BlindNetTask(nn.Module):
             aux_target = resize_labels(target, f.layer3.shape[-2:])
             terms["aux"] = _cross_entropy(self.dsn(f.layer3), aux_target, cfg.ignore_index)
             total = total + cfg.aux * terms["aux"]
+        style, style_a = self.style_features(f), self.style_features(fa)
         if cfg.cml > 0:
-            terms["cml"] = covariance_matching_loss(f.style, fa.style)
+            terms["cml"] = covariance_matching_loss(style, style_a)
             total = total + cfg.cml * terms["cml"]
         if cfg.ccl > 0:
-            terms["ccl"] = cross_covariance_loss(f.style, fa.style)
+            terms["ccl"] = cross_covariance_loss(style, style_a)
             total = total + cfg.ccl * terms["ccl"]
         if self.projection is not None:
             cwcl, sdcl = self._contrastive(f, fa, target)
@@ -311,7 +320,7 @@ class BlindNetTask(nn.Module):
                 terms["sdcl"] = sdcl
                 total = total + cfg.sdcl * sdcl
         if cfg.uses_alignment:
-            terms["align"] = self._alignment(f, fa)
+            terms["align"] = self._alignment(f, fa, style, style_a)
             total = total + cfg.align * terms["align"]
 
         out = {"loss": total}
@@ -320,6 +329,17 @@ class BlindNetTask(nn.Module):
         if "align" in terms:
             out["align"] = terms["align"].detach()
         return out
+
+    def style_features(self, feats: SegFeatures) -> tuple[torch.Tensor, ...]:
+        """The style features CML/CCL read, per :attr:`LossConfig.style_features` (shapes as ``feats.style``).
+
+        ``"original"`` applies a ReLU where the original's in-place ReLU overwrote the InstanceNorm output (the
+        encoder's ``style_after_relu_in_original``); the gradient then flows through that ReLU, as in the original.
+        """
+        if self.loss_config.style_features == "pre_activation":
+            return feats.style
+        flags = getattr(self.model.encoder, "style_after_relu_in_original", ())
+        return tuple(F.relu(s) if i < len(flags) and flags[i] else s for i, s in enumerate(feats.style))
 
     def _contrastive(
         self, f: SegFeatures, fa: SegFeatures, target: torch.Tensor
@@ -417,12 +437,18 @@ class BlindNetTask(nn.Module):
 
         return (lambda b, i: head.forward_vectors(gather_pixels(fq, b, i))), embed_k
 
-    def _alignment(self, f: SegFeatures, fa: SegFeatures) -> torch.Tensor:
+    def _alignment(
+        self,
+        f: SegFeatures,
+        fa: SegFeatures,
+        style: tuple[torch.Tensor, ...],
+        style_a: tuple[torch.Tensor, ...],
+    ) -> torch.Tensor:
         cfg = self.loss_config
         total: torch.Tensor | None = None
         for level in cfg.align_levels:
             if level.startswith("style"):
-                fk, fq = f.style[int(level[5:])], fa.style[int(level[5:])]
+                fk, fq = style[int(level[5:])], style_a[int(level[5:])]
             else:
                 fk, fq = getattr(f, level), getattr(fa, level)
             if cfg.align_detach_original:

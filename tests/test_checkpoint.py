@@ -13,12 +13,15 @@ import torch.nn.functional as F
 from blindnet.checkpoint import (
     CheckpointError,
     convert_official_checkpoint,
+    convert_official_state,
     convert_official_state_dict,
+    detect_variant,
     load_model,
     read_metadata,
     save_model,
 )
 from blindnet.models import ModelConfig, build_model
+from tests.original_reference import original_forward, strip
 
 KEYS_FILE = Path(__file__).parent / "data" / "official_state_dict_keys.json"
 ARCH = {"resnet50": "DeepR50V3PlusD", "mobilenetv2": "DeepMobileNetV3PlusD", "shufflenetv2": "DeepShuffleNetV3PlusD"}
@@ -96,6 +99,90 @@ def reference_r50_blindnet(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torc
     dec = F.relu(bn(F.conv2d(dec, s["final1.3.weight"], padding=1), "final1.4"))
     logits = F.conv2d(dec, s["final2.0.weight"], s["final2.0.bias"])
     return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
+
+
+def fabricate_variant_state(backbone: str, blindnet: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Official-format state of one variant whose BatchNorm running statistics are the ones that variant's own
+    forward produces (batch statistics of random images through the independent reference), like a trained one."""
+    official = fabricate_official_state(ARCH[backbone], seed)
+    if backbone == "resnet50" and not blindnet:  # the baseline keeps the stem BatchNorm the IN replaces
+        official.update(
+            {
+                "module.layer0.1.weight": torch.ones(64),
+                "module.layer0.1.bias": torch.zeros(64),
+                "module.layer0.1.running_mean": torch.zeros(64),
+                "module.layer0.1.running_var": torch.ones(64),
+                "module.layer0.1.num_batches_tracked": torch.tensor(1000),
+            }
+        )
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(seed + 100))
+    with torch.no_grad():  # writes the batch statistics into the (shared) running buffers
+        original_forward(strip(official), x, backbone=backbone, blindnet=blindnet, train_bn=True)
+    return official
+
+
+VARIANT_CASES = [
+    ("resnet50", True, 16),
+    ("resnet50", False, 16),
+    ("resnet50", True, 8),
+    ("resnet50", False, 8),
+    ("mobilenetv2", True, 16),
+    ("mobilenetv2", False, 16),
+    ("shufflenetv2", True, 16),
+    ("shufflenetv2", False, 16),
+]
+
+
+@pytest.mark.parametrize(("backbone", "blindnet", "output_stride"), VARIANT_CASES)
+def test_conversion_matches_independent_reference(
+    tmp_path: Path, backbone: str, blindnet: bool, output_stride: int
+) -> None:
+    torch.set_num_threads(1)
+    official = fabricate_variant_state(backbone, blindnet)
+    src = tmp_path / "official.pth"
+    torch.save({"state_dict": official}, src)
+    dst = tmp_path / "converted.safetensors"
+    convert_official_checkpoint(src, dst, backbone=backbone, instance_norm=blindnet, output_stride=output_stride)
+    model = load_model(dst)
+    assert model.config.instance_norm is blindnet and model.config.output_stride == output_stride
+    meta = read_metadata(dst)
+    assert meta["variant"] == ("blindnet" if blindnet else "baseline")
+    assert meta["variant_check"].startswith("blindnet" if blindnet else "baseline")
+    x = torch.randn(1, 3, 49, 67, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, _ = original_forward(official, x, backbone=backbone, blindnet=blindnet, output_stride=output_stride)
+        ours = model(x)
+    assert ours.shape == ref.shape == (1, 19, 49, 67)
+    assert (ours - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "shufflenetv2"])
+def test_wrong_variant_is_caught_for_backbones_with_identical_keys(tmp_path: Path, backbone: str) -> None:
+    torch.set_num_threads(1)
+    for blindnet in (True, False):
+        official = fabricate_variant_state(backbone, blindnet)
+        check = detect_variant(convert_official_state_dict(official), backbone)
+        assert check.detected == ("blindnet" if blindnet else "baseline"), check
+        with pytest.raises(CheckpointError, match="looks like"):
+            convert_official_state(official, backbone=backbone, instance_norm=not blindnet)
+        with pytest.raises(CheckpointError, match="--variant"):
+            convert_official_state(official, backbone=backbone)  # no silent default for these backbones
+    # Forcing the wrong variant past the check loads (same keys) but gives different logits: what the check prevents.
+    official = fabricate_variant_state(backbone, True)
+    wrong = convert_official_state(official, backbone=backbone, instance_norm=False, check_variant=False)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref, _ = original_forward(official, x, backbone=backbone, blindnet=True)
+        rel = ((wrong(x) - ref).norm() / ref.norm()).item()
+    assert rel > 0.05
+
+
+def test_resnet50_variant_is_read_from_the_keys() -> None:
+    for blindnet in (True, False):
+        model = convert_official_state(fabricate_variant_state("resnet50", blindnet), backbone="resnet50")
+        assert model.config.instance_norm is blindnet
+    with pytest.raises(CheckpointError, match="looks like baseline"):
+        convert_official_state(fabricate_variant_state("resnet50", False), backbone="resnet50", instance_norm=True)
 
 
 def test_official_resnet50_conversion_gives_identical_logits(tmp_path: Path) -> None:

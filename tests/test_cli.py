@@ -66,12 +66,22 @@ def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys:
     assert '"backbone": "mobilenetv2"' in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
 
-    from tests.test_checkpoint import fabricate_official_state
+    from tests.test_checkpoint import fabricate_variant_state
 
-    torch.save({"state_dict": fabricate_official_state("DeepShuffleNetV3PlusD")}, tmp_path / "official.pth")
-    assert main(["convert", str(tmp_path / "official.pth"), str(tmp_path / "conv.safetensors"),
-                 "--backbone", "shufflenetv2"]) == 0
-    assert load_model(tmp_path / "conv.safetensors").config.backbone == "shufflenetv2"
+    torch.save({"state_dict": fabricate_variant_state("shufflenetv2", True)}, tmp_path / "official.pth")
+    src, dst = str(tmp_path / "official.pth"), str(tmp_path / "conv.safetensors")
+    capsys.readouterr()
+    # Same keys for both variants: no silent default, and the wrong choice is refused by the statistics check.
+    assert main(["convert", src, dst, "--backbone", "shufflenetv2"]) == 2
+    assert "--variant" in capsys.readouterr().err
+    assert main(["convert", src, dst, "--backbone", "shufflenetv2", "--baseline"]) == 2
+    assert "looks like blindnet" in capsys.readouterr().err
+    assert main(["convert", src, dst, "--backbone", "shufflenetv2", "--variant", "blindnet"]) == 0
+    out = capsys.readouterr().out
+    assert "BlindNet (3 InstanceNorm layers)" in out and "variant check: blindnet" in out
+    assert load_model(dst).config.backbone == "shufflenetv2" and load_model(dst).config.instance_norm
+    assert main(["convert", src, dst, "--backbone", "shufflenetv2", "--baseline", "--no-variant-check"]) == 0
+    assert "baseline DeepLabV3+" in capsys.readouterr().out and not load_model(dst).config.instance_norm
 
 
 def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_checkpoint: Path) -> None:

@@ -258,9 +258,20 @@ def test_train_dataset_items_and_class_uniform_keys(tmp_path):
         scale_range=(1.0, 1.0),
         class_uniform_pct=1.0,
         cache_dir=tmp_path / "cache",
+        centroid_crop="uniform",  # the crop always contains the centroid (the original's may miss it by a pixel)
     )
     keys = ds.epoch_items(0, seed=1)
-    assert keys == ds.epoch_items(0, seed=1) and len(keys) == 19
+    # Only 2 of 19 classes have centroids: the original's epoch keeps just their items (19 - 17 * 1).
+    assert keys == ds.epoch_items(0, seed=1) and len(keys) == 2
+    kept = build_train_dataset(
+        "cityscapes",
+        tmp_path,
+        split="train",
+        class_uniform_pct=1.0,
+        cache_dir=tmp_path / "cache",
+        class_uniform_keep_size=True,
+    )
+    assert len(kept.epoch_items(0, seed=1)) == 19 and kept.transform.centroid_crop == "original"
     assert list((tmp_path / "cache").glob("cityscapes_train_tile1024_*.json"))
     bikes = [k for k in keys if isinstance(k, SampleKey) and k.class_id == 18]
     assert bikes
@@ -272,3 +283,23 @@ def test_train_dataset_items_and_class_uniform_keys(tmp_path):
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_aug"], b["image_aug"])
     with pytest.raises(ValueError, match="aligned"):
         build_train_dataset("cityscapes", tmp_path, pair="aligned")
+
+
+# ---- evaluation protocols ----------------------------------------------------------------------------------------
+def test_original_protocol_cityscapes_unnormalised_mapillary_cropped(tmp_path):
+    _cityscapes(tmp_path / "cs")
+    clean = build_eval_dataset("cityscapes", tmp_path / "cs", "val")[0]
+    orig = build_eval_dataset("cityscapes", tmp_path / "cs", "val", protocol="original")[0]
+    raw = cv2.cvtColor(cv2.imread(str(tmp_path / "cs/leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png")),
+                       cv2.COLOR_BGR2RGB)  # fmt: skip
+    torch.testing.assert_close(orig["image"], torch.from_numpy(raw.transpose(2, 0, 1) / 255.0).float())
+    assert clean["image"].min() < 0 and torch.equal(orig["label"], clean["label"])
+    # Mapillary: height 1024, 1024 x 1024 centre crop (tiny 8 x 12 image -> 1024 x 1536 -> columns 256..1279).
+    mp = tmp_path / "mp"
+    _rgb(mp / "validation/images/x1.jpg")
+    _palette_png(mp / "validation/labels/x1.png", np.full((H, W), 55, np.uint8), {55: (0, 0, 142)})
+    item = build_eval_dataset("mapillary", mp, "val", protocol="original")[0]
+    assert item["image"].shape == (3, 1024, 1024) and (item["label"] == 13).all()
+    assert build_eval_dataset("mapillary", mp, "val")[0]["image"].shape == (3, H, W)  # clean: full resolution
+    with pytest.raises(ValueError, match="protocol"):
+        build_eval_dataset("mapillary", mp, "val", protocol="paper")

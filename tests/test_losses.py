@@ -268,6 +268,43 @@ def test_cwcl_sampler_with_defaults_agrees_with_reference_and_generator() -> Non
     assert torch.equal(again.index, got.index)
 
 
+def test_cwcl_level_without_an_eligible_class_contributes_zero() -> None:
+    # No class of the batch has more than min_pixels pixels: the original returns no samples and the level adds 0.
+    # One image with a single 11-pixel class and min_pixels 10 is eligible: then the others are filled as before.
+    k, s, v, min_pixels = 4, 2, 4, 10
+    labels = torch.full((2, 64), IGNORE, dtype=torch.long)
+    labels[0, :10] = 1  # exactly min_pixels: not "more than"
+    labels[1, 20:30] = 2
+    pred = torch.zeros_like(labels)
+    smp = sample_cwcl(
+        labels,
+        pred,
+        num_classes=k,
+        max_classes=s,
+        max_views=v,
+        min_pixels=min_pixels,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not smp.valid.any()
+    q = torch.nn.functional.normalize(torch.randn(2, s * v, 8, requires_grad=True), dim=-1)
+    k_emb = torch.nn.functional.normalize(torch.randn(2, s * v, 8), dim=-1)
+    loss = cwcl_from_embeddings(q, k_emb, smp.label, smp.valid)
+    assert loss.item() == 0.0 and loss.requires_grad  # 0, still part of the graph
+    labels[1, 20:31] = 2  # now image 1 has an eligible class (11 > 10 pixels)
+    smp = sample_cwcl(
+        labels,
+        pred,
+        num_classes=k,
+        max_classes=s,
+        max_views=v,
+        min_pixels=min_pixels,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert smp.valid[1].all()  # its class slot plus a filler slot of its other labelled pixels
+    assert smp.valid[0].all()  # image 0 has no eligible class: all its slots are filler from its 10 labelled pixels
+    assert set(smp.index[0].tolist()) <= set(range(10))
+
+
 def reference_sdcl(labels, pred_k, pred_q, scores, k, r, max_per_image):
     n, p = labels.shape
     neg: dict[tuple[int, int], list[int]] = {}

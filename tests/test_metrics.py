@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from blindnet.metrics import ConfusionMatrix
+from blindnet.metrics import ConfusionMatrix, CrossAppearanceConsistency
 
 
 def test_hand_computed_iou_acc_and_nanmean() -> None:
@@ -97,3 +97,29 @@ def test_all_reduce_sums_over_ranks() -> None:
     mp.spawn(_reduce_worker, args=(_free_port(), out), nprocs=2, join=True)
     expected = [[1, 0, 0], [0, 1, 0], [0, 2, 0]]
     assert out[0] == expected and out[1] == expected
+
+
+def test_cross_appearance_consistency_known_answer() -> None:
+    acc = CrossAppearanceConsistency(["a", "b", "c"], num_classes=3)
+    t = torch.tensor
+    s1 = {"a": t([[0, 0, 1, 1], [0, 0, 1, 1]]), "b": t([[0, 0, 1, 1], [0, 0, 0, 0]]), "c": torch.full((2, 4), 2)}
+    s2 = {"a": t([[1, 1], [1, 1]]), "b": t([[1, 1], [1, 0]])}  # scene 2 never gets "c": counted at scores()
+    acc.update("s1", "a", s1["a"])
+    acc.update("s2", "a", s2["a"])
+    acc.update("s1", "b", s1["b"])
+    acc.update("s1", "c", s1["c"])
+    acc.update("s2", "b", s2["b"])
+    acc.update("s1", "rain", s1["a"])  # not one of the appearances: ignored
+    c = acc.scores()
+    assert c.appearances == ["a", "b", "c"]
+    # a vs b: 6 of 8 pixels agree in s1, 3 of 4 in s2.
+    assert c.agreement[0][1] == c.agreement[1][0] == pytest.approx(9 / 12)
+    assert c.agreement[0][2] == c.agreement[1][2] == 0.0 and c.agreement[0][0] == 1.0
+    # b scored against a (summed counts): class 0 TP 4, FP 3 -> 4/7; class 1 TP 5, FN 3 -> 5/8; class 2 absent.
+    assert c.miou[0][1] == c.miou[1][0] == pytest.approx((4 / 7 + 5 / 8) / 2)
+    assert c.miou[0][2] == 0.0 and c.miou[2][2] == 1.0
+    assert c.scenes == [[0, 2, 1], [2, 0, 1], [1, 1, 0]]
+    assert c.mean_off_diagonal("agreement") == pytest.approx((9 / 12) / 3)
+    acc.update("s3", "a", s2["a"])
+    with pytest.raises(ValueError, match="twice"):
+        acc.update("s3", "a", s2["a"])

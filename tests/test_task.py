@@ -12,6 +12,7 @@ import torch
 import blindnet.task as task_module
 from blindnet.models import DeepLabV3Plus, ModelConfig, build_model, count_parameters
 from blindnet.task import ABLATIONS, LOSS_KEYS, BlindNetTask, LossConfig, ablation
+from tests.original_reference import original_forward
 
 NUM_CLASSES = 19
 
@@ -112,7 +113,8 @@ def test_every_ablation_runs_a_training_step(tiny_model: DeepLabV3Plus, name: st
 
 
 def test_full_blindnet_losses_are_active_and_reach_every_head(tiny_model: DeepLabV3Plus) -> None:
-    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig())
+    # Tiny maps: with the default 50-pixel minimum no class would be eligible and CWCL would (rightly) be 0.
+    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig(cwcl_min_pixels=0, cwcl_max_views=2))
     torch.manual_seed(2)
     task.train()
     out = task(*_batch(3))
@@ -145,7 +147,8 @@ def test_dense_and_sparse_projection_agree(tiny_model: DeepLabV3Plus) -> None:
     results = {}
     for mode in ("dense", "sparse"):
         torch.manual_seed(12)  # same projection-head initialisation in both tasks
-        task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig()).eval()
+        # Small minimum so that CWCL has eligible classes on the tiny maps.
+        task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig(cwcl_min_pixels=1, cwcl_max_views=4)).eval()
         task.projection_mode = mode
         task.generator = torch.Generator().manual_seed(11)
         x, x_a, _ = _batch(7)
@@ -195,7 +198,7 @@ def test_forward_has_no_data_dependent_host_sync() -> None:
 
 
 def test_bf16_autocast_step_is_finite(tiny_model: DeepLabV3Plus) -> None:
-    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig()).train()
+    task = BlindNetTask(copy.deepcopy(tiny_model), LossConfig(cwcl_min_pixels=0, cwcl_max_views=2)).train()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         out = task(*_batch(6))
     out["loss"].backward()
@@ -295,3 +298,82 @@ def test_other_backbones_run_a_bf16_step(backbone: str) -> None:
     out["loss"].backward()
     assert all(math.isfinite(v.item()) for v in out.values())
     assert all(out[k].item() > 0 for k in ("cml", "ccl", "cwcl", "align"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which style features CML/CCL read (ShuffleNetV2's stem: post-ReLU in the original)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _official_keys(model: DeepLabV3Plus) -> dict[str, torch.Tensor]:
+    """The model's weights under the original's key names (its trunk sits at the top level, not under encoder.)."""
+    return {k.removeprefix("encoder."): v for k, v in model.state_dict().items()}
+
+
+def _reference_ccl(style_k: list[torch.Tensor], style_q: list[torch.Tensor]) -> float:
+    """The original's CCL written out: diag of F_k F_q^T / (HW - 1) + 1e-5 pushed to 1, mean over layers."""
+    total = 0.0
+    for fk, fq in zip(style_k, style_q):
+        n, c, h, w = fk.shape
+        diag = (fk.reshape(n, c, -1) * fq.reshape(n, c, -1)).sum(-1) / (h * w - 1) + 1e-5
+        total += ((diag - 1) ** 2).mean(1).sum().item() / n
+    return total / len(style_k)
+
+
+def _reference_cml(style_k: list[torch.Tensor], style_q: list[torch.Tensor]) -> float:
+    total = 0.0
+    for fk, fq in zip(style_k, style_q):
+        n, c, h, w = fk.shape
+        eye = 1e-5 * torch.eye(c)
+        cov_k = fk.reshape(n, c, -1) @ fk.reshape(n, c, -1).transpose(1, 2) / (h * w - 1) + eye
+        cov_q = fq.reshape(n, c, -1) @ fq.reshape(n, c, -1).transpose(1, 2) / (h * w - 1) + eye
+        total += ((cov_k - cov_q) ** 2).mean().item()
+    return total / len(style_k)
+
+
+def test_shufflenet_style_features_follow_the_original_in_place_relu() -> None:
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(backbone="shufflenetv2", num_classes=NUM_CLASSES)).eval()
+    x, x_a, target = _batch(4, size=64)
+    state = _official_keys(model)
+    with torch.no_grad():
+        ref_logits, ref_k = original_forward(state, x, backbone="shufflenetv2", blindnet=True)
+        _, ref_q = original_forward(state, x_a, backbone="shufflenetv2", blindnet=True)
+    assert (ref_k[0] >= 0).all()  # the reference's stem feature was overwritten by the in-place ReLU
+
+    results = {}
+    for mode in ("original", "pre_activation"):
+        cfg = LossConfig(cwcl=0, sdcl=0, aux=0, style_features=mode)
+        task = BlindNetTask(model, cfg).eval()
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            style = task.style_features(feats)
+            out = task(x, x_a, target)
+        torch.testing.assert_close(feats.logits, ref_logits, atol=1e-4, rtol=1e-4)
+        results[mode] = (style, out)
+    style, out = results["original"]  # the default
+    assert LossConfig().style_features == "original"
+    for ours, ref in zip(style, ref_k):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert out["ccl"].item() == pytest.approx(_reference_ccl(ref_k, ref_q), rel=1e-4)
+    assert out["cml"].item() == pytest.approx(_reference_cml(ref_k, ref_q), rel=1e-4, abs=1e-9)
+    # The option: the stem feature before the ReLU (it has negative values); the deeper two are unchanged.
+    pre, out_pre = results["pre_activation"]
+    assert (pre[0] < 0).any()
+    torch.testing.assert_close(pre[0].clamp(min=0), ref_k[0], atol=1e-5, rtol=1e-5)
+    for i in (1, 2):
+        torch.testing.assert_close(pre[i], style[i])
+    assert out_pre["ccl"].item() != pytest.approx(out["ccl"].item(), rel=1e-3)
+
+
+def test_style_feature_option_changes_nothing_for_mobilenet(tiny_model: DeepLabV3Plus) -> None:
+    x, _, _ = _batch(5)
+    with torch.no_grad():
+        feats = tiny_model.eval().forward_features(x)
+    a = BlindNetTask(tiny_model, LossConfig(style_features="original")).style_features(feats)
+    b = BlindNetTask(tiny_model, LossConfig(style_features="pre_activation")).style_features(feats)
+    assert all(torch.equal(u, v) for u, v in zip(a, b)) and len(a) == 3
+    with pytest.raises(ValueError, match="style_features"):
+        LossConfig.from_dict({"style_features": "post_relu"})
+    with pytest.raises(ValueError, match="unknown config key"):
+        LossConfig.from_dict({"style_feature": "original"})

@@ -83,7 +83,7 @@ def _log_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_smoke_train_checkpoint_resume_evaluate(scenes: Path, tmp_path: Path) -> None:
-    from blindnet.train.evaluate import main as evaluate_main
+    from blindnet.train.evaluate_cli import main as evaluate_main
     from blindnet.train.loop import train
 
     cfg = load_config("synthetic_smoke", tiny_overrides(scenes))
@@ -182,3 +182,10 @@ def test_dataset_with_missing_labels_fails_before_training(tmp_path: Path) -> No
     with pytest.raises(DatasetError, match="no label"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_cli_offers_exactly_the_library_protocols() -> None:
+    from blindnet.data.transforms import EVAL_PROTOCOLS
+    from blindnet.train.evaluate_cli import PROTOCOLS
+
+    assert tuple(PROTOCOLS) == tuple(EVAL_PROTOCOLS)

@@ -15,7 +15,7 @@ from blindnet.data import (
     class_uniform_epoch,
     gaussian_blur,
 )
-from blindnet.data.sampling import build_centroids, label_centroids
+from blindnet.data.sampling import build_centroids, class_uniform_epoch_size, label_centroids
 from blindnet.data.transforms import build_eval_transform, to_tensor
 from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
 
@@ -157,10 +157,50 @@ def test_class_uniform_epoch_is_deterministic_and_balanced(tmp_path):
     e0 = class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0)
     assert e0 == class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0)
     assert e0 != class_uniform_epoch(40, cents, 0.5, seed=1, epoch=1)
-    assert len(e0) == 40
+    # 17 of the 19 classes have no centroid: as the original, their share (1 item each) is dropped from the epoch.
+    per_class = int(40 * 0.5 / 19)
+    assert len(e0) == 40 - 17 * per_class == class_uniform_epoch_size(40, cents, 0.5)
+    assert sum(isinstance(k, int) for k in e0) == 40 - 19 * per_class
     rare = [k for k in e0 if isinstance(k, SampleKey) and k.class_id == 16]
-    assert len(rare) == int(40 * 0.5 / 19)
+    assert len(rare) == per_class
     assert all(k.index % 10 == 0 and k.row < 5 and k.col < 5 for k in rare)
+    # The option keeps the epoch's length by drawing uniform images instead.
+    kept = class_uniform_epoch(40, cents, 0.5, seed=1, epoch=0, keep_size=True)
+    assert len(kept) == 40 == class_uniform_epoch_size(40, cents, 0.5, keep_size=True)
+    assert sum(isinstance(k, int) for k in kept) == 40 - 2 * per_class
+    sampler = ClassUniformSampler(40, cents, 0.5, seed=1)
+    assert len(sampler) == len(list(sampler)) == 23
+    assert len(ClassUniformSampler(40, cents, 0.5, seed=1, keep_size=True)) == 40
+
+
+def _crop_rows(t, label: np.ndarray, centroid: tuple[int, int], draws: int) -> np.ndarray:
+    """First row of each crop: the label stores its row index, so the crop's top-left label is the offset."""
+    image = np.zeros((*label.shape, 3), np.uint8)
+    return np.array(
+        [t.geometry(image, label, np.random.default_rng(s), centroid=centroid)[1][0, 0] for s in range(draws)]
+    )
+
+
+def test_centroid_crop_placement_original_and_uniform():
+    rows = np.repeat(np.arange(100, dtype=np.uint8)[:, None], 100, axis=1)  # label = row index
+    kw = dict(crop_size=40, scale_min=1.0, scale_max=1.0, flip=False)
+    original = build_train_transform(**kw)
+    uniform = build_train_transform(**kw, centroid_crop="uniform")
+    assert original.centroid_crop == "original"
+    # Centroid at row 5: the original draws the offset in [5 - 40, 5] and clips it to 0, so 36 of 41 values land on
+    # the border; uniform among crops containing row 5 gives offsets 0..5, each 1/6.
+    y_orig = _crop_rows(original, rows, (5, 50), 1500)
+    y_unif = _crop_rows(uniform, rows, (5, 50), 1500)
+    assert set(y_orig) <= set(range(6)) and set(y_unif) == set(range(6))
+    assert abs((y_orig == 0).mean() - 36 / 41) < 0.04
+    assert abs((y_unif == 0).mean() - 1 / 6) < 0.04
+    # Away from the borders the original offset is uniform on [c - 40, c] (41 values; at c - 40 the centroid row is
+    # just outside the crop), the uniform mode on [c - 39, c].
+    y_orig = _crop_rows(original, rows, (50, 50), 1500)
+    y_unif = _crop_rows(uniform, rows, (50, 50), 1500)
+    assert y_orig.min() == 10 and y_orig.max() == 50 and y_unif.min() == 11 and y_unif.max() == 50
+    with pytest.raises(ValueError, match="centroid_crop"):
+        build_train_transform(centroid_crop="clip")
 
 
 def test_sampler_shards_resume_and_world_size_invariance():
@@ -179,3 +219,26 @@ def test_sampler_shards_resume_and_world_size_invariance():
     single.set_epoch(4, start=6)
     assert list(single) == full[6:]
     assert len(r0) == 10
+
+
+def test_original_mapillary_protocol_crop_and_portrait_padding():
+    t = build_eval_transform("original", "mapillary")
+    assert t.normalize and t.resize_height == 1024 and t.center_crop == 1024 and t.pad_label == 0
+    # Landscape 256 x 512 -> 1024 x 2048 -> crop columns 512..1535: left half class 1, right half class 2.
+    label = np.full((256, 512), 2, np.uint8)
+    label[:, :256] = 1
+    out = t(np.full((256, 512, 3), 200, np.uint8), label)
+    lab = out["label"].numpy()
+    assert lab.shape == (1024, 1024) and (lab[:, :512] == 1).all() and (lab[:, 512:] == 2).all()
+    # Portrait 512 x 256 -> 1024 x 512, padded by 512 on both sides, crop offset round((512 - 1024) / 2) = -256 from
+    # the unpadded width: 256 columns outside + 512 padding columns, all label 0 (road) and black, then the content.
+    out = t(np.full((512, 256, 3), 200, np.uint8), np.full((512, 256), 5, np.uint8))
+    lab, img = out["label"].numpy(), out["image"]
+    assert (lab[:, :768] == 0).all() and (lab[:, 768:] == 5).all()
+    black = to_tensor(np.zeros((1, 1, 3), np.uint8))[:, 0, 0]
+    torch.testing.assert_close(img[:, :, :768], black[:, None, None].expand(3, 1024, 768))
+    assert not torch.allclose(img[:, 0, 800], black)
+    # Other datasets and the clean protocol: untouched full resolution, normalised.
+    for proto, ds in (("original", "bdd100k"), ("clean", "mapillary"), ("clean", "cityscapes")):
+        assert build_eval_transform(proto, ds) == build_eval_transform()
+    assert not build_eval_transform("original", "cityscapes").normalize

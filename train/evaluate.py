@@ -1,22 +1,30 @@
-"""Score networks on segmentation datasets: full resolution, single scale, no flip (the original protocol, facts §6).
+"""Score networks on segmentation datasets: single scale, no flip, batch 1.
 
-Library: :func:`evaluate` (one model, one dataset -> :class:`~blindnet.metrics.SegScores`) and the table writers
+Two input protocols (see ``docs/original_implementation.md``):
+
+* ``clean`` (default): every dataset at full resolution with ImageNet normalisation, as the network was trained;
+* ``original`` (``--protocol original``): the original evaluation's per-dataset quirks, for like-for-like comparison
+  with published numbers: Cityscapes on un-normalised [0, 1] inputs, Mapillary resized to height 1024 and
+  centre-cropped to 1024 x 1024 (portrait images padded with label 0); other datasets as ``clean``.
+
+Library: :func:`evaluate` (one model, one dataset -> :class:`~blindnet.metrics.SegScores`), the table writers
 :func:`miou_table` (rows = checkpoints, columns = target datasets; the paper's Table 1) and :func:`class_table`
-(rows = checkpoint/target, columns = classes; Table 6).
+(rows = checkpoint/target, columns = classes; Table 6), and, for aligned multi-appearance datasets, cross-appearance
+consistency (:func:`consistency_table`, :func:`plot_consistency`): per pair of appearances, the pixel agreement of the
+predictions for the same layout and the mIoU of one appearance's prediction scored against the other's.
 
 CLI::
 
     python -m blindnet.train.evaluate --checkpoint runs/x/model.safetensors --dataset cityscapes --root data/cityscapes
     python -m blindnet.train.evaluate --checkpoint a.safetensors b.pt --config synthetic_full   # the preset's eval targets
+    python -m blindnet.train.evaluate --checkpoint a.safetensors --dataset mapillary --root data/mapillary --protocol original
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,7 +33,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from blindnet.classes import class_names
-from blindnet.metrics import ConfusionMatrix, SegScores
+from blindnet.data.datasets import AlignedAppearanceDataset
+from blindnet.io import atomic_write
+from blindnet.metrics import ConfusionMatrix, ConsistencyScores, CrossAppearanceConsistency, SegScores
 from blindnet.train.distributed import current_dist_info
 
 
@@ -42,6 +52,7 @@ def evaluate(
     max_images: int = 0,
     progress: bool = True,
     desc: str = "eval",
+    consistency: CrossAppearanceConsistency | None = None,
 ) -> SegScores:
     """Confusion-matrix scores of ``model`` on ``dataset`` (last weights as given; nothing is selected or tuned).
 
@@ -52,6 +63,8 @@ def evaluate(
             images may differ in size, so the batch is 1 (as in the original).
         amp: bfloat16 autocast (CUDA).
         max_images: score only the first ``max_images`` images (0 = all).
+        consistency: also feed every prediction (``H x W``) to this accumulator under the item's ``"name"`` (the
+            scene) and ``"appearance"``; items without an appearance are skipped. Single process only.
 
     Under ``torch.distributed`` each rank scores every ``world_size``-th image and the counts are summed, so every
     image is scored exactly once (the original's sampler dropped the remainder).
@@ -61,6 +74,9 @@ def evaluate(
     n = len(dataset) if max_images <= 0 else min(len(dataset), max_images)
     if n == 0:
         raise ValueError(f"{desc}: the evaluation dataset is empty")
+    if consistency is not None and info.world_size > 1:
+        # Ranks see different items, so a scene's appearances would be split over processes.
+        raise ValueError(f"{desc}: cross-appearance consistency needs a single process")
     shard = Subset(dataset, list(range(info.rank, n, info.world_size)))
     # An explicit generator keeps DataLoader from drawing its seed from the global RNG: evaluating mid-training must
     # not change the training run's random stream (exact resume).
@@ -84,7 +100,10 @@ def evaluate(
                 logits = model(image)
             if logits.shape[-2:] != label.shape[-2:]:
                 raise RuntimeError(f"{desc}: logits {tuple(logits.shape)} do not match label {tuple(label.shape)}")
-            cm.update(logits.argmax(1), label)
+            pred = logits.argmax(1)
+            cm.update(pred, label)
+            if consistency is not None and "appearance" in batch:
+                consistency.update(str(batch["name"][0]), str(batch["appearance"][0]), pred[0])
             if bar is not None:
                 bar.update(1)
     finally:
@@ -104,19 +123,27 @@ def evaluate_checkpoints(
     num_workers: int = 0,
     max_images: int = 0,
     progress: bool = True,
+    consistency: dict[str, dict[str, ConsistencyScores]] | None = None,
 ) -> dict[str, dict[str, SegScores]]:
     """Score each checkpoint (row label -> file) on each dataset (target label -> dataset, built once for all rows).
 
     Returns ``{row label: {target label: SegScores}}``, the input of :func:`miou_table` and :func:`write_tables`.
+    When ``consistency`` is a dict it is filled with ``{row label: {group label: ConsistencyScores}}`` for the
+    aligned datasets (see :func:`consistency_groups`), from the same forward passes.
     """
     from blindnet.checkpoint import load_model
 
     device = torch.device(device)
+    groups = consistency_groups(datasets) if consistency is not None else {}
     results: dict[str, dict[str, SegScores]] = {}
     for label, ckpt in checkpoints.items():
         model = load_model(ckpt, device=device)
-        results[label] = {
-            target: evaluate(
+        num_classes = model.config.num_classes
+        accumulators = {g: CrossAppearanceConsistency(apps, num_classes) for g, (apps, _) in groups.items()}
+        target_group = {t: g for g, (_, targets) in groups.items() for t in targets}
+        results[label] = {}
+        for target, ds in datasets.items():
+            results[label][target] = evaluate(
                 model,
                 ds,
                 device=device,
@@ -125,10 +152,34 @@ def evaluate_checkpoints(
                 max_images=max_images,
                 progress=progress,
                 desc=f"{label} on {target}",
+                consistency=accumulators.get(target_group.get(target, "")),
             )
-            for target, ds in datasets.items()
-        }
+        if consistency is not None and accumulators:
+            consistency[label] = {g: acc.scores() for g, acc in accumulators.items()}
     return results
+
+
+def consistency_groups(datasets: Mapping[str, Dataset]) -> dict[str, tuple[list[str], list[str]]]:
+    """Aligned evaluation datasets whose scenes can be compared across appearances.
+
+    Datasets over the same folder and split (e.g. one target per appearance) form one group, so their predictions
+    for a scene are compared with each other. Returns ``{group label: (appearances, target labels)}`` for groups
+    with at least two appearances; the label is the target's own when one dataset holds them all.
+    """
+    found: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+    for target, ds in datasets.items():
+        if not isinstance(ds, AlignedAppearanceDataset) or ds.train:
+            continue
+        apps, targets = found.setdefault((str(ds.root.resolve()), ds.split), ([], []))
+        apps.extend(a for a in ds.appearances if a not in apps)
+        targets.append(target)
+    out: dict[str, tuple[list[str], list[str]]] = {}
+    for (root, split), (apps, targets) in found.items():
+        if len(apps) < 2:
+            continue
+        name = targets[0] if len(targets) == 1 else f"aligned:{Path(root).name}/{split}"
+        out[name] = (apps, targets)
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -184,10 +235,81 @@ def class_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "i
     return _markdown(header, rows), _csv(header, rows)
 
 
-def write_tables(results: Mapping[str, Mapping[str, SegScores]], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``miou.md/csv``, ``class_iou.md/csv`` and ``class_acc.md/csv`` into ``out_dir``; returns the paths."""
-    from blindnet.io import atomic_write
+def consistency_table(consistency: Mapping[str, Mapping[str, ConsistencyScores]]) -> tuple[str, str]:
+    """Cross-appearance consistency in percent.
 
+    Markdown: per (method, group) a summary line and an appearance x appearance matrix whose cells read
+    ``agreement / mIoU``. CSV (long format): ``method, target, appearance_a, appearance_b, agreement, mIoU, scenes``.
+    """
+    blocks: list[str] = []
+    rows: list[list[str]] = []
+    for label, per_group in consistency.items():
+        for group, c in per_group.items():
+            n = len(c.appearances)
+            blocks.append(
+                f"**{label} / {group}**: mean pixel agreement {_fmt(c.mean_off_diagonal('agreement') * 100)}, "
+                f"mean pairwise mIoU {_fmt(c.mean_off_diagonal('miou') * 100)} (cells: agreement / mIoU, percent)\n"
+            )
+            cells = [
+                [c.appearances[i], *[f"{_fmt(c.agreement[i][j] * 100)} / {_fmt(c.miou[i][j] * 100)}" for j in range(n)]]
+                for i in range(n)
+            ]
+            blocks.append(_markdown(["appearance", *c.appearances], cells))
+            for i in range(n):
+                for j in range(n):
+                    if i != j:
+                        rows.append(
+                            [label, group, c.appearances[i], c.appearances[j], _fmt(c.agreement[i][j] * 100),
+                             _fmt(c.miou[i][j] * 100), str(c.scenes[i][j])]
+                        )  # fmt: skip
+    header = ["method", "target", "appearance_a", "appearance_b", "agreement", "mIoU", "scenes"]
+    return "\n".join(blocks), _csv(header, rows)
+
+
+def plot_consistency(scores: ConsistencyScores, path: str | Path, title: str = "") -> Path:
+    """Two annotated heatmaps (pixel agreement, pairwise mIoU; percent) of one :class:`ConsistencyScores` as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    apps = scores.appearances
+    n = len(apps)
+    fig, axes = plt.subplots(1, 2, figsize=(4.2 * 2, 0.6 * n + 2.2), constrained_layout=True)
+    for ax, name, mat in zip(axes, ("pixel agreement (%)", "mIoU vs. the other (%)"), (scores.agreement, scores.miou)):
+        vals = [[v * 100 for v in row] for row in mat]
+        im = ax.imshow(vals, vmin=0, vmax=100, cmap="viridis")
+        ax.set_xticks(range(n), apps, rotation=45, ha="right")
+        ax.set_yticks(range(n), apps)
+        ax.set_title(name)
+        for i in range(n):
+            for j in range(n):
+                v = vals[i][j]
+                ax.text(j, i, "-" if math.isnan(v) else f"{v:.0f}", ha="center", va="center",
+                        color="black" if v > 60 else "white", fontsize=8)  # fmt: skip
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return path
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_") or "x"
+
+
+def write_tables(
+    results: Mapping[str, Mapping[str, SegScores]],
+    out_dir: str | Path,
+    consistency: Mapping[str, Mapping[str, ConsistencyScores]] | None = None,
+) -> dict[str, Path]:
+    """Write ``miou.md/csv``, ``class_iou.md/csv`` and ``class_acc.md/csv`` into ``out_dir``; returns the paths.
+
+    With ``consistency`` (see :func:`evaluate_checkpoints`) also ``consistency.md/csv`` and one heatmap
+    ``consistency_<method>_<target>.png`` per method and group.
+    """
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {}
     tables = {
@@ -196,6 +318,12 @@ def write_tables(results: Mapping[str, Mapping[str, SegScores]], out_dir: str | 
         "class_iou": class_table(results, "iou"),
         "class_acc": class_table(results, "acc"),
     }
+    if consistency:
+        tables["consistency"] = consistency_table(consistency)
+        for label, per_group in consistency.items():
+            for group, c in per_group.items():
+                name = f"consistency_{_slug(label)}_{_slug(group)}.png"
+                paths[name] = plot_consistency(c, out_dir / name, f"{label} / {group}")
     for stem, (md, cs) in tables.items():
         for ext, text in (("md", md), ("csv", cs)):
             p = out_dir / f"{stem}.{ext}"
@@ -205,84 +333,9 @@ def write_tables(results: Mapping[str, Mapping[str, SegScores]], out_dir: str | 
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------------
-def _parse_options(items: Sequence[str]) -> dict:
-    import yaml
-
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
 
 
-def _row_label(path: Path) -> str:
-    # runs/<name>/model.safetensors -> <name>; anything else -> file stem.
-    return path.parent.name if path.stem in ("model", "final") else path.stem
+if __name__ == "__main__":  # ``python -m blindnet.train.evaluate``: the same CLI as ``blindnet evaluate``
+    from blindnet.train.evaluate_cli import main
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.train.evaluate") -> int:
-    from blindnet.train.config import DatasetSpec, load_config
-    from blindnet.train.data import build_eval_dataset
-
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", required=True, help="deployable .safetensors or training .pt file(s)")
-    p.add_argument("--label", nargs="*", default=None, help="row labels (default: run folder or file name)")
-    p.add_argument("--dataset", nargs="*", default=[], help="dataset name(s), keys of blindnet.data.DATASETS")
-    p.add_argument("--root", nargs="*", default=[], help="dataset root(s), one per --dataset")
-    p.add_argument("--split", default="val")
-    p.add_argument("--option", nargs="*", default=[], help="dataset keyword arguments key=value (e.g. appearance=fog)")
-    p.add_argument("--config", default=None, help="take the targets from this preset's eval.targets")
-    p.add_argument("--set", dest="overrides", action="append", default=[], help="override for --config (a.b=v)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--out", default=None, help="folder for the Markdown/CSV tables")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-    from blindnet.checkpoint import CheckpointError
-
-    specs: list[DatasetSpec] = []
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-        specs += list(cfg.eval.targets)
-    if len(args.dataset) != len(args.root):
-        p.error(f"give one --root per --dataset ({len(args.dataset)} datasets, {len(args.root)} roots)")
-    options = _parse_options(args.option)
-    specs += [DatasetSpec(d, r, args.split, options=dict(options)) for d, r in zip(args.dataset, args.root)]
-    if not specs:
-        p.error("nothing to evaluate: give --dataset/--root or --config")
-    labels = args.label or [_row_label(Path(c)) for c in args.checkpoint]
-    if len(labels) != len(args.checkpoint):
-        p.error("give one --label per --checkpoint")
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
-    try:
-        datasets = {s.label: build_eval_dataset(s) for s in specs}
-        results = evaluate_checkpoints(
-            dict(zip(labels, args.checkpoint)),
-            datasets,
-            device=device,
-            num_workers=args.num_workers,
-            max_images=args.max_images,
-            progress=not args.no_progress,
-        )
-    except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    md, _ = miou_table(results)
-    print(md)
-    print(class_table(results)[0])
-    if args.out:
-        for path in write_tables(results, args.out).values():
-            print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

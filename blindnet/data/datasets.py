@@ -1,6 +1,6 @@
 """Segmentation datasets mapped to the 19 Cityscapes train ids (255 = ignore), with up-front layout validation.
 
-Layouts (facts §5.1, aligned_appearances.md §3.5-§3.6, §7):
+Layouts (``docs/original_implementation.md``, "Datasets and label mappings"):
 
 * ``gtav``: ``ROOT/images/{train,valid,test}/<any>/NNNNN.png`` + same under ``ROOT/labels/`` (the original's layout),
   or the official flat ``ROOT/images/NNNNN.png`` + ``ROOT/labels/NNNNN.png`` split by the original split lists
@@ -57,7 +57,7 @@ class DatasetError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Label mappings (facts §5.3)
+# Label mappings (docs/original_implementation.md, "Datasets and label mappings")
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -346,6 +346,8 @@ class SegmentationDataset(Dataset):
         transform: a :class:`TrainTransform` / :class:`EvalTransform` (defaults: the paper's recipe / full resolution).
         class_uniform_pct: share of each epoch drawn class-uniformly by :meth:`epoch_items` (0 = uniform).
         class_uniform_tile: tile size of the centroid index.
+        class_uniform_keep_size: keep every epoch at ``len(self)`` items when a class has no centroid (its share goes
+            to uniformly drawn images); default False = the original's rule, the epoch shrinks by that share.
         cache_dir: where the centroid index JSON is cached (default :func:`default_cache_dir`).
         limit: keep only the first ``limit`` samples (quick checks).
     """
@@ -361,6 +363,7 @@ class SegmentationDataset(Dataset):
         transform: TrainTransform | EvalTransform | None = None,
         class_uniform_pct: float = 0.0,
         class_uniform_tile: int = 1024,
+        class_uniform_keep_size: bool = False,
         cache_dir: str | Path | None = None,
         limit: int | None = None,
     ) -> None:
@@ -378,6 +381,7 @@ class SegmentationDataset(Dataset):
             )
         self.class_uniform_pct = float(class_uniform_pct)
         self.class_uniform_tile = int(class_uniform_tile)
+        self.class_uniform_keep_size = bool(class_uniform_keep_size)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(self.root)
         self.samples: list[Sample] = self._discover()
         if limit is not None:
@@ -447,7 +451,7 @@ class SegmentationDataset(Dataset):
     def epoch_items(self, epoch: int, seed: int = 0) -> list[int | SampleKey]:
         """This epoch's item keys: class-uniform for ``class_uniform_pct`` of them, the rest a random permutation."""
         cents = self.centroids() if self.class_uniform_pct > 0 else None
-        return class_uniform_epoch(len(self), cents, self.class_uniform_pct, seed, epoch)
+        return class_uniform_epoch(len(self), cents, self.class_uniform_pct, seed, epoch, self.class_uniform_keep_size)
 
     # -- items ---------------------------------------------------------------------------------------------------
     def __getitem__(self, key: Any) -> dict[str, Any]:
@@ -893,10 +897,12 @@ def build_train_dataset(
     pair: str = "augment",
     cache_dir: str | Path | None = None,
     transform_factory: Callable[..., TrainTransform] = build_train_transform,
+    centroid_crop: str = "original",
     **options: Any,
 ) -> SegmentationDataset:
     """A training dataset with the paper's transforms. ``pair``: ``augment`` (x_a = colour augmentation of x) or
-    ``aligned`` (x_a = another real appearance; ``aligned`` datasets only). ``options`` go to the dataset class."""
+    ``aligned`` (x_a = another real appearance; ``aligned`` datasets only). ``centroid_crop``: see
+    :class:`TrainTransform`. ``options`` go to the dataset class (e.g. ``class_uniform_keep_size``)."""
     cls = DATASETS[name]
     if pair not in ("augment", "aligned", "pair"):
         raise ValueError(f"pair must be 'augment' or 'aligned', got {pair!r}")
@@ -905,7 +911,11 @@ def build_train_dataset(
             raise ValueError(f"pair={pair!r} needs an aligned multi-appearance dataset, not {name!r}")
         options.setdefault("pair_mode", "pair")
     transform = transform_factory(
-        crop_size=crop_size, scale_min=float(scale_range[0]), scale_max=float(scale_range[1]), flip=flip
+        crop_size=crop_size,
+        scale_min=float(scale_range[0]),
+        scale_max=float(scale_range[1]),
+        flip=flip,
+        centroid_crop=centroid_crop,
     )
     return cls(
         root,
@@ -919,6 +929,13 @@ def build_train_dataset(
     )
 
 
-def build_eval_dataset(name: str, root: str | Path, split: str = "val", **options: Any) -> SegmentationDataset:
-    """A full-resolution evaluation dataset (``{"image", "label", "name"}`` items, plus ``"appearance"``)."""
-    return DATASETS[name](root, split, train=False, transform=build_eval_transform(), **options)
+def build_eval_dataset(
+    name: str, root: str | Path, split: str = "val", *, protocol: str = "clean", **options: Any
+) -> SegmentationDataset:
+    """An evaluation dataset (``{"image", "label", "name"}`` items, plus ``"appearance"``).
+
+    ``protocol``: ``clean`` (full resolution, ImageNet-normalised; default) or ``original`` (the original's
+    per-dataset quirks), see :func:`blindnet.data.transforms.build_eval_transform`.
+    """
+    transform = build_eval_transform(protocol, name)  # type: ignore[arg-type]
+    return DATASETS[name](root, split, train=False, transform=transform, **options)

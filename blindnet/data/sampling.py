@@ -1,9 +1,12 @@
-"""Class-uniform sampling of the original recipe (facts §4.1, ``datasets/uniform.py``).
+"""Class-uniform sampling of the original recipe (``docs/original_implementation.md``, "Sampling").
 
 Every image's label is cut into ``tile x tile`` tiles; for each tile and each class present in it, the centre of mass
 of that class's pixels is a *centroid*. An epoch of ``N`` items holds ``int(N * pct / C)`` items per class drawn
 from that class's centroid list, the rest are uniformly drawn images, all shuffled. A class-uniform item's crop is
 forced to contain its centroid (see :class:`blindnet.data.transforms.TrainTransform`).
+
+When a class has no centroid at all, its share of the epoch is dropped and the epoch is shorter, as in the original
+(``keep_size=True`` fills that share with uniformly drawn images instead, keeping the epoch at ``N`` items).
 
 Deviation, on purpose: the original only used *full* tiles (a 1914x1052 GTAV image contributes its top-left 1024x1024
 tile only); here tiles at the right/bottom edges are kept too, so the whole image is indexed.
@@ -93,18 +96,34 @@ def cache_name(dataset: str, split: str, names: Sequence[str], tile: int) -> str
     return f"{dataset}_{split}_tile{tile}_{digest}.json"
 
 
+def class_uniform_epoch_size(num_images: int, centroids: Centroids | None, pct: float, keep_size: bool = False) -> int:
+    """Number of items :func:`class_uniform_epoch` returns (known without drawing anything)."""
+    if keep_size or centroids is None or pct <= 0:
+        return num_images
+    per_class = int(num_images * pct / len(centroids))
+    return num_images - per_class * sum(1 for lst in centroids if not lst)
+
+
 def class_uniform_epoch(
     num_images: int,
     centroids: Centroids | None,
     pct: float,
     seed: int,
     epoch: int,
+    keep_size: bool = False,
 ) -> list[int | SampleKey]:
-    """The item keys of one epoch (length ``num_images``), a pure function of ``(seed, epoch)``."""
+    """The item keys of one epoch, a pure function of ``(seed, epoch)``.
+
+    ``num_images - per_class * C`` uniformly drawn images plus ``per_class = int(N * pct / C)`` centroid items of
+    every class that has centroids; a class without centroids adds nothing, so the epoch is shorter than
+    ``num_images`` (the original's rule), unless ``keep_size``, where uniform images take that share.
+    """
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), 0xC1A55])
     keys: list[int | SampleKey] = []
+    rest = num_images
     if centroids is not None and pct > 0:
         per_class = int(num_images * pct / len(centroids))
+        rest = num_images - per_class * len(centroids)
         for c, lst in enumerate(centroids):
             if not lst or per_class == 0:
                 continue
@@ -112,7 +131,8 @@ def class_uniform_epoch(
             reps = -(-per_class // len(lst))
             pick = np.concatenate([rng.permutation(len(lst)) for _ in range(reps)])[:per_class]
             keys.extend(SampleKey(int(lst[j][0]), c, int(lst[j][1]), int(lst[j][2])) for j in pick)
-    rest = num_images - len(keys)
+    if keep_size:
+        rest = num_images - len(keys)
     if rest > 0:
         keys.extend(int(i) for i in rng.permutation(num_images)[:rest])
     order = rng.permutation(len(keys))
@@ -137,10 +157,12 @@ class ClassUniformSampler(Sampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        keep_size: bool = False,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
         self.num_images, self.centroids, self.pct = num_images, centroids, class_uniform_pct
+        self.keep_size = keep_size
         self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
         self.epoch, self.start = 0, 0
 
@@ -148,10 +170,11 @@ class ClassUniformSampler(Sampler):
         self.epoch, self.start = int(epoch), int(start)
 
     def epoch_keys(self, epoch: int) -> list[int | SampleKey]:
-        return class_uniform_epoch(self.num_images, self.centroids, self.pct, self.seed, epoch)
+        return class_uniform_epoch(self.num_images, self.centroids, self.pct, self.seed, epoch, self.keep_size)
 
     def _total(self) -> int:
-        return (self.num_images // self.num_replicas) * self.num_replicas
+        size = class_uniform_epoch_size(self.num_images, self.centroids, self.pct, self.keep_size)
+        return (size // self.num_replicas) * self.num_replicas
 
     def __len__(self) -> int:
         return max(0, self._total() - self.start) // self.num_replicas

@@ -1,10 +1,13 @@
-"""Joint (image, label) transforms of the original BlindNet recipe (``docs/original_implementation.md``, "Training recipe"), in numpy/cv2, driven by an explicit
-``np.random.Generator`` so that an item's augmentation is a pure function of its seed.
+"""Joint (image, label) transforms of the original BlindNet recipe (``docs/original_implementation.md``, "Training
+recipe"), in numpy/cv2, driven by an explicit ``np.random.Generator`` so that an item's augmentation is a pure
+function of its seed.
 
 Geometry (shared by x, x_a and the label):
   1. random rescale ``s ~ U(scale_min, scale_max)`` of the full image (bicubic image, nearest label);
   2. pad to at least the crop size (image 0 = black before normalisation, label 255), centred;
-  3. random crop; for class-uniform items the crop is forced to contain the chosen class centroid;
+  3. random crop; for class-uniform items the crop is placed around the chosen class centroid: by default as the
+     original (offset drawn in ``[c - crop, c]`` and clipped into the image, so crops pile up at the image border),
+     or ``centroid_crop="uniform"`` (uniform among the crops that contain the centroid);
   4. horizontal flip with p = 0.5.
 
 Photometric (independent per view, both from the same cropped image):
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -35,11 +39,12 @@ _STD = np.asarray(IMAGENET_STD, np.float32)
 _GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor, ImageNet-normalised."""
+def to_tensor(image: np.ndarray, normalize: bool = True) -> torch.Tensor:
+    """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor in [0, 1], ImageNet-normalised unless told not to."""
     x = image.astype(np.float32) * (1.0 / 255.0)
-    x -= _MEAN
-    x /= _STD
+    if normalize:
+        x -= _MEAN
+        x /= _STD
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
@@ -122,6 +127,10 @@ class TrainTransform:
         jitter, jitter_p: x's ColorJitter (brightness, contrast, saturation, hue) and its probability.
         aug_jitter: x_a's ColorJitter (always applied).
         blur: Gaussian blur on both views; ``blur_sigma`` its sigma range.
+        centroid_crop: where a class-uniform crop lands around its centroid ``c`` (per axis): ``"original"``
+            draws the offset uniformly in ``[c - crop, c]`` and clips it into the image, as the original (near a border
+            most draws clip to the border; at ``c - crop`` the centroid sits one pixel outside the crop);
+            ``"uniform"`` draws uniformly among the crops that contain ``c``.
     """
 
     crop_size: tuple[int, int] = (768, 768)
@@ -134,6 +143,11 @@ class TrainTransform:
     blur: bool = True
     blur_sigma: tuple[float, float] = (0.15, 1.3)
     ignore_index: int = IGNORE_INDEX
+    centroid_crop: Literal["original", "uniform"] = "original"
+
+    def __post_init__(self) -> None:
+        if self.centroid_crop not in ("original", "uniform"):
+            raise ValueError(f"centroid_crop must be 'original' or 'uniform', got {self.centroid_crop!r}")
 
     def geometry(
         self,
@@ -173,8 +187,7 @@ class TrainTransform:
         if centroid is not None:
             cy = min(max(int(centroid[0] * nh / h) + top, 0), H - 1)
             cx = min(max(int(centroid[1] * nw / w) + left, 0), W - 1)
-            y0 = int(rng.integers(max(0, cy - ch + 1), min(cy, H - ch) + 1))
-            x0 = int(rng.integers(max(0, cx - cw + 1), min(cx, W - cw) + 1))
+            y0, x0 = self._centroid_offset(cy, ch, H, rng), self._centroid_offset(cx, cw, W, rng)
         else:
             y0 = int(rng.integers(0, H - ch + 1))
             x0 = int(rng.integers(0, W - cw + 1))
@@ -185,6 +198,12 @@ class TrainTransform:
             label = label[:, ::-1]
         imgs = [np.ascontiguousarray(im) for im in imgs]
         return imgs[0], np.ascontiguousarray(label), imgs[1:]
+
+    def _centroid_offset(self, c: int, size: int, full: int, rng: np.random.Generator) -> int:
+        """Start of a crop of ``size`` (of ``full``) around centroid coordinate ``c``, per :attr:`centroid_crop`."""
+        if self.centroid_crop == "original":
+            return min(max(int(rng.integers(c - size, c + 1)), 0), full - size)
+        return int(rng.integers(max(0, c - size + 1), min(c, full - size) + 1))
 
     def weak(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """x's photometric: ColorJitter(0.4, 0.4, 0.4, 0.1) with p = jitter_p, then blur."""
@@ -226,14 +245,64 @@ class TrainTransform:
         return {"image": to_tensor(x), "image_aug": to_tensor(xa), "label": label_to_tensor(y)}
 
 
+EvalProtocol = Literal["clean", "original"]
+EVAL_PROTOCOLS: tuple[str, ...] = ("clean", "original")
+
+
 @dataclass(frozen=True)
 class EvalTransform:
-    """Full resolution, no augmentation: ``{"image": 3 x H x W float32, "label": H x W int64}``."""
+    """Evaluation items ``{"image": 3 x H' x W' float32, "label": H' x W' int64}``, no augmentation.
+
+    The defaults are the clean protocol: full resolution, ImageNet normalisation. The other fields express the
+    original's per-dataset quirks (see :func:`build_eval_transform`).
+
+    Attributes:
+        normalize: ImageNet mean/std normalisation (False: plain [0, 1] values).
+        resize_height: first resize to this height keeping the aspect ratio (image bicubic, label nearest).
+        center_crop: then a ``center_crop x center_crop`` centre crop, padding narrower/shorter images the way the
+            original's ``CenterCropPad`` does: the crop offset is computed from the *unpadded* size, so a portrait
+            image's content is shifted and the columns left of it are filled with image 0 and label ``pad_label``.
+        pad_label: label of padded/out-of-image pixels in that crop (the original: 0 = road).
+    """
+
+    normalize: bool = True
+    resize_height: int | None = None
+    center_crop: int | None = None
+    pad_label: int = 0
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
         if image.shape[:2] != label.shape[:2]:
             raise ValueError(f"image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
-        return {"image": to_tensor(image), "label": label_to_tensor(label)}
+        if self.resize_height is not None:
+            h, w = label.shape
+            nw = int(w / h * self.resize_height)
+            image = cv2.resize(image, (nw, self.resize_height), interpolation=cv2.INTER_CUBIC)
+            # NEAREST_EXACT samples pixel centres like PIL's nearest resize (plain NEAREST is shifted by half a pixel).
+            label = cv2.resize(label, (nw, self.resize_height), interpolation=cv2.INTER_NEAREST_EXACT)
+        if self.center_crop is not None:
+            image = _center_crop_pad(image, self.center_crop, 0)
+            label = _center_crop_pad(label, self.center_crop, self.pad_label)
+        return {"image": to_tensor(image, self.normalize), "label": label_to_tensor(label)}
+
+
+def _center_crop_pad(arr: np.ndarray, size: int, fill: int) -> np.ndarray:
+    """The original's ``CenterCropPad(size)``: pad by ``size - w`` (``size - h``) on *both* sides where smaller, then
+    crop ``size x size`` at ``round((w - size) / 2)`` of the unpadded width (height), filling outside pixels with 0.
+
+    ``arr``: ``H x W`` or ``H x W x C``. Returns ``size x size`` (x C).
+    """
+    h, w = arr.shape[:2]
+    pad_y, pad_x = max(size - h, 0), max(size - w, 0)
+    widths = [(pad_y, pad_y), (pad_x, pad_x)] + [(0, 0)] * (arr.ndim - 2)
+    padded = np.pad(arr, widths, constant_values=fill)
+    y1, x1 = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    out = np.zeros((size, size, *arr.shape[2:]), arr.dtype)  # PIL fills a crop outside the image with 0
+    ph, pw = padded.shape[:2]
+    ys, xs = max(y1, 0), max(x1, 0)
+    ye, xe = min(y1 + size, ph), min(x1 + size, pw)
+    if ye > ys and xe > xs:
+        out[ys - y1 : ye - y1, xs - x1 : xe - x1] = padded[ys:ye, xs:xe]
+    return out
 
 
 def build_train_transform(
@@ -246,8 +315,9 @@ def build_train_transform(
     aug_jitter: Sequence[float] = (0.8, 0.8, 0.8, 0.3),
     blur: bool = True,
     blur_sigma: Sequence[float] = (0.15, 1.3),
+    centroid_crop: Literal["original", "uniform"] = "original",
 ) -> TrainTransform:
-    """The paper's training transform (defaults = the original's). ``crop_size`` is an int or ``(H, W)``."""
+    """The paper's training transform. ``crop_size`` is an int or ``(H, W)``; see :class:`TrainTransform`."""
     if not 0 < scale_min <= scale_max:
         raise ValueError(f"need 0 < scale_min <= scale_max, got {scale_min}, {scale_max}")
     return TrainTransform(
@@ -260,9 +330,24 @@ def build_train_transform(
         tuple(aug_jitter),
         bool(blur),
         tuple(blur_sigma),
+        centroid_crop=centroid_crop,
     )  # type: ignore[arg-type]
 
 
-def build_eval_transform() -> EvalTransform:
-    """Full-resolution evaluation transform (normalise only)."""
+def build_eval_transform(protocol: EvalProtocol = "clean", dataset: str | None = None) -> EvalTransform:
+    """The evaluation transform of ``protocol`` for ``dataset`` (a key of ``blindnet.data.DATASETS``).
+
+    * ``clean`` (default): every dataset at full resolution with ImageNet normalisation, the same input statistics
+      the network was trained on.
+    * ``original``: what the original evaluation did, for like-for-like comparisons with published numbers:
+      Cityscapes un-normalised ([0, 1] inputs: its Cityscapes dataset class had the normalisation commented out);
+      Mapillary resized to height 1024 and centre-cropped to 1024 x 1024 (portrait images padded with label 0);
+      every other dataset as ``clean``.
+    """
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {list(EVAL_PROTOCOLS)}")
+    if protocol == "original" and dataset == "cityscapes":
+        return EvalTransform(normalize=False)
+    if protocol == "original" and dataset == "mapillary":
+        return EvalTransform(resize_height=1024, center_crop=1024, pad_label=0)
     return EvalTransform()

@@ -188,7 +188,8 @@ def sample_cwcl(
     (the original's ``torch.unique`` order). Per class ``max_views`` pixels split hard (``pred != label``) / easy,
     half and half when both pools allow, otherwise the short pool is taken whole and the other fills up; inside a
     pool the pixels with the smallest scores are taken. Unused class slots are filled with random labelled pixels
-    not chosen yet (the original's intent; its uint8 ``~`` bug drew them from all pixels, 255 included).
+    not chosen yet (the original's intent; its uint8 ``~`` bug drew them from all pixels, 255 included). When no
+    image of the batch has an eligible class, every entry is invalid, so the level's CWCL is 0 (as the original).
 
     Args:
         labels: ``N x P`` ground truth at the level's resolution (255 = ignore).
@@ -262,6 +263,9 @@ def sample_cwcl(
         index = torch.where(filler, fill_index, index)
         valid = torch.where(filler, (n_pool > 0).expand(n, a), valid)
 
+    # The original gives up on the whole level when no image of the batch has an eligible class (its sampler returns
+    # nothing and the level adds 0); filler pixels alone would only contrast random pixels with each other.
+    valid = valid & selected.any()
     label = cls.gather(1, index)
     return CWCLSample(index, label, valid, slot_class)
 

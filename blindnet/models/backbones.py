@@ -49,7 +49,8 @@ class EncoderFeatures(NamedTuple):
     """What an encoder hands to the decoder and to the training losses.
 
     Attributes:
-        style: the InstanceNorm outputs (pre-activation), shallow to deep; empty for the baseline network.
+        style: the InstanceNorm outputs before any activation, shallow to deep; empty for the baseline network.
+            (Which of them the original's losses saw after a ReLU is the encoder's ``style_after_relu_in_original``.)
         low_level: feature for the decoder's 48-channel projection (ResNet: layer1 @ /4; others @ /8).
         layer3: input of the training-only auxiliary head.
         layer4: input of ASPP (also the first contrastive level).
@@ -68,6 +69,10 @@ class _Encoder(nn.Module):
     layer3_channels: int
     out_channels: int
     style_channels: tuple[int, ...]
+    #: Per style feature: True where the original's CML/CCL read it *after* the following ReLU. The original's
+    #: InstanceNorm layer returns its output tensor itself as the style feature; where the next op is an in-place
+    #: ReLU, that ReLU overwrites the feature before the losses read it.
+    style_after_relu_in_original: tuple[bool, ...] = ()
 
     def forward(self, x: torch.Tensor) -> EncoderFeatures:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -336,6 +341,9 @@ class ShuffleNetV2Encoder(_Encoder):
         _dilate_strided_convs(self.layer3, 2)
         self.low_level_channels, self.layer3_channels, self.out_channels = 116, 464, 1024
         self.style_channels = (24, 116, 232) if instance_norm else ()
+        # Only the stem: its IN is followed by the trunk's in-place ReLU in the original. The stage outputs are not
+        # followed by a ReLU (and ResNet-50's post-IN ReLUs are not in place), so those features are unaffected.
+        self.style_after_relu_in_original = (True, False, False) if instance_norm else ()
 
     def forward(self, x: torch.Tensor) -> EncoderFeatures:
         style: list[torch.Tensor] = []
