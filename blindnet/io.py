@@ -6,8 +6,10 @@ files the same way: a crash or a kill mid-write leaves the previous file, never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,12 +69,37 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
     return atomic_write(path, lambda tmp: Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG"))
 
 
+@contextlib.contextmanager
+def quiet_opencv() -> Iterator[None]:
+    """Silence OpenCV's own log lines (e.g. the fourcc/container warning it prints for every VP8 writer)."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    # FFmpeg logs failed encoder probes (e.g. hardware H.264), and OpenCV's FFmpeg backend warns about the VP8 tag
+    # in WebM on every writer it opens, straight to file descriptor 2, past Python's and OpenCV's log levels. Held
+    # only while a writer opens (milliseconds), never around inference or request handling.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @functools.cache
 def available_codec() -> tuple[str, str, str]:
     """The first entry of :data:`VIDEO_CODECS` this OpenCV build can actually write (probed once, on 2 frames)."""
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # a failed probe is expected, not an error
-    try:
+    with quiet_opencv(), _quiet_native_stderr():  # a failed probe is expected, not an error
         with tempfile.TemporaryDirectory(prefix="blindnet-codec-") as tmp:
             for fourcc, suffix, desc in VIDEO_CODECS:
                 probe = Path(tmp) / f"probe{suffix}"
@@ -84,9 +111,13 @@ def available_codec() -> tuple[str, str, str]:
                 writer.release()
                 if ok and probe.is_file() and probe.stat().st_size > 0:
                     return fourcc, suffix, desc
-    finally:
-        cv2.utils.logging.setLogLevel(level)
     raise RuntimeError("this OpenCV build cannot write any video codec (tried avc1, VP80, mp4v)")
+
+
+def open_cv2_writer(path: str | Path, fourcc: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    """``cv2.VideoWriter`` for ``size = (W, H)`` frames, opened without OpenCV's and FFmpeg's harmless warnings."""
+    with quiet_opencv(), _quiet_native_stderr():
+        return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
 
 
 def iter_video_frames(path: str | Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
@@ -131,7 +162,7 @@ class VideoWriter:
         h, w = size
         # 4:2:0 encoders need even sides; frames are padded by one row/column where needed.
         self._size = (w + w % 2, h + h % 2)
-        self._w = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*fourcc), fps, self._size)
+        self._w = open_cv2_writer(self.tmp, fourcc, fps, self._size)
         if not self._w.isOpened():
             raise OSError(f"OpenCV cannot write {self.path} ({self.codec})")
         self.frames = 0

@@ -22,7 +22,7 @@ import pandas as pd
 from blindnet.classes import class_names
 from blindnet.demo.views import legend_frame
 from blindnet.inference import Predictor
-from blindnet.io import available_codec
+from blindnet.io import available_codec, open_cv2_writer
 
 DEFAULT_MAX_VIDEO_FRAMES = 300
 #: frames with a longer side are downscaled first: CPU inference time and memory grow with the pixel count
@@ -205,8 +205,7 @@ def _segment_frames(
             if writer is None:
                 # the header's size can be missing or odd; the first decoded frame is the truth
                 write_size = _even_size(batch[0].shape[1], batch[0].shape[0])
-                writer = cv2.VideoWriter(str(out_path), cv2.VideoWriter_fourcc(*fourcc), plan.fps_in / plan.stride,
-                                         write_size)
+                writer = open_cv2_writer(out_path, fourcc, plan.fps_in / plan.stride, write_size)
                 if not writer.isOpened():
                     raise VideoError(f"could not open a {codec_desc} writer for the result")
             for pred in predictor.predict_arrays(batch):
