@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from serve.app import InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
+from serve.app import DrainingServer, InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (413 beyond)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest H*W per image (413 beyond)")
+    p.add_argument(
+        "--max-decode-pixels",
+        type=int,
+        default=None,
+        help="most pixels all concurrent image decodes hold together (default: twice --max-image-pixels)",
+    )
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take (408 beyond)")
+    p.add_argument(
+        "--drain-timeout-s", type=float, default=30.0, help="longest SIGTERM shutdown takes (in-flight, then queue)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -69,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,
+        max_decode_pixels=args.max_decode_pixels,
+        body_timeout_s=args.body_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
     backend_kwargs = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
     try:
@@ -80,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         # Missing default checkpoint, missing optional runtime (onnxruntime/TensorRT), bad settings: say which.
         print(f"error: cannot start the server: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
+    server = DrainingServer(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
     # uvicorn installs SIGTERM/SIGINT handlers: stop listening, finish in-flight requests, then the app's lifespan
-    # shutdown drains the batch queue.
+    # shutdown drains the batch queue, all within --drain-timeout-s.
     server.run()
     return 0 if server.started else 1
 
