@@ -14,13 +14,17 @@ Endpoints (all errors are JSON ``{"error": "<message>"}``, the shape ``tritoncli
                                             JSON or binary tensor data (``Inference-Header-Content-Length``)
 ``POST /v1/segment?format=...``             image file (multipart or raw body) -> ``labels`` PNG (class ids),
                                             ``color`` PNG, ``overlay`` PNG, or ``json`` class shares
+``POST /v2/repository/index``               Triton's repository index: ``[{name, version, state, reason}]``
 ``GET  /metrics``                           Prometheus text
 ``GET  /v1/stats``                          batcher counters as JSON (introspection for tests and benchmarks)
 ==========================================  =====================================================================
 
-Status codes: 400 malformed input (not an image, truncated file, wrong tensor shape/dtype/size, bad JSON), 401
-missing/wrong API key, 404 unknown model, 413 request body or image pixels over the limit, 503 + ``Retry-After``
-queue full or shutting down, 500 backend failure (only the requests of that batch).
+Status codes (one per class of error): 400 malformed input (not an image, truncated file, bad JSON or JSON nested too
+deep, a v2 request of the wrong structure, wrong tensor shape/dtype/size, bad HTTP framing), 401 missing/wrong API
+key, 404 unknown model or endpoint, 405 wrong method, 408 body not received in time, 413 request body or image pixels
+over the limit (from the header, before decoding), 415 image format or Content-Encoding not accepted, 503 +
+``Retry-After`` queue full or shutting down, 500 backend failure (only the requests of that batch). A client that
+leaves mid-body is counted as 499.
 """
 
 from __future__ import annotations
