@@ -50,7 +50,9 @@ from serve.app import (
 REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 200 * 200
 MAX_BYTES = 1024 * 1024
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
