@@ -35,6 +35,10 @@ class ImageError(ValueError):
     """An input could not be turned into an RGB uint8 image; the message says which input and why."""
 
 
+class ImageTooLargeError(ImageError):
+    """An encoded image declares more pixels than allowed (refused from its header, before any pixel is decoded)."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Image input
 # --------------------------------------------------------------------------------------------------------------------
@@ -75,8 +79,20 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode_image(data: bytes, *, name: str = "upload", max_pixels: int | None = None) -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB; bad or truncated data raises."""
+def decode_image(
+    data: bytes, *, name: str = "upload", max_pixels: int | None = None, formats: Sequence[str] | None = None
+) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB; bad or truncated data raises.
+
+    Args:
+        data: the encoded file.
+        name: how error messages call the input.
+        max_pixels: refuse (:class:`ImageTooLargeError`) an image whose header declares more ``H*W`` than this,
+            before decoding any pixel.
+        formats: Pillow format names to try (e.g. ``("PNG", "JPEG")``); None tries every format Pillow knows. A
+            restricted list keeps container formats (ICO, ...), whose header size need not match what they decode to,
+            away from the pixel check.
+    """
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -84,20 +100,24 @@ def decode_image(data: bytes, *, name: str = "upload", max_pixels: int | None = 
     if not data:
         raise ImageError(f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageError(
+                raise ImageTooLargeError(
                     f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels exceeds the "
                     f"limit of {max_pixels}"
                 )
-            img.load()
+            img.load()  # the current (first) frame only, of the size checked above
             arr = _pil_to_array(img)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except Exception as exc:
+        # Pillow's decoders raise many types on hostile bytes (OSError, SyntaxError, struct.error, IndexError, ...);
+        # all of them mean the file is unusable.
+        raise ImageError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
     return to_rgb_uint8(arr, name=name)
 
 
@@ -145,6 +165,11 @@ class Backend(abc.ABC):
     num_classes: int = 19
     #: fixed ``(H, W)`` the backend needs (an engine built for one shape), or None for any size
     fixed_size: tuple[int, int] | None = None
+    #: stride of the network's deepest InstanceNorm: an input whose sides are both <= it reaches that layer as one
+    #: pixel, which cannot be normalised, so the Predictor pads such inputs (0: the network has no such layer)
+    norm_stride: int = 16
+    #: smallest ``(H, W)`` the backend runs (an exported graph's or engine's lower bound); the Predictor pads up to it
+    min_size: tuple[int, int] = (1, 1)
 
     @abc.abstractmethod
     def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
@@ -153,6 +178,19 @@ class Backend(abc.ABC):
     def describe(self) -> dict[str, str]:
         """Short facts for logs and benchmark rows."""
         return {"backend": self.name}
+
+
+#: Stride of the deepest InstanceNorm of each BlindNet encoder (ResNet-50: stem, layer1, layer2 at /2, /4, /8;
+#: MobileNetV2 and ShuffleNetV2: the last one at /16).
+NORM_STRIDES = {"resnet50": 8, "mobilenetv2": 16, "shufflenetv2": 16}
+
+
+def norm_stride_of(model_config: object) -> int:
+    """:attr:`Backend.norm_stride` for a model config (a ``ModelConfig`` or its dict); 16 when it cannot tell."""
+    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    if get("instance_norm", True) is False:
+        return 0
+    return NORM_STRIDES.get(str(get("backbone", "")), 16)
 
 
 def _labels_dtype(num_classes: int) -> np.dtype:
@@ -187,6 +225,7 @@ class TorchBackend(Backend):
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.num_classes = int(getattr(getattr(model, "config", None), "num_classes", 19))
+        self.norm_stride = norm_stride_of(getattr(model, "config", None))
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
         self._run = self.model
@@ -383,11 +422,12 @@ class Predictor:
             self.stats.per_batch.append(dt)
             for j, idx in enumerate(indices):
                 image = arrays[idx]
-                labels = self._restore_labels(out.labels[j], image.shape[:2])
+                net_h, net_w = self._network_size(image)  # before padding: crop the padding back off
+                labels = self._restore_labels(_crop(out.labels[j], net_h, net_w), image.shape[:2])
                 logits = probs = None
                 if want_scores:
                     assert out.logits is not None, f"backend {self.backend.name} returned no logits"
-                    logits = self._restore_scores(out.logits[j], image.shape[:2])
+                    logits = self._restore_scores(_crop(out.logits[j], net_h, net_w), image.shape[:2])
                     if return_probabilities:
                         probs = _softmax(logits)
                 results[idx] = Prediction(
@@ -430,10 +470,38 @@ class Predictor:
         h, w = self.input_size
         return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
 
+    def _network_size(self, image: np.ndarray) -> tuple[int, int]:
+        """``(H, W)`` the network sees ``image`` at, before any padding: ``input_size`` or the image's own."""
+        h, w = self.input_size if self.input_size is not None else image.shape[:2]
+        return int(h), int(w)
+
+    def padded_size(self, h: int, w: int) -> tuple[int, int]:
+        """The ``(H, W)`` an ``h x w`` network input is padded to so that the backend can run it.
+
+        Up to the backend's :attr:`~Backend.min_size`; and when both sides are <= :attr:`~Backend.norm_stride` (the
+        deepest InstanceNorm would see one pixel) up to ``norm_stride + 1`` on both. Inputs the network runs as they
+        are stay as they are, so their labels are exactly the unpadded network's.
+        """
+        min_h, min_w = self.backend.min_size
+        h, w = max(h, min_h), max(w, min_w)
+        s = self.backend.norm_stride
+        if s and h <= s and w <= s:
+            h = w = s + 1
+        return h, w
+
+    def _pad(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        ph, pw = self.padded_size(h, w)
+        if (ph, pw) == (h, w):
+            return image
+        # Bottom/right only, so pixel (0, 0) stays on the network's stride grid and the crop is [:h, :w]; repeating
+        # the border keeps the padding's statistics close to the image's own (InstanceNorm normalises over both).
+        return np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+
     def _batches(self, arrays: Sequence[np.ndarray]) -> Iterable[tuple[list[int], np.ndarray]]:
-        """Group images by (network input) shape, in order of first appearance, ``batch_size`` at a time."""
+        """Group images by (padded network input) shape, in order of first appearance, ``batch_size`` at a time."""
         groups: dict[tuple[int, ...], list[int]] = {}
-        resized = [self._resize_in(a) for a in arrays]
+        resized = [self._pad(self._resize_in(a)) for a in arrays]
         for i, a in enumerate(resized):
             groups.setdefault(a.shape, []).append(i)
         for idxs in groups.values():
@@ -454,6 +522,13 @@ class Predictor:
         t = torch.from_numpy(np.ascontiguousarray(scores))[None]
         t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
         return t[0].numpy()
+
+
+def _crop(scores: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The top-left ``h x w`` of an ``H x W`` label map or ``C x H x W`` score array (a copy only when cropped)."""
+    if scores.shape[-2:] == (h, w):
+        return scores
+    return np.ascontiguousarray(scores[..., :h, :w])
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

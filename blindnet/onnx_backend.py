@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD, Backend, BackendOutput
+from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD, Backend, BackendOutput, norm_stride_of
 
 #: Key prefix of the facts written into the ONNX ``metadata_props``.
 META_PREFIX = "blindnet."
@@ -357,6 +357,15 @@ def read_onnx_metadata(path_or_proto: str | Path | Any) -> dict[str, str]:
     return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
 
 
+def _json_or_empty(text: str | None) -> dict[str, Any]:
+    """A metadata value holding a JSON object, or ``{}`` when it is absent or not one."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def normalize_nhwc(images: np.ndarray) -> np.ndarray:
     """uint8 ``N x H x W x 3`` -> float32 ``N x 3 x H x W`` ImageNet-normalised."""
     x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
@@ -494,6 +503,9 @@ class OnnxBackend(Backend):
         self.device = device
         self.spec = io_spec_from_session(self.session)
         self.num_classes = self.spec["num_classes"]
+        # Pads tiny inputs exactly as the torch backend does (ONNX Runtime itself would run them, differently).
+        meta = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        self.norm_stride = norm_stride_of(_json_or_empty(meta.get(META_PREFIX + "model_config")))
         if precision is not None and precision != self.spec["precision"]:
             raise ValueError(
                 f"{path} holds a {self.spec['precision']} graph but precision={precision!r} was requested; "

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD, Backend, BackendOutput
+from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD, Backend, BackendOutput, norm_stride_of
 
 INSTALL_HINT = (
     "TensorRT is not installed. Install the optional extra with `pip install 'blindnet[tensorrt]'` "
@@ -421,6 +421,9 @@ class TensorRTBackend(Backend):
         self.precision = meta["precision"]
         self.num_classes = int(meta.get("num_classes", 19))
         self.profiles = [Profile(**{k: tuple(v) for k, v in p.items()}) for p in meta["profiles"]]
+        # Smaller inputs are padded up to what some profile takes, and tiny ones past the deepest InstanceNorm.
+        self.min_size = (min(p.min[1] for p in self.profiles), min(p.min[2] for p in self.profiles))
+        self.norm_stride = norm_stride_of(meta.get("model_config") or {})
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):

@@ -49,6 +49,16 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
     )
     p.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body (413 beyond)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest H*W per image (413 beyond)")
+    p.add_argument(
+        "--max-decode-pixels",
+        type=int,
+        default=None,
+        help="most pixels all concurrent image decodes hold together (default: twice --max-image-pixels)",
+    )
+    p.add_argument("--body-timeout-s", type=float, default=30.0, help="longest a request body may take (408 beyond)")
+    p.add_argument(
+        "--drain-timeout-s", type=float, default=30.0, help="longest SIGTERM shutdown takes (in-flight, then queue)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -57,7 +67,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") 
     args = build_parser(prog).parse_args(argv)
     require_extra("serve")
     # Lazy CLI dispatch: --help answers before PyTorch and FastAPI are imported.
-    from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app, uvicorn_config
+    from blindnet.backends import make_backend
+    from blindnet.serve.app import (
+        DrainingServer,
+        InsecureBindError,
+        ServeConfig,
+        check_bind,
+        create_app,
+        uvicorn_config,
+    )
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -74,22 +92,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") 
         api_key=args.api_key,
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_image_pixels=args.max_image_pixels,
+        max_decode_pixels=args.max_decode_pixels,
+        body_timeout_s=args.body_timeout_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
     backend_kwargs = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
     try:
-        from blindnet.backends import make_backend
-
         backend = make_backend(args.backend, args.checkpoint, **backend_kwargs)
         app = create_app(backend, config)
     except (FileNotFoundError, ImportError, ValueError, RuntimeError) as exc:
         # Missing default checkpoint, missing optional runtime (onnxruntime/TensorRT), bad settings: say which.
         print(f"error: cannot start the server: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
+    server = DrainingServer(uvicorn_config(app, args.host, args.port, log_level=args.log_level))
     # uvicorn installs SIGTERM/SIGINT handlers: stop listening, finish in-flight requests, then the app's lifespan
-    # shutdown drains the batch queue.
+    # shutdown drains the batch queue, all within --drain-timeout-s.
     server.run()
     return 0 if server.started else 1
 

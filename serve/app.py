@@ -14,13 +14,17 @@ Endpoints (all errors are JSON ``{"error": "<message>"}``, the shape ``tritoncli
                                             JSON or binary tensor data (``Inference-Header-Content-Length``)
 ``POST /v1/segment?format=...``             image file (multipart or raw body) -> ``labels`` PNG (class ids),
                                             ``color`` PNG, ``overlay`` PNG, or ``json`` class shares
+``POST /v2/repository/index``               Triton's repository index: ``[{name, version, state, reason}]``
 ``GET  /metrics``                           Prometheus text
 ``GET  /v1/stats``                          batcher counters as JSON (introspection for tests and benchmarks)
 ==========================================  =====================================================================
 
-Status codes: 400 malformed input (not an image, truncated file, wrong tensor shape/dtype/size, bad JSON), 401
-missing/wrong API key, 404 unknown model, 413 request body or image pixels over the limit, 503 + ``Retry-After``
-queue full or shutting down, 500 backend failure (only the requests of that batch).
+Status codes (one per class of error): 400 malformed input (not an image, truncated file, bad JSON or JSON nested too
+deep, a v2 request of the wrong structure, wrong tensor shape/dtype/size, bad HTTP framing), 401 missing/wrong API
+key, 404 unknown model or endpoint, 405 wrong method, 408 body not received in time, 413 request body or image pixels
+over the limit (from the header, before decoding), 415 image format or Content-Encoding not accepted, 503 +
+``Retry-After`` queue full or shutting down, 500 backend failure (only the requests of that batch). A client that
+leaves mid-body is counted as 499.
 """
 
 from __future__ import annotations
@@ -32,20 +36,26 @@ import io
 import json
 import logging
 import math
+import re
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from blindnet.inference import Backend, ImageError, Prediction, Predictor, decode_image
+from blindnet.inference import Backend, ImageError, ImageTooLargeError, Prediction, Predictor, decode_image
 from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
 
 log = logging.getLogger("blindnet.serve")
@@ -56,6 +66,16 @@ OUTPUT_LOGITS = "logits"
 SEGMENT_FORMATS = ("labels", "color", "overlay", "json")
 # Endpoints a load balancer / orchestrator probes without credentials.
 _UNAUTHENTICATED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: Pillow formats ``/v1/segment`` decodes. Each declares its pixel size in a header that is checked before decoding;
+#: containers whose header need not match what they decode to (ICO, ICNS, ...) and animations (GIF) are refused.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+#: A valid v2 request nests at most 7 deep ({"inputs": [{"data": [[[[...]]]]}]}); deeper JSON is refused unparsed.
+MAX_JSON_DEPTH = 32
+#: Most bytes one decoded pixel occupies while it is decoded and converted (Pillow's 4-byte pixels, a mode
+#: conversion, the numpy copy, the RGB result): what the decode pixel budget is multiplied by in the memory bound.
+DECODE_BYTES_PER_PIXEL = 16
+#: Status of a request whose client went away before sending its whole body (nobody receives it; it is counted).
+CLIENT_CLOSED_REQUEST = 499
 
 
 @dataclass
@@ -76,6 +96,10 @@ class ServeConfig:
         max_request_bytes: largest request body accepted (413 beyond).
         max_image_pixels: largest ``H*W`` of one image accepted (413 beyond).
         overlay_alpha: label opacity of ``/v1/segment?format=overlay`` when the request gives none.
+        max_decode_pixels: most pixels all concurrent image decodes hold together (None: twice
+            ``max_image_pixels``); decoding memory stays under ``max_decode_pixels * DECODE_BYTES_PER_PIXEL`` bytes.
+        body_timeout_s: longest a request body may take to arrive (408 beyond).
+        drain_timeout_s: longest SIGTERM shutdown takes: in-flight requests, then the queue, then exit.
     """
 
     model_name: str = "blindnet"
@@ -88,6 +112,15 @@ class ServeConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     overlay_alpha: float = 0.5
+    max_decode_pixels: int | None = None
+    body_timeout_s: float = 30.0
+    drain_timeout_s: float = 30.0
+
+    @property
+    def decode_pixel_budget(self) -> int:
+        """Pixels concurrent decodes may hold together (never below one image of the largest size)."""
+        budget = self.max_decode_pixels if self.max_decode_pixels is not None else 2 * self.max_image_pixels
+        return max(budget, self.max_image_pixels)
 
 
 class HTTPError(Exception):
@@ -212,8 +245,13 @@ class _MetricsAndAuthMiddleware:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before it is all in memory."""
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes before it is all in memory.
+
+    A body that has not fully arrived after ``timeout_s`` seconds is refused (408), so a stalled client holds neither
+    a worker nor shutdown; a client that disconnects mid-body is logged once and answered
+    :data:`CLIENT_CLOSED_REQUEST` (which only the metrics see).
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -221,6 +259,24 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise HTTPError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
         except ValueError:
             raise HTTPError(400, f"invalid Content-Length header {declared!r}") from None
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await _read_stream(request, limit)
+    except TimeoutError:
+        raise HTTPError(408, f"request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected before sending the whole body of %s %s", client, request.method, request.url.path)
+        raise HTTPError(CLIENT_CLOSED_REQUEST, "client disconnected before sending the whole body") from None
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):  # tritonclient can compress requests
+        body = _decompress(body, encoding, limit)
+    elif encoding not in ("", "identity"):
+        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
+
+
+async def _read_stream(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -228,13 +284,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "").lower()
-    if encoding in ("gzip", "deflate"):  # tritonclient can compress requests
-        body = _decompress(body, encoding, limit)
-    elif encoding not in ("", "identity"):
-        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    return body
+    return b"".join(chunks)
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
@@ -250,28 +300,96 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    """``(W, H)`` from the image header without decoding pixels, or None if PIL cannot tell."""
+def probe_upload(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int]:
+    """``(W, H)`` of an uploaded image from its header alone, without decoding a pixel.
+
+    Raises :class:`HTTPError` 400 (empty, or not an image), 415 (an image format the server does not accept) or 413
+    (more than ``max_pixels`` pixels, or a Pillow decompression bomb).
+    """
     from PIL import Image
 
+    if not data:
+        raise HTTPError(400, f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception:
-        return None  # decode_image will produce the precise error
+        with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError as exc:
+        raise HTTPError(413, f"{name}: {exc}") from None
+    except Exception as exc:  # UnidentifiedImageError, or whatever Pillow raises on a hostile header
+        raise _unaccepted_image(data, name, exc) from None
+    if w * h > max_pixels:
+        raise HTTPError(413, f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    return w, h
+
+
+def _unaccepted_image(data: bytes, name: str, exc: Exception) -> HTTPError:
+    """415 when the bytes start like an image format the server does not accept, else 400."""
+    from PIL import UnidentifiedImageError
+
+    if not isinstance(exc, UnidentifiedImageError):
+        return HTTPError(400, f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})")
+    fmt = _sniff_format(data[:32])
+    if fmt is None:
+        return HTTPError(400, f"{name}: not a recognised image format; send {', '.join(ACCEPTED_FORMATS)}")
+    return HTTPError(415, f"{name}: {fmt} images are not accepted; send {', '.join(ACCEPTED_FORMATS)}")
+
+
+def _sniff_format(prefix: bytes) -> str | None:
+    """The Pillow format whose magic bytes ``prefix`` starts with, or None.
+
+    Only the plugins' prefix tests run: opening the file could decode it (Pillow's ICO plugin loads on open).
+    """
+    from PIL import Image
+
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        with contextlib.suppress(Exception):
+            verdict = accept(prefix) if accept is not None else False
+            if verdict and not isinstance(verdict, str):  # a string is Pillow's "looks like it, but broken"
+                return fmt
+    return None
 
 
 def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
-    """Decode an uploaded image: 413 if it has too many pixels, 400 if it is not a (complete) image."""
-    size = _image_size(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise HTTPError(
-            413, f"{name}: image of {size[0]}x{size[1]} = {size[0] * size[1]} pixels exceeds the limit of {max_pixels}"
-        )
+    """Decode an uploaded image: 413 if it has too many pixels, 415 if its format is not accepted, 400 if it is not
+    a (complete) image. Returns ``H x W x 3`` uint8 RGB."""
+    probe_upload(data, name=name, max_pixels=max_pixels)
     try:
-        return decode_image(data, name=name, max_pixels=max_pixels)
+        return decode_image(data, name=name, max_pixels=max_pixels, formats=ACCEPTED_FORMATS)
+    except ImageTooLargeError as exc:
+        raise HTTPError(413, str(exc)) from None
     except ImageError as exc:
         raise HTTPError(400, str(exc)) from None
+
+
+class PixelBudget:
+    """An asyncio weighted semaphore over pixels: concurrent decodes together hold at most ``capacity`` of them.
+
+    Decoding memory is proportional to pixels, not to upload bytes (a few hundred KB of PNG can declare 16 M
+    pixels), so this is what bounds it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"pixel budget must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.free = capacity
+        self._cond = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[None]:
+        """Wait until ``pixels`` (capped at the capacity) are free, hold them for the ``async with`` body."""
+        pixels = min(max(pixels, 1), self.capacity)
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.free += pixels
+                self._cond.notify_all()
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -309,37 +427,104 @@ def segment_response(pred: Prediction, fmt: str, *, alpha: float, model_name: st
     )
 
 
+class _V2Tensor(BaseModel):
+    """A requested output of a v2 request (JSON shape only; names are checked against the model after)."""
+
+    name: StrictStr
+    parameters: dict[str, Any] | None = None
+
+
+class _V2Input(_V2Tensor):
+    """An input tensor of a v2 request; optional fields so that a wrong value gets its own precise message."""
+
+    datatype: StrictStr | None = None
+    shape: list[StrictInt] | None = None
+    data: list[Any] | None = None
+
+
+class _V2InferRequest(BaseModel):
+    """The JSON header of a KServe v2 infer request, as far as its structure goes."""
+
+    id: Any = None
+    inputs: list[_V2Input]
+    outputs: list[_V2Tensor] | None = None
+    parameters: dict[str, Any] | None = None
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def json_depth(text: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of JSON text, found without parsing it (linear time, no recursion).
+
+    String contents are skipped; on text that is not JSON the number is only an estimate (the parser refuses it).
+    """
+    brackets = np.frombuffer(_JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKETS), np.uint8)
+    if brackets.size == 0:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max())
+
+
+def parse_json(text: bytes, what: str) -> Any:
+    """Parse JSON text whose nesting is first checked against :data:`MAX_JSON_DEPTH`; 400 on anything wrong."""
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise HTTPError(400, f"{what} is JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise HTTPError(400, f"{what} is not valid JSON ({exc})") from None
+
+
+def validation_message(exc: ValidationError, limit: int = 5) -> str:
+    """The first ``limit`` problems of a pydantic error as ``location: message`` (a bounded string)."""
+    problems = [f"{'.'.join(str(x) for x in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:limit]]
+    more = exc.error_count() - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """``(JSON header, binary tensor data)`` of a v2 body (binary extension when ``header_length`` is given)."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        hlen = int(header_length)
+    except ValueError:
+        raise HTTPError(400, f"invalid Inference-Header-Content-Length {header_length!r}") from None
+    if not 0 < hlen <= len(body):
+        raise HTTPError(400, f"Inference-Header-Content-Length {hlen} does not fit a body of {len(body)} bytes")
+    return body[:hlen], memoryview(body)[hlen:]
+
+
 def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_size: int, max_pixels: int):
     """Parse a v2 infer body (JSON, or JSON header + binary tensors) into ``(request_json, images)``.
 
-    Returns the decoded JSON header and the ``N x H x W x 3`` uint8 array of the ``images`` input.
+    Returns the decoded JSON header (its structure validated) and the ``N x H x W x 3`` uint8 array of the ``images``
+    input. Anything malformed raises :class:`HTTPError` (400, or 413 for too many pixels).
     """
-    if header_length is not None:
-        try:
-            hlen = int(header_length)
-        except ValueError:
-            raise HTTPError(400, f"invalid Inference-Header-Content-Length {header_length!r}") from None
-        if not 0 < hlen <= len(body):
-            raise HTTPError(400, f"Inference-Header-Content-Length {hlen} does not fit a body of {len(body)} bytes")
-        header, binary = body[:hlen], memoryview(body)[hlen:]
-    else:
-        header, binary = body, memoryview(b"")
-    try:
-        req = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HTTPError(400, f"request is not valid JSON ({exc})") from None
+    header, binary = _split_binary(body, header_length)
+    req = parse_json(header, "request")
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise HTTPError(400, "request JSON must be an object with an 'inputs' list")
-    inputs = req["inputs"]
-    names = [i.get("name") if isinstance(i, dict) else None for i in inputs]
+    names = [i.get("name") if isinstance(i, dict) else None for i in req["inputs"]]
     if names != [INPUT_NAME]:
         raise HTTPError(400, f"expected exactly one input named '{INPUT_NAME}', got {names}")
-    spec = inputs[0]
+    try:
+        _V2InferRequest.model_validate(req)
+    except ValidationError as exc:
+        raise HTTPError(400, f"malformed v2 request: {validation_message(exc)}") from None
+    return req, _input_images(req["inputs"][0], binary, max_batch_size=max_batch_size, max_pixels=max_pixels)
+
+
+def _input_images(spec: dict[str, Any], binary: memoryview, *, max_batch_size: int, max_pixels: int) -> np.ndarray:
+    """The ``N x H x W x 3`` uint8 images of a validated ``images`` input (binary data or JSON ``data``)."""
     dtype = spec.get("datatype")
     if dtype != "UINT8":
         raise HTTPError(400, f"input '{INPUT_NAME}' must have datatype UINT8 (RGB pixels 0-255), got {dtype!r}")
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) for d in shape)):
+    if not (isinstance(shape, list) and len(shape) == 4):
         raise HTTPError(400, f"input '{INPUT_NAME}' must have shape [N, H, W, 3], got {shape!r}")
     n, h, w, c = shape
     if c != 3 or min(n, h, w) < 1:
@@ -354,29 +539,27 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_siz
     params = spec.get("parameters") or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
-        if size != expected:
+        if type(size) is not int or size != expected:
             raise HTTPError(
-                400, f"input '{INPUT_NAME}' binary_data_size {size} != {expected} bytes for UINT8 shape {shape}"
+                400, f"input '{INPUT_NAME}' binary_data_size {size!r} != {expected} bytes for UINT8 shape {shape}"
             )
         if len(binary) != size:
             raise HTTPError(
                 400,
                 f"input '{INPUT_NAME}' declares {size} binary bytes but the body carries {len(binary)} after the header",
             )
-        images = np.frombuffer(binary, dtype=np.uint8).reshape(shape)
-    else:
-        if "data" not in spec:
-            raise HTTPError(400, f"input '{INPUT_NAME}' has neither 'data' nor parameters.binary_data_size")
-        try:
-            arr = np.asarray(spec["data"])
-        except ValueError as exc:
-            raise HTTPError(400, f"input '{INPUT_NAME}' data is ragged or malformed ({exc})") from None
-        if arr.size != expected:
-            raise HTTPError(400, f"input '{INPUT_NAME}' has {arr.size} values, shape {shape} needs {expected}")
-        if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
-            raise HTTPError(400, f"input '{INPUT_NAME}' UINT8 data must be integers in 0..255")
-        images = arr.astype(np.uint8).reshape(shape)
-    return req, images
+        return np.frombuffer(binary, dtype=np.uint8).reshape(shape)
+    if spec.get("data") is None:
+        raise HTTPError(400, f"input '{INPUT_NAME}' has neither 'data' nor parameters.binary_data_size")
+    try:
+        arr = np.asarray(spec["data"])
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise HTTPError(400, f"input '{INPUT_NAME}' data is ragged or malformed ({exc})") from None
+    if arr.size != expected:
+        raise HTTPError(400, f"input '{INPUT_NAME}' has {arr.size} values, shape {shape} needs {expected}")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
+        raise HTTPError(400, f"input '{INPUT_NAME}' UINT8 data must be integers in 0..255")
+    return arr.astype(np.uint8).reshape(shape)
 
 
 def _requested_outputs(req: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -481,14 +664,16 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
             # queued (e.g. requests whose clients went away) is run, not dropped.
             b = state["batcher"]
             log.info("draining %d queued image(s) before exit", b.queue_depth)
-            await run_in_threadpool(b.close, drain=True, timeout=60.0)
+            await run_in_threadpool(b.close, drain=True, timeout=_drain_left(app, config.drain_timeout_s))
 
     app = FastAPI(title="blindnet segmentation server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.predictor = predictor
     app.state.metrics = metrics
     app.state.batcher = batcher
+    app.state.shutdown_requested_at = None
     app.add_middleware(_MetricsAndAuthMiddleware, metrics=metrics, api_key=config.api_key)
+    decode_budget = PixelBudget(config.decode_pixel_budget)
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -499,6 +684,17 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
         # Same {"error": ...} shape as every other refusal (FastAPI's default is a 422 with "detail").
         problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
         return _error(400, f"invalid request parameters: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths (404) and wrong methods (405, with its Allow header) in the same shape as every other error.
+        if exc.status_code == 404:
+            message = f"no endpoint {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message, dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -612,9 +808,20 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
         ok = ready()
         return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> JSONResponse:
+        body = await read_body(request, 64 * 1024, config.body_timeout_s)
+        ready_only = parse_repository_index(body)
+        ok = ready()
+        if ready_only and not ok:
+            return JSONResponse([])
+        state_name = "READY" if ok else "UNAVAILABLE"
+        entry = {"name": config.model_name, "version": config.model_version, "state": state_name, "reason": ""}
+        return JSONResponse([entry])
+
     async def infer(request: Request, name: str, version: str | None) -> Response:
         check_model(name, version)
-        body = await read_body(request, config.max_request_bytes)
+        body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
         req, images = await run_in_threadpool(
             parse_infer_request,
             body,
@@ -646,9 +853,11 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
         a = config.overlay_alpha if alpha is None else alpha
         if not 0.0 <= a <= 1.0:
             raise HTTPError(400, f"alpha must lie in [0, 1], got {a}")
-        body = await read_body(request, config.max_request_bytes)
-        data, name = await _upload_bytes(request, body)
-        image = await run_in_threadpool(decode_upload, data, name=name, max_pixels=config.max_image_pixels)
+        body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
+        data, name = await upload_bytes(request.headers, body)
+        w, h = await run_in_threadpool(probe_upload, data, name=name, max_pixels=config.max_image_pixels)
+        async with decode_budget.hold(w * h):  # decoding memory grows with pixels: bound what decodes at once
+            image = await run_in_threadpool(decode_upload, data, name=name, max_pixels=config.max_image_pixels)
         pred = (await run_batch(image[None], False))[0]
         return await run_in_threadpool(segment_response, pred, format, alpha=a, model_name=config.model_name)
 
@@ -683,29 +892,55 @@ class _EmptyQueue:
     queue_depth = 0
 
 
-async def _upload_bytes(request: Request, body: bytes) -> tuple[bytes, str]:
-    """The image bytes of a ``/v1/segment`` upload: the first file of a multipart form, or the raw body."""
-    ctype = request.headers.get("content-type", "")
+class _RepositoryIndexRequest(BaseModel):
+    """Body of ``POST /v2/repository/index`` (Triton's model repository extension); all fields optional."""
+
+    ready: StrictBool = False
+
+
+def parse_repository_index(body: bytes) -> bool:
+    """The ``ready`` flag of a repository index request (an empty body means all models); 400 when malformed."""
+    if not body.strip():
+        return False
+    try:
+        return _RepositoryIndexRequest.model_validate(parse_json(body, "repository index request")).ready
+    except ValidationError as exc:
+        raise HTTPError(400, f"malformed repository index request: {validation_message(exc)}") from None
+
+
+async def upload_bytes(headers: Mapping[str, str], body: bytes) -> tuple[bytes, str]:
+    """The image bytes of a ``/v1/segment`` upload and a name for messages: the first file of a multipart form, or
+    the raw body. A malformed form raises :class:`HTTPError` 400."""
+    ctype = headers.get("content-type", "")
     if not ctype.lower().startswith("multipart/form-data"):
         return body, "upload"
-    from starlette.datastructures import UploadFile
+    from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def replay() -> AsyncIterator[bytes]:
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, replay(), max_files=4, max_fields=16).parse()
+        form = await MultiPartParser(Headers(headers=dict(headers)), replay(), max_files=4, max_fields=16).parse()
     except MultiPartException as exc:
         raise HTTPError(400, f"malformed multipart body ({exc.message})") from None
+    except (KeyError, ValueError, UnicodeError) as exc:  # e.g. no boundary, or an undecodable one
+        raise HTTPError(400, f"malformed multipart body ({type(exc).__name__}: {exc})") from None
     files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-    if not files:
-        raise HTTPError(400, "multipart body has no file part; send the image as a file field (e.g. 'file')")
-    upload = files[0]
     try:
-        return await upload.read(), upload.filename or "upload"
+        if not files:
+            raise HTTPError(400, "multipart body has no file part; send the image as a file field (e.g. 'file')")
+        return await files[0].read(), files[0].filename or "upload"
     finally:
-        await upload.close()
+        await form.close()
+
+
+def _drain_left(app: FastAPI, drain_timeout_s: float) -> float:
+    """Seconds left of the drain time, counted from when shutdown was requested (now, if nobody recorded it)."""
+    started = app.state.shutdown_requested_at
+    if started is None:
+        return drain_timeout_s
+    return max(0.0, drain_timeout_s - (time.monotonic() - started))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -745,19 +980,71 @@ def check_bind(host: str, api_key: str | None, *, allow_unauthenticated: bool = 
     log.warning("!!! serving on %s WITHOUT authentication: anyone who can reach this port can run the model !!!", host)
 
 
-def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "warning"):
-    """The uvicorn settings this server runs under (graceful shutdown waits for in-flight requests)."""
-    import uvicorn
+def _framing_error_response(msg: str) -> bytes:
+    """A complete HTTP/1.1 400 response with a JSON ``{"error": ...}`` body, for requests uvicorn cannot parse."""
+    body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+    head = (
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
+
+class JsonErrorHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol, answering unparsable requests (bad framing, bad headers) in the JSON error shape.
+
+    Those never reach the app, so uvicorn answers them itself, by default in plain text.
+    """
+
+    def send_400_response(self, msg: str) -> None:
+        self.transport.write(_framing_error_response(msg))
+        self.transport.close()
+
+
+def uvicorn_config(
+    app: FastAPI,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    log_level: str = "warning",
+    drain_timeout_s: float | None = None,
+) -> uvicorn.Config:
+    """The uvicorn settings this server runs under (graceful shutdown waits for in-flight requests).
+
+    ``drain_timeout_s`` (default: the app's ``ServeConfig.drain_timeout_s``) caps how long shutdown waits for
+    in-flight requests; whatever is left of it then goes to the queue (see :class:`DrainingServer`).
+    """
+    if drain_timeout_s is None:
+        drain_timeout_s = app.state.config.drain_timeout_s
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=False,  # per-request log lines cost more than the metrics that already count requests
-        timeout_graceful_shutdown=60,
+        timeout_graceful_shutdown=max(1, math.ceil(drain_timeout_s)),
         timeout_keep_alive=30,
+        http=JsonErrorHTTPProtocol,
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """A ``uvicorn.Server`` that records on the app when shutdown was requested (SIGTERM, Ctrl-C or
+    :meth:`request_exit`), so that in-flight requests and the queue drain share one drain time."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self._stamp()
+        super().handle_exit(sig, frame)
+
+    def request_exit(self) -> None:
+        """Shut down as on SIGTERM."""
+        self._stamp()
+        self.should_exit = True
+
+    def _stamp(self) -> None:
+        state = getattr(self.config.app, "state", None)
+        if state is not None and getattr(state, "shutdown_requested_at", None) is None:
+            state.shutdown_requested_at = time.monotonic()
 
 
 class BackgroundServer:
@@ -770,8 +1057,6 @@ class BackgroundServer:
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:
         import socket
 
-        import uvicorn
-
         self.app = app
         self.host = host
         if port == 0:
@@ -780,7 +1065,7 @@ class BackgroundServer:
                 port = s.getsockname()[1]
         self.port = port
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn_config(app, host, port, log_level=log_level))
+        self.server = DrainingServer(uvicorn_config(app, host, port, log_level=log_level))
         self._thread: Any = None
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
@@ -796,7 +1081,7 @@ class BackgroundServer:
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
-        self.server.should_exit = True
+        self.server.request_exit()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -98,3 +98,16 @@ def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_
         assert sheet.shape == (3 * 64 + 2 * 4, 3 * 128 + 2 * 4, 3)
     assert main(["segment", "--synthetic", "snow", "--checkpoint", str(tiny_checkpoint),
                  "--out", str(tmp_path / "bad")]) == 2
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16, 16)])
+def test_cli_segments_tiny_images(tmp_path: Path, tiny_checkpoint: Path, size: tuple[int, int]) -> None:
+    image = np.random.default_rng(2).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "tiny.png")
+    rc = main(
+        ["segment", str(tmp_path / "tiny.png"), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o")]
+    )
+    assert rc == 0
+    labels = np.array(Image.open(tmp_path / "o" / "tiny_labels.png"))
+    expected = Predictor(TorchBackend(load_model(tiny_checkpoint))).predict_one(image).labels
+    np.testing.assert_array_equal(labels, expected)

@@ -191,6 +191,20 @@ def test_onnx_backend_in_predictor_matches_torch(uint8_labels_export: ExportResu
             OnnxBackend(uint8_labels_export.path, device="cuda")
 
 
+def test_onnx_backend_pads_tiny_images_like_torch(
+    uint8_labels_export: ExportResult, mobilenet: torch.nn.Module
+) -> None:
+    backend = OnnxBackend(uint8_labels_export.path, device="cpu")
+    assert backend.norm_stride == 16  # read from the file's model_config metadata
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((1, 1), (16, 16), (3, 9), (17, 1), (40, 2))]
+    got = Predictor(backend, batch_size=4).predict(images)
+    ref = Predictor(TorchBackend(mobilenet), batch_size=4).predict(images)
+    for image, g, r in zip(images, got, ref):
+        assert g.labels.shape == image.shape[:2]
+        np.testing.assert_array_equal(g.labels, r.labels)
+
+
 def test_onnx_backend_from_checkpoint_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     backend = OnnxBackend.from_path(tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")

@@ -129,3 +129,64 @@ def test_bfloat16_channels_last_agree_with_float32(tiny_checkpoint: Path) -> Non
         TorchBackend(model, precision="float16")
     with pytest.raises(ValueError, match="unknown precision"):
         TorchBackend(model, precision="int4")
+
+
+# ---- images smaller than the network's deepest InstanceNorm can see ---------------------------------------------------
+
+
+def _network_labels(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
+    """The bare network's label map for one uint8 image (no Predictor involved)."""
+    from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std
+    with torch.inference_mode():
+        return model.eval()(x[None])[0].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("backbone", ["mobilenetv2", "shufflenetv2", "resnet50"])
+def test_norm_stride_is_each_backbones_real_limit(backbone: str) -> None:
+    from blindnet.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone))
+    predictor = Predictor(TorchBackend(model))
+    s = predictor.backend.norm_stride
+    assert s == {"resnet50": 8}.get(backbone, 16)
+    with pytest.raises((RuntimeError, ValueError)):  # both sides <= s: the bare network cannot run it
+        _network_labels(model, _rng_image(1, s, s))
+    for h, w in ((s + 1, 1), (1, s + 1), (s + 1, s)):  # the smallest inputs it runs: labels must be its own
+        image = _rng_image(h * w, h, w)
+        assert predictor.padded_size(h, w) == (h, w)
+        np.testing.assert_array_equal(predictor.predict_one(image).labels, _network_labels(model, image))
+    for h, w in ((1, 1), (s, s), (3, s)):
+        assert predictor.predict_one(_rng_image(2, h, w)).labels.shape == (h, w)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (16, 16), (5, 2)])
+def test_tiny_images_are_padded_and_cropped_back(predictor: Predictor, tiny_checkpoint: Path, size) -> None:
+    h, w = size
+    image = _rng_image(h + 7 * w, h, w)
+    pred = predictor.predict_one(image, return_logits=True, return_probabilities=True)
+    assert pred.labels.shape == (h, w) and pred.labels.max() < 19
+    assert pred.logits.shape == pred.probabilities.shape == (19, h, w)
+    assert predictor.padded_size(h, w) == (17, 17)
+    # Exactly the network's answer on the border-repeated 17 x 17 image, top-left h x w.
+    padded = np.pad(image, ((0, 17 - h), (0, 17 - w), (0, 0)), mode="edge")
+    np.testing.assert_array_equal(pred.labels, _network_labels(load_model(tiny_checkpoint), padded)[:h, :w])
+    np.testing.assert_array_equal(pred.labels, pred.logits.argmax(0))
+
+
+def test_tiny_images_in_a_batch_with_others(predictor: Predictor) -> None:
+    images = [_rng_image(1, 1, 1), _rng_image(2), _rng_image(3, 4, 4), _rng_image(4, 16, 3), _rng_image(5)]
+    together = predictor.predict(images)
+    alone = [predictor.predict_one(im) for im in images]
+    for t, a, im in zip(together, alone, images):
+        assert t.labels.shape == im.shape[:2]
+        np.testing.assert_array_equal(t.labels, a.labels)
+
+
+def test_small_input_size_is_padded_too(tiny_checkpoint: Path) -> None:
+    small = Predictor(TorchBackend(load_model(tiny_checkpoint)), input_size=(8, 12))
+    pred = small.predict_one(_rng_image(6), return_logits=True)
+    assert pred.labels.shape == (48, 64) and pred.logits.shape == (19, 48, 64)
