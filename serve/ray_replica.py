@@ -139,7 +139,11 @@ def start(config: RayServeConfig, *, verbose: bool = False):
     if not ray.is_initialized():
         ray.init(address=config.address or "local", include_dashboard=False, **_quiet_ray(verbose))
     logging_config = None if verbose else {"log_level": "WARNING", "enable_access_log": False}
-    serve.start(http_options={"host": config.host, "port": config.port}, logging_config=logging_config)
+    serve.start(
+        proxy_location=config.proxy_location,
+        http_options={"host": config.host, "port": config.port},
+        logging_config=logging_config,
+    )
     return serve.run(build_application(config), name=config.name, route_prefix="/", logging_config=logging_config)
 
 

@@ -55,6 +55,8 @@ class RayServeConfig:
         max_ongoing_requests: requests a replica holds at once; None: ``2 * max_batch_size``.
         max_queued_requests: requests waiting for a replica at Ray's proxy before callers get 503 (-1: unbounded).
         host, port: where Ray's HTTP proxy listens (on every node that runs one).
+        proxy_location: ``EveryNode`` (a proxy on each node with replicas: point a load balancer at all of them),
+            ``HeadOnly`` (one entry point; also what several nodes sharing one IP address need), or ``Disabled``.
         address: Ray cluster to join (``auto``, ``HOST:PORT``); None: start a private local Ray for this command.
         name: the Ray Serve application and deployment name.
         drain_timeout_s: longest a replica waits for its in-flight requests when the service stops.
@@ -82,6 +84,7 @@ class RayServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     address: str | None = None
+    proxy_location: str = "EveryNode"
     name: str = "blindnet"
     drain_timeout_s: float = 60.0
 
@@ -103,6 +106,8 @@ class RayServeConfig:
             )
         if not (self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1)):
             raise ValueError(f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}")
+        if self.proxy_location not in ("EveryNode", "HeadOnly", "Disabled"):
+            raise ValueError(f"proxy_location must be EveryNode, HeadOnly or Disabled, got {self.proxy_location!r}")
         if self.threads_per_replica is not None and self.threads_per_replica < 1:
             raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
 
@@ -163,6 +168,9 @@ def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.A
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default: a private local Ray")
+    p.add_argument(
+        "--proxy-location", choices=["EveryNode", "HeadOnly", "Disabled"], help="where HTTP proxies run (EveryNode)"
+    )
     p.add_argument(
         "--allow-unauthenticated",
         action="store_true",
