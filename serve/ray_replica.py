@@ -75,11 +75,13 @@ def build_application(config: RayServeConfig):
     return deployment.bind(config.to_dict())
 
 
-def _quiet_ray(verbose: bool) -> dict[str, Any]:
-    """Keyword arguments for ``ray.init`` that keep Ray's own log lines out of the user's terminal (unless verbose).
-
-    Replica and controller logs still go to Ray's session folder (``/tmp/ray/session_latest/logs``).
+def _ray_init_options(verbose: bool) -> dict[str, Any]:
+    """Keyword arguments (and ``RAY_*`` variables) for starting Ray: replicas at normal priority, and Ray's own log
+    lines kept out of the user's terminal unless ``verbose`` (they still go to ``/tmp/ray/session_latest/logs``).
     """
+    # Ray runs its workers at niceness 15 by default; here they are the service, and on a shared host every other
+    # process would pre-empt them. The user's own setting wins.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if verbose:
         return {}
     # Warnings that a user of this command cannot act on (usage statistics prompt, log deduplication notes).
@@ -96,19 +98,27 @@ _RAY_LINE = re.compile(r"^(?:\x1b\[[0-9;]*m)*\([^)]{1,120}\)")
 
 
 class _WithoutRayLines(io.TextIOBase):
-    """A text stream that forwards everything except the lines Ray prints for its own processes."""
+    """A text stream that forwards everything except the lines Ray prints for its own processes.
+
+    Whole lines are judged (``print`` writes a line and its newline separately), so a dropped line leaves no blank.
+    """
 
     def __init__(self, target: TextIO) -> None:
         self.target = target
+        self.partial = ""
 
     def write(self, text: str) -> int:
-        kept = "".join(line for line in text.splitlines(keepends=True) if not _RAY_LINE.match(line))
+        *lines, self.partial = (self.partial + text).split("\n")
+        kept = "".join(line + "\n" for line in lines if not _RAY_LINE.match(line))
         if kept:
             self.target.write(kept)
             self.target.flush()
         return len(text)
 
     def flush(self) -> None:
+        if self.partial and not _RAY_LINE.match(self.partial):
+            self.target.write(self.partial)
+        self.partial = ""
         self.target.flush()
 
 
@@ -137,7 +147,7 @@ def start(config: RayServeConfig, *, verbose: bool = False):
     ``config.address`` None starts a private local Ray instance (never an unrelated one already running here).
     """
     if not ray.is_initialized():
-        ray.init(address=config.address or "local", include_dashboard=False, **_quiet_ray(verbose))
+        ray.init(address=config.address or "local", include_dashboard=False, **_ray_init_options(verbose))
     logging_config = None if verbose else {"log_level": "WARNING", "enable_access_log": False}
     serve.start(
         proxy_location=config.proxy_location,
