@@ -147,7 +147,10 @@ def start(config: RayServeConfig, *, verbose: bool = False):
     ``config.address`` None starts a private local Ray instance (never an unrelated one already running here).
     """
     if not ray.is_initialized():
-        ray.init(address=config.address or "local", include_dashboard=False, **_ray_init_options(verbose))
+        options = _ray_init_options(verbose)
+        if config.node_ip_address:
+            options["_node_ip_address"] = config.node_ip_address
+        ray.init(address=config.address or "local", include_dashboard=False, **options)
     logging_config = None if verbose else {"log_level": "WARNING", "enable_access_log": False}
     serve.start(
         proxy_location=config.proxy_location,

@@ -58,6 +58,8 @@ class RayServeConfig:
         proxy_location: ``EveryNode`` (a proxy on each node with replicas: point a load balancer at all of them),
             ``HeadOnly`` (one entry point; also what several nodes sharing one IP address need), or ``Disabled``.
         address: Ray cluster to join (``auto``, ``HOST:PORT``); None: start a private local Ray for this command.
+        node_ip_address: this machine's address in that cluster; None: Ray's guess, which is wrong when several nodes
+            share one host on different loopback addresses.
         name: the Ray Serve application and deployment name.
         drain_timeout_s: longest a replica waits for its in-flight requests when the service stops.
     """
@@ -84,6 +86,7 @@ class RayServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     address: str | None = None
+    node_ip_address: str | None = None
     proxy_location: str = "EveryNode"
     name: str = "blindnet"
     drain_timeout_s: float = 60.0
@@ -168,6 +171,7 @@ def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.A
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default: a private local Ray")
+    p.add_argument("--node-ip-address", help="this machine's address in the cluster (default: Ray's guess)")
     p.add_argument(
         "--proxy-location", choices=["EveryNode", "HeadOnly", "Disabled"], help="where HTTP proxies run (EveryNode)"
     )
