@@ -211,6 +211,9 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_absolute():
         # Replicas run in Ray's own working folders: hand them the path as the user meant it.
         cfg.checkpoint = str(Path(cfg.checkpoint).expanduser().resolve())
+    if cfg.address is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
+        # Fail here, not after Ray has started and retried every replica (on a cluster only the nodes can tell).
+        raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
     return cfg
 
 

@@ -56,9 +56,14 @@ def test_config_is_strict_and_guards_batching() -> None:
 def test_flags_override_the_yaml_file_and_paths_resolve_from_the_current_folder(tmp_path, monkeypatch) -> None:
     (tmp_path / "ray.yaml").write_text("checkpoint: m.safetensors\nnum_replicas: 3\nmax_batch_size: 2\n")
     monkeypatch.chdir(tmp_path)
-    cfg = config_from_args(build_parser().parse_args(["--config", "ray.yaml", "--replicas", "2"]), {})
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    cfg = config_from_args(
+        build_parser().parse_args(["--config", "ray.yaml", "--replicas", "2", "--checkpoint", "x.safetensors"]), {}
+    )
     assert cfg.num_replicas == 2 and cfg.max_batch_size == 2  # the flag wins, the file's other keys stay
-    assert cfg.checkpoint == str(tmp_path / "m.safetensors")
+    assert cfg.checkpoint == str(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match="m.safetensors does not exist"):  # refused before Ray starts
+        config_from_args(build_parser().parse_args(["--config", "ray.yaml"]), {})
     (tmp_path / "bad.yaml").write_text("replicas: 2\n")
     with pytest.raises(ValueError, match="unknown config key"):
         config_from_args(build_parser().parse_args(["--config", "bad.yaml"]), {})
