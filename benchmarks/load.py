@@ -57,6 +57,7 @@ CSV_FIELDS = (
     "fraction_of_predictor",
     "server_cpu_ms_per_image",
     "cpu_efficiency",
+    "mismatches",
 )
 
 
@@ -72,10 +73,11 @@ class LevelResult:
     p50_ms: float
     p90_ms: float
     p99_ms: float
-    mean_batch_size: float
+    mean_batch_size: float | None
     fraction_of_predictor: float | None = None
     server_cpu_ms_per_image: float | None = None
     cpu_efficiency: float | None = None
+    mismatches: int | None = None
 
 
 @dataclass
@@ -174,6 +176,17 @@ def _v2_body(image: np.ndarray) -> tuple[bytes, dict[str, str]]:
     }
 
 
+def _answer_labels(path: str, content: bytes, response_headers) -> np.ndarray:
+    """The label map in a 200 answer: a v2 binary ``labels`` tensor, or a ``/v1/segment`` labels PNG."""
+    if path.startswith("/v2/"):
+        hlen = int(response_headers["inference-header-content-length"])
+        shape = json.loads(content[:hlen])["outputs"][0]["shape"]
+        return np.frombuffer(content[hlen:], np.uint8).reshape(shape)[0]
+    import cv2
+
+    return cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+
+
 async def _run_level(
     url: str,
     bodies: list[tuple[str, bytes, dict[str, str]]],
@@ -182,22 +195,29 @@ async def _run_level(
     requests: int,
     max_seconds: float,
     headers: dict[str, str],
-) -> tuple[list[float], int, float]:
-    """Closed loop: ``concurrency`` workers send requests back to back. Returns (latencies_s, errors, wall_s)."""
+    expected: list[np.ndarray] | None = None,
+) -> tuple[list[float], int, float, int]:
+    """Closed loop: ``concurrency`` workers send requests back to back.
+
+    Returns ``(latencies_s, errors, wall_s, mismatches)``; with ``expected`` (the label map each body must get back,
+    by index) every 200 answer is compared with it, after its latency is taken.
+    """
     import httpx
 
     latencies: list[float] = []
     errors = 0
     counter = 0
+    mismatches = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120, headers=headers) as client:
         t0 = time.perf_counter()
         deadline = t0 + max_seconds
 
         async def worker() -> None:
-            nonlocal counter, errors
+            nonlocal counter, errors, mismatches
             while counter < requests and time.perf_counter() < deadline:
-                path, body, hdrs = bodies[counter % len(bodies)]
+                index = counter % len(bodies)
+                path, body, hdrs = bodies[index]
                 counter += 1
                 s = time.perf_counter()
                 try:
@@ -207,12 +227,15 @@ async def _run_level(
                     ok = False
                 if ok:
                     latencies.append(time.perf_counter() - s)
+                    if expected is not None:
+                        got = _answer_labels(path, r.content, r.headers)
+                        mismatches += int(not np.array_equal(got, expected[index]))
                 else:
                     errors += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return latencies, errors, wall
+    return latencies, errors, wall, mismatches
 
 
 def _stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -284,6 +307,7 @@ def run_load_benchmark(
     api_key: str | None = None,
     baseline_seconds: float = 5.0,
     out_dir: str | Path | None = RESULTS_DIR,
+    verify: bool = False,
 ) -> LoadReport:
     """Measure Predictor throughput, then the server's at each concurrency (see the module docstring).
 
@@ -296,6 +320,7 @@ def run_load_benchmark(
         url: an already running server to load instead of starting one (it must serve the same model/backend for the
             ratio to mean anything).
         out_dir: where JSON/CSV go; None writes nothing.
+        verify: compare every answer with the in-process Predictor's label map (``mismatches`` per level).
     """
     if protocol not in ("v2", "segment"):
         raise ValueError(f"protocol must be 'v2' or 'segment', got {protocol!r}")
@@ -315,6 +340,7 @@ def run_load_benchmark(
         predictor = Predictor(make_backend(backend, ckpt, **backend_kwargs), batch_size=max_batch_size)
         backend_desc = predictor.backend.describe()
         base_before, cpu_before = predictor_throughput(predictor, images[:max_batch_size], min_seconds=baseline_seconds)
+        expected = [p.labels for p in predictor.predict(images)] if verify else None
 
         # 2. The server.
         proc = None
@@ -322,7 +348,17 @@ def run_load_benchmark(
         if url is None:
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(ckpt), "--backend", backend, "--port", str(port)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "blindnet.serve",
+                "--checkpoint",
+                str(ckpt),
+                "--backend",
+                backend,
+                "--port",
+                str(port),
+            ]
             cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
             cmd += ["--max-queue-size", str(max(64, 2 * max(concurrencies))), "--log-level", "warning"]
             for flag, value in (("--device", device), ("--precision", precision), ("--api-key", api_key)):
@@ -356,8 +392,16 @@ def run_load_benchmark(
             for c in concurrencies:
                 before = _stats(url, headers)
                 cpu0 = process_cpu_seconds(proc.pid) if proc is not None else None
-                lat, errors, wall = asyncio.run(
-                    _run_level(url, bodies, concurrency=c, requests=requests, max_seconds=max_seconds, headers=headers)
+                lat, errors, wall, mismatches = asyncio.run(
+                    _run_level(
+                        url,
+                        bodies,
+                        concurrency=c,
+                        requests=requests,
+                        max_seconds=max_seconds,
+                        headers=headers,
+                        expected=expected,
+                    )
                 )
                 after = _stats(url, headers)
                 cpu1 = process_cpu_seconds(proc.pid) if proc is not None else None
@@ -375,18 +419,22 @@ def run_load_benchmark(
                         p50_ms=round(float(np.percentile(ms, 50)), 2),
                         p90_ms=round(float(np.percentile(ms, 90)), 2),
                         p99_ms=round(float(np.percentile(ms, 99)), 2),
-                        mean_batch_size=round(imgs / batches, 2) if batches else 0.0,
+                        # Behind a load balancer (Ray Serve) /v1/stats answers from one replica per call, so the
+                        # difference can mix replicas: only a positive count of both is reported.
+                        mean_batch_size=round(imgs / batches, 2) if batches > 0 and imgs > 0 else None,
                         fraction_of_predictor=None,  # filled in once the baseline is final
                         server_cpu_ms_per_image=(
                             round((cpu1 - cpu0) * 1000 / imgs, 2)
                             if cpu0 is not None and cpu1 is not None and imgs
                             else None
                         ),
+                        mismatches=mismatches if verify else None,
                     )
                 )
                 print(
                     f"concurrency {c:4d}: {rate:8.2f} img/s  p50 {levels[-1].p50_ms:8.1f} ms  "
-                    f"p99 {levels[-1].p99_ms:8.1f} ms  mean batch {levels[-1].mean_batch_size:4.1f}",
+                    f"p99 {levels[-1].p99_ms:8.1f} ms  mean batch {levels[-1].mean_batch_size}  errors {errors}"
+                    + (f"  mismatches {mismatches}" if verify else ""),
                     flush=True,
                 )
             base_after, cpu_after = predictor_throughput(
@@ -477,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="load an already running server instead of starting one")
     p.add_argument("--api-key", default=os.environ.get("BLINDNET_API_KEY"))
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
+    p.add_argument("--verify", action="store_true", help="check every answer against the in-process Predictor")
     return p
 
 
@@ -499,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key,
         baseline_seconds=args.baseline_seconds,
         out_dir=args.out,
+        verify=args.verify,
     )
     print(
         f"Predictor batched throughput: {report.predictor_images_per_s} img/s; best server fraction: "

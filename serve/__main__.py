@@ -5,6 +5,7 @@ Examples::
     python -m blindnet.serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, torch on CPU
     python -m blindnet.serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
     python -m blindnet.serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
+    python -m blindnet.serve --ray --replicas 2                                # the same API on Ray Serve replicas
 
 SIGTERM / Ctrl-C: stop accepting connections, finish in-flight requests, drain the queue, then exit (uvicorn
 re-raises the signal after the graceful shutdown, so the exit status is the usual "terminated by SIGTERM").
@@ -16,6 +17,8 @@ import argparse
 import logging
 import os
 import sys
+
+from blindnet.serve import ray_serve
 
 from blindnet.extras import require_extra
 
@@ -30,8 +33,12 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--model-name", default="blindnet", help="name under /v2/models/")
     p.add_argument("--max-batch-size", type=int, default=8, help="most images per network call")
-    p.add_argument("--max-queue-delay-ms", type=float, default=5.0,
-                   help="how long the first queued image waits for others to fill its batch")
+    p.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=5.0,
+        help="how long the first queued image waits for others to fill its batch",
+    )
     p.add_argument("--max-queue-size", type=int, default=64, help="images waiting before 503 + Retry-After")
     p.add_argument(
         "--input-size",
@@ -60,10 +67,19 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
         "--drain-timeout-s", type=float, default=30.0, help="longest SIGTERM shutdown takes (in-flight, then queue)"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the same server as Ray Serve replicas on a local Ray or a cluster (see --ray --help for its flags)",
+    )
     return p
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--ray" in argv:
+        # The scaled-out runner has flags of its own (replicas, resources, cluster address): its parser decides.
+        return ray_serve.main([a for a in argv if a != "--ray"], prog=f"{prog} --ray")
     args = build_parser(prog).parse_args(argv)
     require_extra("serve")
     # Lazy CLI dispatch: --help answers before PyTorch and FastAPI are imported.

@@ -1,95 +1,122 @@
-"""Scale-out on Ray Serve (optional extra ``pip install 'blindnet[ray]'``): the same Predictor, many replicas/machines.
+"""Scale-out on Ray Serve (optional extra ``pip install 'blindnet[ray]'``): the same HTTP API, many replicas/machines.
 
-Why Ray Serve (deployment_notes.md §1.7): the runner is Python, Ray hosts it unchanged, and it adds replicas across
-nodes, autoscaling, fractional GPUs and backpressure. The mapping from the single-machine server:
+``blindnet serve --ray`` (or ``python -m blindnet.serve.ray_serve``) runs the application that
+``python -m blindnet.serve`` runs under uvicorn, unchanged, as the ingress of a Ray Serve deployment: every replica
+builds its own app (KServe v2 / Triton protocol, ``/v1/segment``, health, ``/metrics``, the same limits and error
+codes) with its own model and dynamic batcher, and Ray's HTTP proxy spreads requests over the replicas, on one
+machine or across a cluster.
 
-=============================  ======================================================================
-``python -m blindnet.serve``            Ray Serve
-=============================  ======================================================================
-``max_batch_size``             ``@serve.batch(max_batch_size)`` (set per replica from the config)
-``max_queue_delay_ms``         ``batch_wait_timeout_s``
-``max_queue_size`` -> 503      ``max_queued_requests`` -> 503 (Ray's proxy), per deployment
-one process                    ``num_replicas`` (or ``"auto"`` + ``autoscaling``), ``num_gpus_per_replica``
-=============================  ======================================================================
+==================================  ==================================================================================
+``python -m blindnet.serve``        Ray Serve
+==================================  ==================================================================================
+``--max-batch-size``, queue delay   the same, inside each replica (each replica batches its own requests)
+``--max-queue-size`` -> 503         the same, per replica; plus ``max_queued_requests`` -> 503 at Ray's proxy
+one process                         ``num_replicas`` (or ``"auto"`` + ``autoscaling``), CPUs/GPUs per replica
+==================================  ==================================================================================
 
-Guard from the notes (Ray #43288): ``max_ongoing_requests`` must be >= ``max_batch_size`` or batches never fill;
-:class:`RayServeConfig` defaults it to twice the batch size and refuses smaller values.
+A replica only fills batches if Ray lets it hold that many requests at once, so ``max_ongoing_requests`` must be at
+least ``max_batch_size`` (Ray counts a request as ongoing while it waits in our queue); the default is twice the batch
+size and smaller values are refused.
 
-HTTP: ``POST /`` (route prefix configurable) with the image bytes, ``?format=labels|color|overlay|json`` exactly as
-``/v1/segment`` answers. Python: ``handle.segment.remote(image_uint8_hwc)`` returns the label map. The KServe v2
-endpoints stay on ``python -m blindnet.serve`` (one per node, or Triton) when a v2 client is needed.
-
-Ray is imported lazily, so this module imports (and the rest of ``serve`` works) without Ray installed.
+This module holds only the settings and the command line; it imports neither Ray nor PyTorch, so ``--help`` answers
+at once and the module imports where Ray is not installed. The Ray side lives in :mod:`blindnet.serve.ray_replica`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from blindnet.config import from_dict
+from blindnet.extras import require_extra
 
 
 @dataclass
 class RayServeConfig:
-    """Settings of the Ray Serve deployment (load from YAML with :meth:`from_dict`; unknown keys are an error).
+    """Settings of the Ray Serve application (YAML keys = these names; unknown keys are an error).
 
     Attributes:
-        checkpoint: model file; None: the shipped default checkpoint.
+        checkpoint: model file; None: the shipped default checkpoint. A relative path is taken from the folder the
+            command runs in; on a cluster the file must exist at that path on every node.
         backend, device, precision: as ``python -m blindnet.serve`` (device/precision None: the backend's defaults).
+        model_name: the name under ``/v2/models/``.
         input_size: serving resolution ``(H, W)``, or None to run each image at its own size.
-        max_batch_size: images per backend call in one replica.
-        batch_wait_timeout_s: longest a replica waits to fill a batch.
+        max_batch_size, max_queue_delay_ms, max_queue_size: each replica's dynamic batcher (as the server's flags).
+        max_request_mb, max_image_pixels: request limits (413 beyond), as the server's flags.
+        api_key: when set, every endpoint except the health probes needs it (as ``--api-key``).
         num_replicas: replica count, or ``"auto"`` (then ``autoscaling`` applies).
         autoscaling: Ray's ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``...).
-        num_gpus_per_replica: GPUs reserved per replica (fractions allowed; 0 on CPU).
-        num_cpus_per_replica: CPUs reserved per replica.
+        num_cpus_per_replica, num_gpus_per_replica: resources Ray reserves per replica (fractions allowed).
+        threads_per_replica: PyTorch CPU threads in each replica; None: ``num_cpus_per_replica`` rounded, at least 1.
         max_ongoing_requests: requests a replica holds at once; None: ``2 * max_batch_size``.
-        max_queued_requests: requests waiting for a replica before callers get 503 (-1: unbounded).
-        name, route_prefix: deployment name and HTTP route.
+        max_queued_requests: requests waiting for a replica at Ray's proxy before callers get 503 (-1: unbounded).
+        host, port: where Ray's HTTP proxy listens (on every node that runs one).
+        proxy_location: ``EveryNode`` (a proxy on each node with replicas: point a load balancer at all of them),
+            ``HeadOnly`` (one entry point; also what several nodes sharing one IP address need), or ``Disabled``.
+        address: Ray cluster to join (``auto``, ``HOST:PORT``); None: start a private local Ray for this command.
+        node_ip_address: this machine's address in that cluster; None: Ray's guess, which is wrong when several nodes
+            share one host on different loopback addresses.
+        name: the Ray Serve application and deployment name.
+        drain_timeout_s: longest a replica waits for its in-flight requests when the service stops.
     """
 
     checkpoint: str | None = None
     backend: str = "torch"
     device: str | None = None
     precision: str | None = None
+    model_name: str = "blindnet"
     input_size: tuple[int, int] | None = None
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.005
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64
+    max_request_mb: float = 64.0
+    max_image_pixels: int = 4096 * 4096
+    api_key: str | None = None
     num_replicas: int | str = 1
     autoscaling: dict[str, Any] = field(default_factory=dict)
-    num_gpus_per_replica: float = 0.0
     num_cpus_per_replica: float = 1.0
+    num_gpus_per_replica: float = 0.0
+    threads_per_replica: int | None = None
     max_ongoing_requests: int | None = None
-    max_queued_requests: int = 64
+    max_queued_requests: int = 256
+    host: str = "127.0.0.1"
+    port: int = 8000
+    address: str | None = None
+    node_ip_address: str | None = None
+    proxy_location: str = "EveryNode"
     name: str = "blindnet"
-    route_prefix: str = "/"
+    drain_timeout_s: float = 60.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RayServeConfig:
-        from blindnet.config import from_dict
-
+        """Build and validate from a mapping (a parsed YAML file); unknown keys raise ``ValueError``."""
         cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        """Raise ``ValueError`` for settings Ray would accept but that cannot work."""
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
-                "batches could never fill (Ray issue #43288)"
+                "a replica could never hold enough requests to fill a batch"
             )
         if not (self.num_replicas == "auto" or (isinstance(self.num_replicas, int) and self.num_replicas >= 1)):
             raise ValueError(f"num_replicas must be a positive int or 'auto', got {self.num_replicas!r}")
+        if self.proxy_location not in ("EveryNode", "HeadOnly", "Disabled"):
+            raise ValueError(f"proxy_location must be EveryNode, HeadOnly or Disabled, got {self.proxy_location!r}")
+        if self.threads_per_replica is not None and self.threads_per_replica < 1:
+            raise ValueError(f"threads_per_replica must be >= 1, got {self.threads_per_replica}")
+
+    def threads(self) -> int:
+        """PyTorch threads per replica: as many as the CPUs Ray reserves for it, so replicas do not oversubscribe."""
+        return self.threads_per_replica or max(1, round(self.num_cpus_per_replica))
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -98,6 +125,9 @@ class RayServeConfig:
             "ray_actor_options": {"num_gpus": self.num_gpus_per_replica, "num_cpus": self.num_cpus_per_replica},
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_timeout_s": self.drain_timeout_s,
+            # How often a stopping replica checks whether its requests are done: short, so shutdown is prompt.
+            "graceful_shutdown_wait_loop_s": 0.5,
         }
         if self.num_replicas == "auto":
             opts["num_replicas"] = "auto"
@@ -107,140 +137,104 @@ class RayServeConfig:
             opts["num_replicas"] = self.num_replicas
         return opts
 
-
-def _import_ray():
-    try:
-        import ray
-        from ray import serve
-    except ImportError as exc:
-        raise ImportError(
-            "Ray Serve is an optional extra and is not installed: pip install 'blindnet[ray]' (or 'ray[serve]')"
-        ) from exc
-    return ray, serve
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, what the driver sends to every replica (which rebuilds the config with :meth:`from_dict`)."""
+        return asdict(self)
 
 
-def _deployment_class():
-    """The deployment class, built after Ray is imported (so importing this module never needs Ray)."""
-    _, serve = _import_ray()
-
-    class BlindNetDeployment:
-        """One replica: a Predictor behind ``@serve.batch``."""
-
-        def __init__(self, config: dict[str, Any]) -> None:
-            from blindnet.inference import Predictor
-
-            cfg = RayServeConfig.from_dict(config)
-            kwargs = {k: v for k, v in (("device", cfg.device), ("precision", cfg.precision)) if v is not None}
-            self.config = cfg
-            self.predictor = Predictor.from_checkpoint(
-                cfg.checkpoint,
-                backend=cfg.backend,
-                input_size=tuple(cfg.input_size) if cfg.input_size else None,
-                batch_size=cfg.max_batch_size,
-                **kwargs,
-            )
-            # The decorator's arguments are fixed at class definition; the config decides them per deployment.
-            self._batched.set_max_batch_size(cfg.max_batch_size)
-            self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-        async def _batched(self, images: list[np.ndarray]) -> list:
-            # Off the replica's event loop, so requests keep arriving (and the next batch forms) during compute.
-            return await asyncio.to_thread(self.predictor.predict_arrays, images)
-
-        async def segment(self, image: np.ndarray) -> np.ndarray:
-            """``H x W x 3`` image (any dtype :func:`to_rgb_uint8` accepts) -> ``H x W`` label map."""
-            from blindnet.inference import to_rgb_uint8
-
-            return (await self._batched(to_rgb_uint8(image))).labels
-
-        async def __call__(self, request):
-            from starlette.responses import JSONResponse
-
-            from blindnet.serve.app import SEGMENT_FORMATS, HTTPError, decode_upload, segment_response
-
-            fmt = request.query_params.get("format", "labels")
-            if fmt not in SEGMENT_FORMATS:
-                return JSONResponse({"error": f"unknown format {fmt!r}; choose one of {list(SEGMENT_FORMATS)}"}, 400)
-            try:
-                image = decode_upload(await request.body(), name="upload", max_pixels=4096 * 4096)
-            except HTTPError as exc:
-                return JSONResponse({"error": exc.message}, exc.status)
-            pred = await self._batched(image)
-            alpha = float(request.query_params.get("alpha", 0.5))
-            return segment_response(pred, fmt, alpha=alpha, model_name=self.config.name)
-
-    return serve.deployment(BlindNetDeployment)
+def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.ArgumentParser:
+    """Flags override the keys of ``--config``; every flag left out keeps the file's (or the default) value."""
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Run the blindnet HTTP server as Ray Serve replicas, on a local Ray or an existing cluster.",
+        argument_default=argparse.SUPPRESS,  # absent flags must not override the YAML file
+    )
+    p.add_argument("--config", help="YAML file with RayServeConfig keys (unknown keys are an error)")
+    p.add_argument("--checkpoint", help="checkpoint or exported model (default: the shipped one)")
+    p.add_argument("--backend", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--device", help="cpu or cuda (default: the backend's)")
+    p.add_argument("--precision", help="float32, float16 or bfloat16 (default: the backend's)")
+    p.add_argument("--model-name", help="name under /v2/models/ (default blindnet)")
+    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="serving resolution")
+    p.add_argument("--replicas", dest="num_replicas", help="replica count or 'auto' (default 1)")
+    p.add_argument("--cpus-per-replica", dest="num_cpus_per_replica", type=float, help="default 1")
+    p.add_argument("--gpus-per-replica", dest="num_gpus_per_replica", type=float, help="default 0")
+    p.add_argument("--threads-per-replica", type=int, help="PyTorch threads (default: CPUs per replica)")
+    p.add_argument("--max-batch-size", type=int, help="most images per network call, per replica (default 8)")
+    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 5)")
+    p.add_argument("--max-queue-size", type=int, help="images queued per replica before 503 (default 64)")
+    p.add_argument("--max-ongoing-requests", type=int, help="requests a replica holds (default 2x batch size)")
+    p.add_argument("--max-queued-requests", type=int, help="requests Ray's proxy queues before 503 (default 256)")
+    p.add_argument("--max-request-mb", type=float, help="largest request body (default 64)")
+    p.add_argument("--max-image-pixels", type=int, help="largest H*W per image")
+    p.add_argument("--api-key", help="required key (env BLINDNET_API_KEY)")
+    p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default: a private local Ray")
+    p.add_argument("--node-ip-address", help="this machine's address in the cluster (default: Ray's guess)")
+    p.add_argument(
+        "--proxy-location", choices=["EveryNode", "HeadOnly", "Disabled"], help="where HTTP proxies run (EveryNode)"
+    )
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=False,
+        help="allow a non-loopback --host without --api-key (a proxy in front must authenticate)",
+    )
+    p.add_argument("--verbose", action="store_true", default=False, help="show Ray's own logs in this terminal")
+    return p
 
 
-def build_app(config: RayServeConfig):
-    """The Ray Serve application (``serve.run(build_app(cfg))``) for ``config``."""
-    config.validate()
-    deployment = _deployment_class().options(**config.deployment_options())
-    return deployment.bind(asdict(config))
+def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> RayServeConfig:
+    """The YAML file (if any) overlaid with the flags given, validated."""
+    import yaml  # only when a file is read: keeps ``--help`` free of it
 
-
-def start(config: RayServeConfig, *, host: str = "127.0.0.1", port: int = 8000, ray_address: str | None = None):
-    """Connect to (or start) Ray, start Serve's HTTP proxy on ``host:port`` and deploy; returns the app handle.
-
-    Workers must import ``serve`` (this repository): on a local Ray we put the repository on their ``PYTHONPATH``;
-    on a cluster, install the repository on every node or pass ``runtime_env={"working_dir": ...}`` to ``ray.init``.
-    """
-    ray, serve = _import_ray()
-    if not ray.is_initialized():
-        path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address=ray_address, runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(config), name=config.name, route_prefix=config.route_prefix)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blindnet.serve.ray_serve [--config cfg.yaml] [--checkpoint ...] [--num-replicas N] ...``; Ctrl-C stops."""
-    p = argparse.ArgumentParser(prog="python -m blindnet.serve.ray_serve", description="Deploy blindnet on Ray Serve")
-    p.add_argument("--config", help="YAML file with RayServeConfig keys (flags below override it)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--backend")
-    p.add_argument("--device")
-    p.add_argument("--num-replicas", help="an integer or 'auto'")
-    p.add_argument("--gpus-per-replica", type=float)
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    args = p.parse_args(argv)
+    values = dict(vars(args))
     data: dict[str, Any] = {}
-    if args.config:
-        import yaml
+    path = values.pop("config", None)
+    if path:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of RayServeConfig keys")
+    for flag_only in ("allow_unauthenticated", "verbose"):
+        values.pop(flag_only, None)
+    if "num_replicas" in values:
+        r = values["num_replicas"]
+        values["num_replicas"] = r if r == "auto" else int(r)
+    if "input_size" in values:
+        values["input_size"] = tuple(values["input_size"])
+    data.update(values)
+    key = (environ or {}).get("BLINDNET_API_KEY")
+    if "api_key" not in data and key:
+        data["api_key"] = key
+    cfg = RayServeConfig.from_dict(data)
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_absolute():
+        # Replicas run in Ray's own working folders: hand them the path as the user meant it.
+        cfg.checkpoint = str(Path(cfg.checkpoint).expanduser().resolve())
+    if cfg.address is None and cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
+        # Fail here, not after Ray has started and retried every replica (on a cluster only the nodes can tell).
+        raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
+    return cfg
 
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-    overrides = {
-        "checkpoint": args.checkpoint,
-        "backend": args.backend,
-        "device": args.device,
-        "num_gpus_per_replica": args.gpus_per_replica,
-        "max_batch_size": args.max_batch_size,
-        "num_replicas": (
-            None if args.num_replicas is None else ("auto" if args.num_replicas == "auto" else int(args.num_replicas))
-        ),
-    }
-    data.update({k: v for k, v in overrides.items() if v is not None})
+
+def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve.ray_serve") -> int:
+    """Start the service and block until SIGTERM / Ctrl-C, then drain and stop. Exit status 0 on a clean stop."""
+    args = build_parser(prog).parse_args(argv)
+    require_extra("serve --ray", "ray")
     try:
-        config = RayServeConfig.from_dict(data)
-        start(config, host=args.host, port=args.port, ray_address=args.address)
-    except (ImportError, ValueError) as exc:
+        config = config_from_args(args, dict(os.environ))
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"serving {config.name!r} on http://{args.host}:{args.port}{config.route_prefix} (Ctrl-C to stop)")
-    import time
+    # Lazy CLI dispatch: Ray, PyTorch and FastAPI are imported only once the arguments are known to be good.
+    from blindnet.serve.ray_replica import run_service
 
-    _, serve = _import_ray()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
-    return 0
+    return run_service(config, verbose=args.verbose, allow_unauthenticated=args.allow_unauthenticated)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy of this module imported under its real name, not ``__main__``: Ray pickles classes defined in
+    # ``__main__`` by value, and replicas then cannot resolve their postponed annotations.
+    from blindnet.serve.ray_serve import main as _main
+
+    sys.exit(_main())
