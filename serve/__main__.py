@@ -18,9 +18,8 @@ import logging
 import os
 import sys
 
-from blindnet.serve import ray_serve
-
 from blindnet.extras import require_extra
+from blindnet.serve import ray_serve
 
 
 def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentParser:

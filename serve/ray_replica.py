@@ -23,12 +23,12 @@ from typing import Any, TextIO
 
 import ray
 import torch
-from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app
-from blindnet.serve.ray_serve import RayServeConfig
 from fastapi import FastAPI
 from ray import serve
 
 from blindnet.backends import make_backend
+from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app
+from blindnet.serve.ray_serve import RayServeConfig
 
 log = logging.getLogger("blindnet.serve.ray")
 

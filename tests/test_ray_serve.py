@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from blindnet.serve.app import BackgroundServer, ServeConfig, create_app
-from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args
 from PIL import Image
 
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor, TorchBackend
 from blindnet.models import ModelConfig, build_model
+from blindnet.serve.app import BackgroundServer, ServeConfig, create_app
+from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args
 from tests.test_serve import BAD_INPUTS, MAX_BYTES, MAX_PIXELS
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
