@@ -17,6 +17,7 @@ import torch
 
 from blindnet.extras import EXTRAS, missing_modules
 from blindnet.inference import Backend, TorchBackend
+from blindnet.int8 import cached_int8_for_checkpoint
 from blindnet.onnx_backend import CHECKPOINT_SUFFIXES, ONNX_SUFFIXES
 from blindnet.resolve import resolve_checkpoint
 
@@ -31,6 +32,9 @@ def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | Non
 def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
     from blindnet.onnx_backend import OnnxBackend
 
+    if precision == "int8" and path_is_checkpoint(path):
+        # The Q/DQ export of the checkpoint, quantised once and checked on held-out generated scenes.
+        path = cached_int8_for_checkpoint(resolve_checkpoint(path), cache_dir=kw.pop("cache_dir", None))
     return OnnxBackend.from_path(path, device=device, precision=precision, **kw)
 
 
