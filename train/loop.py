@@ -216,8 +216,8 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = Non
     device = resolve_device(rt.device, info)
     if cfg.optim.batch_size % info.world_size:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} is not divisible by {info.world_size} ranks")
-    use_amp = rt.amp == "bf16" or (rt.amp == "auto" and device.type == "cuda")
-    channels_last = rt.channels_last == "on" or (rt.channels_last == "auto" and device.type == "cuda")
+    use_amp = rt.use_amp(device.type)
+    channels_last = rt.use_channels_last(device.type)
     if rt.threads > 0:
         torch.set_num_threads(rt.threads)
     if rt.deterministic:
