@@ -10,7 +10,8 @@ from blindnet.train.config import RuntimeConfig, cpu_has_native_bf16
 
 def test_runtime_defaults_resolve_per_device() -> None:
     rt = RuntimeConfig()
-    assert rt.use_channels_last("cpu") and rt.use_channels_last("cuda")
+    assert rt.use_channels_last("cuda") and not rt.use_channels_last("cpu")
+    assert RuntimeConfig(channels_last="on").use_channels_last("cpu")
     assert rt.use_amp("cuda") and rt.use_amp("cpu") == cpu_has_native_bf16()
     assert not RuntimeConfig(amp="off").use_amp("cuda") and RuntimeConfig(amp="bf16").use_amp("cpu")
     assert not RuntimeConfig(channels_last="off").use_channels_last("cpu")
