@@ -78,6 +78,7 @@ def quantize_int8(
     calibration: int = 16,
     size: tuple[int, int] = (256, 512),
     seed: int = CALIBRATION_SEED,
+    method: str = "MinMax",
 ) -> Path:
     """Write the Q/DQ INT8 version of ``float_onnx`` (a float32 export) to ``out_path``.
 
@@ -87,6 +88,7 @@ def quantize_int8(
         calibration: generated scenes used to calibrate activation ranges (min/max).
         size: ``(H, W)`` of the calibration scenes.
         seed: first scene seed (held-out checks use another range).
+        method: ONNX Runtime calibration method (``MinMax``, ``Percentile``, ``Entropy``).
     """
     # onnxruntime is an optional extra: imported only when a quantisation is asked for.
     import onnx
@@ -109,7 +111,7 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+            calibrate_method=getattr(CalibrationMethod, method),
             # Symmetric activations (zero point 0): the form TensorRT's explicit INT8 needs; ORT runs it as well.
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
