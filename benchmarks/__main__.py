@@ -5,11 +5,14 @@ Examples::
     python -m blindnet.benchmarks --quick                                  # CPU smoke run, tiny sizes, seconds
     python -m blindnet.benchmarks --device cuda                            # the full GPU table at 2048x1024
     python -m blindnet.benchmarks --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
+    blindnet bench cpu-paths --backbones shufflenetv2,resnet50 --size 512 1024   # the CPU paths side by side
+                                                                                # (interleaved), + training step
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -112,6 +115,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benchmarks") -> int:
     """Run the benchmarks and write ``<out>/<name>.{csv,json,md,png}``; returns 0, or 2 on a bad option."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["cpu-paths"]:
+        require_extra("bench")
+        # Lazy CLI dispatch: that module times the training step too, so it imports the training code.
+        return int(importlib.import_module("blindnet.benchmarks.cpu_paths").main(argv[1:], prog=f"{prog} cpu-paths"))
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.list_variants:

@@ -50,6 +50,7 @@ from blindnet.benchmarks.config import (
     BenchConfig,
     Variant,
 )
+from blindnet.int8 import quantize_int8
 from blindnet.models import ModelConfig, build_model, count_parameters
 
 
@@ -571,6 +572,9 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
     path = _export_onnx(
         model, workdir / f"{name}-{'fp16' if fp16 else 'fp32'}.onnx", fp16=fp16, shape=shape, exporter=cfg.onnx_exporter
     )
+    if variant.precision == "int8":
+        # The Q/DQ INT8 file the package serves (blindnet.int8), calibrated on a few generated scenes.
+        path = quantize_int8(path, workdir / f"{name}-int8qdq.onnx", calibration=4, size=(256, 512))
     opts = ort.SessionOptions()
     threads = cfg.threads or torch.get_num_threads()
     opts.intra_op_num_threads = threads

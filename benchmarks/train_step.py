@@ -29,6 +29,7 @@ import torch
 
 from blindnet.models import ModelConfig, build_model
 from blindnet.task import BlindNetTask, ablation
+from blindnet.train.config import cpu_has_native_bf16
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +59,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON row (created if needed)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compare-eager",
+        action="store_true",
+        help="CPU: time the eager float32 step against the best CPU step (channels_last, bf16 where native), "
+        "interleaved in one process, at --batch pairs of --hw H W; prints and appends one JSON row",
+    )
+    p.add_argument("--hw", type=int, nargs=2, default=(256, 512), metavar=("H", "W"), help="--compare-eager size")
     return p.parse_args(argv)
 
 
@@ -134,9 +142,86 @@ def time_step(args: argparse.Namespace, config_name: str, device: torch.device) 
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_gib": peak, "losses": losses}
 
 
+def _cpu_setup(backbone: str, config_name: str, best: bool, pairs: int, size: tuple[int, int], seed: int):
+    """A fresh task + SGD + one fixed batch (``pairs x 3 x H x W`` twice, labels ``pairs x H x W``), eager or best."""
+    torch.manual_seed(seed)
+    task = BlindNetTask(build_model(ModelConfig(backbone=backbone)), ablation(config_name)).train()
+    fmt = torch.channels_last if best else torch.contiguous_format
+    task = task.to(memory_format=fmt)
+    # Each setup samples its loss pixels from its own generator: the interleaved steps do not shift each other's draws,
+    # so the two loss trajectories differ only by what the best path changes in the maths.
+    task.generator = torch.Generator().manual_seed(seed + 2)
+    opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(seed + 1)
+    x, x_a, target = _synthetic_batch(pairs, max(size), 19, torch.device("cpu"), False)
+    h, w = size
+    x, x_a = (t[:, :, :h, :w].contiguous(memory_format=fmt) for t in (x, x_a))
+    use_bf16 = best and cpu_has_native_bf16()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    torch.manual_seed(seed + 3)
+    rng = [torch.get_rng_state()]  # this setup's own global RNG stream (dropout), restored around each step
+
+    def step() -> float:
+        torch.set_rng_state(rng[0])
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            out = task(x, x_a, target[:, :h, :w].contiguous())
+        out["loss"].backward()
+        opt.step()
+        rng[0] = torch.get_rng_state()
+        return float(out["loss"].detach())
+
+    return step, use_bf16
+
+
+def compare_cpu_step(
+    backbone: str, *, steps: int = 5, warmup: int = 1, pairs: int = 2, size: tuple[int, int] = (256, 512),
+    config_name: str = "blindnet", seed: int = 0,
+) -> dict[str, Any]:
+    """The package's eager CPU step (float32, contiguous) vs its best (channels_last, plus bfloat16 autocast where the
+    CPU has native bfloat16), same weights and batch, steps interleaved in one process so that a shared machine's
+    load hits both alike.
+
+    Returns medians (ms), ``speedup`` (eager / best), images per second (2 images per pair) and both loss
+    trajectories (the same batch each step, so they track each other unless the best path changes the maths).
+    """
+    runs = {name: _cpu_setup(backbone, config_name, name == "best", pairs, size, seed) for name in ("eager", "best")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    losses: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name, (step, _) in runs.items():
+            t0 = time.perf_counter()
+            loss = step()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1000.0)
+                losses[name].append(round(loss, 5))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "backbone": backbone, "config": config_name, "pairs": pairs, "size": list(size), "steps": steps,
+        "best": {"channels_last": True, "bf16_autocast": runs["best"][1]},
+        "eager_median_ms": round(med["eager"], 1), "best_median_ms": round(med["best"], 1),
+        "speedup": round(med["eager"] / med["best"], 3),
+        "eager_images_per_s": round(2 * pairs * 1000.0 / med["eager"], 3),
+        "best_images_per_s": round(2 * pairs * 1000.0 / med["best"], 3),
+        "eager_losses": losses["eager"], "best_losses": losses["best"],
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["best"])),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON row it wrote."""
     args = _parse(argv)
+    if args.compare_eager:
+        row = compare_cpu_step(args.backbone, steps=args.steps, warmup=args.warmup, pairs=args.batch,
+                               size=tuple(args.hw), seed=args.seed)
+        row.update(benchmark="train_step_cpu_compare", device=f"cpu-{platform.machine()}", torch=torch.__version__,
+                   threads=torch.get_num_threads(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        print(json.dumps(row))
+        args.out.mkdir(parents=True, exist_ok=True)
+        with (args.out / "train_step_cpu_compare.jsonl").open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return row
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(

@@ -31,7 +31,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "demo": ("blindnet.demo.__main__", "Gradio app for driving images and videos"),
     "bench": ("blindnet.benchmarks.__main__", "latency, throughput and cost tables"),
 }
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
 def _usage() -> str:
@@ -70,9 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
-    p.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default: torch)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16"],
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference backend (default: auto, the fastest correct path here: torch on CUDA; on CPU "
+                   "ONNX Runtime on a cached, parity-checked export, torch when onnxruntime is missing)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present for auto, else cpu)")
+    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16", "int8"],
                    help="default: float32 for checkpoints, the file's own precision for exported models")
     p.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per network call")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W before the network")
@@ -111,7 +113,7 @@ def segment_main(argv: Sequence[str]) -> int:
     from blindnet.io import write_text
 
     try:
-        print(f"loading the model ({args.backend} on {args.device})", file=sys.stderr)
+        print(f"loading the model ({args.backend} on {args.device or 'the default device'})", file=sys.stderr)
         predictor = Predictor.from_checkpoint(
             args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
             input_size=tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size,

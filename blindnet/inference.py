@@ -351,7 +351,7 @@ class Predictor:
         path: str | Path | None = None,
         *,
         backend: str = "torch",
-        device: str = "cpu",
+        device: str | None = None,
         input_size: tuple[int, int] | None = None,
         batch_size: int = 8,
         **backend_kwargs,
@@ -359,11 +359,14 @@ class Predictor:
         """Build a predictor for a checkpoint (the shipped default when ``path`` is None) and a backend by name.
 
         ``backend_kwargs`` go to the backend (e.g. ``precision="bfloat16"``); unset, each backend uses its default.
+        ``device`` None is the backend's default (CPU for torch and onnx; the machine's best for ``auto``).
         """
         from blindnet.backends import make_backend
 
+        if device is not None:
+            backend_kwargs["device"] = device
         return cls(
-            make_backend(backend, path, device=device, **backend_kwargs),
+            make_backend(backend, path, **backend_kwargs),
             input_size=input_size,
             batch_size=batch_size,
         )

@@ -615,27 +615,63 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BLINDNET_CACHE", Path.home() / ".cache" / "blindnet"))
 
 
-def cached_onnx_for_checkpoint(
-    checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None, exporter: str = "auto"
-) -> Path:
-    """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file."""
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of the file's bytes: the cache key of everything derived from it."""
     import hashlib
 
-    from blindnet.checkpoint import load_model
-    from blindnet.io import atomic_write
-
-    checkpoint = Path(checkpoint)
     digest = hashlib.sha256()
     with open(checkpoint, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
-    key = f"{checkpoint.stem}-{digest.hexdigest()[:16]}-{'fp16' if fp16 else 'fp32'}-u8nhwc-torch{torch.__version__}"
-    target = Path(cache_dir or default_cache_dir() / "onnx") / f"{key}.onnx"
-    if target.exists():
+    return digest.hexdigest()[:16]
+
+
+def cached_onnx_path(checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`cached_onnx_for_checkpoint` keeps the export of ``checkpoint`` (content hash + export settings)."""
+    checkpoint = Path(checkpoint)
+    key = (f"{checkpoint.stem}-{checkpoint_digest(checkpoint)}-{'fp16' if fp16 else 'fp32'}-u8nhwc-"
+           f"torch{torch.__version__}")
+    return Path(cache_dir or default_cache_dir() / "onnx") / f"{key}.onnx"
+
+
+def check_report_passed(artifact: str | Path) -> bool:
+    """Whether ``<artifact>.check.json`` exists and records a passed parity check."""
+    report = Path(artifact).with_name(Path(artifact).name + ".check.json")
+    try:
+        return bool(json.loads(report.read_text()).get("passed"))
+    except (OSError, ValueError):
+        return False
+
+
+def cached_onnx_for_checkpoint(
+    checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None, exporter: str = "auto",
+    verify: bool = True,
+) -> Path:
+    """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file.
+
+    With ``verify`` (the default) the file is parity-checked against PyTorch like every export (the report is stored
+    next to it as ``<file>.check.json``); a file that fails is deleted and :class:`ExportError` is raised, so a cache
+    entry in use has always passed.
+    """
+    from blindnet.checkpoint import load_model
+    from blindnet.io import atomic_write
+
+    checkpoint = Path(checkpoint)
+    target = cached_onnx_path(checkpoint, fp16=fp16, cache_dir=cache_dir)
+    if target.exists() and (not verify or check_report_passed(target)):
         return target
     model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
-    atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
-                                                          exporter=exporter))
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
+        atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
+                                                              exporter=exporter))
+    if verify:
+        # blindnet.export.onnx imports this module, so its parity check is imported at call time (no import cycle).
+        from blindnet.export.onnx import verify_onnx
+
+        report = verify_onnx(target, model, verbose=False)
+        if not report.passed:
+            target.unlink(missing_ok=True)
+            raise ExportError(f"cached export of {checkpoint} failed its parity check: {report.summary()}")
     return target

@@ -16,7 +16,7 @@ from pathlib import Path
 from blindnet.extras import require_extra
 from blindnet.resolve import resolve_checkpoint
 
-BACKENDS = ("torch", "onnx", "tensorrt")
+BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
 def _named(spec: str) -> tuple[str | None, Path]:
@@ -59,7 +59,8 @@ def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentPars
         help="model to load (repeatable); default: the checkpoint shipped with blindnet",
     )
     p.add_argument("--compare", metavar="[NAME=]PATH", help="a second model to compare against (e.g. the baseline)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="torch", help="inference backend (default: torch)")
+    p.add_argument("--backend", choices=sorted(BACKENDS), default="auto",
+                   help="inference backend (default: auto, the fastest correct path on this machine)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's default)")
     p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W first")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.demo") -
                 batch_size=args.batch_size,
                 **backend_kwargs,
             )
-            print(f"loaded {name}: {path} ({args.backend})", file=sys.stderr)
+            print(f"loaded {name}: {path} ({predictors[name].backend.name})", file=sys.stderr)
     except ImportError as exc:  # an optional backend (onnxruntime, tensorrt) that is not installed here
         print(f"error: backend {args.backend!r} is not available here ({exc})", file=sys.stderr)
         return 2

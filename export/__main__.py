@@ -34,7 +34,9 @@ def build_parser(prog: str = "python -m blindnet.export") -> argparse.ArgumentPa
                    help="TensorRT profile max size (default: --size)")
     p.add_argument("--max-batch", type=int, default=4, help="TensorRT profile max batch")
     p.add_argument("--precision", choices=("float32", "float16", "int8", "fp8"), default=None,
-                   help="TensorRT precision (default: float16 with --fp16, else float32)")
+                   help="TensorRT precision (default: float16 with --fp16, else float32); int8 also writes "
+                   "<name>.int8.qdq.onnx (ONNX Runtime static Q/DQ, calibrated on generated scenes), which ONNX "
+                   "Runtime runs on CPU and TensorRT builds from")
     p.add_argument("--calibration", default=None, help="int8/fp8: folder of images or .npy (N x H x W x 3 uint8)")
     p.add_argument("--triton-name", default="blindnet", help="model name in the Triton repository")
     p.add_argument("--triton-max-batch", type=int, default=None, help="Triton max_batch_size (default: the profile's)")

@@ -182,7 +182,8 @@ def build_tensorrt(
     out_dir.mkdir(parents=True, exist_ok=True)
     profiles = profiles or default_profiles()
     calib_images = None
-    if precision in ("int8", "fp8"):
+    # A Q/DQ graph carries its own scales (explicit quantisation): no calibration data needed.
+    if precision in ("int8", "fp8") and not onnx_has_qdq(onnx_path):
         if calibration is None:
             raise ValueError(f"{precision} needs calibration data: --calibration DIR_OR_NPY (a dataset you name)")
         p = profiles[0]

@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m blindnet.serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, torch on CPU
+    python -m blindnet.serve --checkpoint runs/x/model.safetensors              # 127.0.0.1:8000, auto backend
     python -m blindnet.serve --backend onnx --checkpoint model.onnx --device cuda --input-size 512 1024
     python -m blindnet.serve --host 0.0.0.0 --api-key "$KEY"                   # non-loopback needs a key
     python -m blindnet.serve --ray --replicas 2                                # the same API on Ray Serve replicas
@@ -25,7 +25,8 @@ from blindnet.serve import ray_serve
 def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped one")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"], help="inference backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
+                   help="inference backend (default: auto, the fastest correct path on this machine)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own default)")
     p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 # Two cores: keep each test process from oversubscribing them.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The auto backend caches ONNX exports: tests (and the servers they start) keep theirs out of the user's cache.
+os.environ.setdefault("BLINDNET_CACHE", tempfile.mkdtemp(prefix="blindnet-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,13 @@ import sys
 import pytest
 
 # The deployable side of the package, and every module of the deployment folders (walked recursively), except the
-# training-step benchmark, which measures training and so must import the task.
+# training-step benchmarks (train_step, and cpu_paths which also times the step), which measure training and so must
+# import the task.
 DEPLOY_MODULES = ["blindnet", "blindnet.inference", "blindnet.checkpoint", "blindnet.backends", "blindnet.cli",
                   "blindnet.segment", "blindnet.info", "blindnet.export", "blindnet.serve", "blindnet.demo",
                   "blindnet.benchmarks"]
 JOB_PACKAGES = ("export", "serve", "demo", "benchmarks")
-TRAINING_BY_DESIGN = ("blindnet.benchmarks.train_step",)
+TRAINING_BY_DESIGN = ("blindnet.benchmarks.train_step", "blindnet.benchmarks.cpu_paths")
 
 
 @pytest.mark.parametrize("module", DEPLOY_MODULES)

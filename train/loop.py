@@ -274,14 +274,14 @@ def _build_run(cfg: TrainConfig, out_dir: str | Path) -> _Run:
     if info.enabled and rt.sync_bn:
         task = convert_sync_batchnorm(task, device.type)  # before the optimizer: it must see the final parameters
     task.to(device)
-    channels_last = rt.channels_last == "on" or (rt.channels_last == "auto" and device.type == "cuda")
+    channels_last = rt.use_channels_last(device.type)
     if channels_last:
         task.to(memory_format=torch.channels_last)
     o = cfg.optim
     optimizer = torch.optim.SGD(task.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                 nesterov=o.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(o.max_iter, o.poly_power))
-    use_amp = rt.amp == "bf16" or (rt.amp == "auto" and device.type == "cuda")
+    use_amp = rt.use_amp(device.type)
     return _Run(cfg, info, device, use_amp, channels_last, run_dir, task, task, optimizer, scheduler, source, targets)
 
 

@@ -1,0 +1,93 @@
+"""``auto``: the fastest correct backend by default; on CPU, ONNX Runtime on a cached, parity-checked export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blindnet import backends, onnx_backend
+from blindnet.backends import choose_backend, make_backend
+from blindnet.checkpoint import load_model, save_model
+from blindnet.inference import Predictor, TorchBackend
+from blindnet.models import ModelConfig, build_model
+from blindnet.onnx_backend import OnnxBackend, cached_onnx_path
+
+
+@pytest.fixture()
+def export_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Every real export the cache performs (the exporter still runs; only the call is recorded)."""
+    calls: list[Path] = []
+    real = onnx_backend.export_onnx
+
+    def spy(model, path, **kw):
+        calls.append(Path(path))
+        return real(model, path, **{**kw, "exporter": "torchscript"})  # seconds instead of ~20 s per export
+
+    monkeypatch.setattr(onnx_backend, "export_onnx", spy)
+    return calls
+
+
+def test_auto_on_cpu_is_onnxruntime_on_a_cached_export(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    export_calls: list[Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.setenv("BLINDNET_CACHE", str(tmp_path / "cache"))
+    first = make_backend("auto", tiny_checkpoint, device="cpu")
+    assert isinstance(first, OnnxBackend) and first.session.get_providers() == ["CPUExecutionProvider"]
+    line = capsys.readouterr().err
+    assert line.startswith("backend: onnxruntime on CPU (cached export ") and str(first.path) in line
+    assert first.path == cached_onnx_path(tiny_checkpoint) and len(export_calls) == 1
+    report = json.loads(first.path.with_name(first.path.name + ".check.json").read_text())
+    assert report["passed"] is True and report["min_label_agreement"] >= 0.999  # parity-checked like every export
+    mtime = first.path.stat().st_mtime_ns
+
+    second = make_backend("auto", tiny_checkpoint, device="cpu")
+    assert second.path == first.path and first.path.stat().st_mtime_ns == mtime and len(export_calls) == 1
+
+    # Labels equal the torch backend's on the same images.
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    ref = TorchBackend(load_model(tiny_checkpoint)).infer(images).labels
+    assert (second.infer(images).labels == ref).mean() >= 0.999
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, backend="auto", device="cpu")
+    assert predictor.backend.path == first.path and len(export_calls) == 1
+
+
+def test_a_changed_checkpoint_gets_a_new_cache_entry(
+    tiny_checkpoint: Path, tmp_path: Path, export_calls: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BLINDNET_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    a = make_backend("auto", ckpt, device="cpu").path
+    torch.manual_seed(1)
+    save_model(build_model(ModelConfig(backbone="mobilenetv2")), ckpt)  # same name, new weights
+    b = make_backend("auto", ckpt, device="cpu").path
+    assert a != b and a.exists() and b.exists() and len(export_calls) == 2
+
+
+def test_auto_falls_back_to_torch_without_onnxruntime(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    real = backends.missing_modules
+    monkeypatch.setattr(backends, "missing_modules", lambda mods: [m for m in mods if m == "onnxruntime"] + real(mods))
+    backend = make_backend("auto", tiny_checkpoint, device="cpu")
+    assert isinstance(backend, TorchBackend) and backend.channels_last
+    assert "torch on cpu (onnxruntime not installed" in capsys.readouterr().err
+
+
+def test_choice_rules(tmp_path: Path) -> None:
+    assert choose_backend("m.safetensors", device="cuda").name == "torch"
+    assert choose_backend("m.safetensors", device="cpu").name == "onnx"
+    assert choose_backend(None, device="cpu").name == "onnx"
+    assert choose_backend("m.safetensors", device="cpu", precision="bfloat16").name == "torch"
+    assert choose_backend("m.onnx", device="cpu").name == "onnx"
+    assert choose_backend("m.plan", device="cuda").name == "tensorrt"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert choose_backend("m.safetensors").device == expected
