@@ -32,12 +32,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from blindnet.backends.onnxruntime_backend import OnnxBackend, prepare_input
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.benchmarks.train_step import compare_cpu_step
 from blindnet.checkpoint import load_model
-from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD, Predictor, TorchBackend
-from blindnet.int8 import check_int8, quantize_int8
+from blindnet.export.int8 import check_int8, quantize_int8
+from blindnet.export.onnx import export_onnx
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
-from blindnet.onnx_backend import OnnxBackend, export_onnx, prepare_input
 from blindnet.resolve import DEFAULT_CHECKPOINT
 
 PATHS = ("torch-eager", "torch-best", "ort-fp32", "ort-int8")
@@ -66,14 +68,10 @@ def build_paths(
         "ort-fp32": OnnxBackend(fp32, threads=threads),
         "ort-int8": OnnxBackend(int8, precision="int8", threads=threads),
     }
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
     def torch_net(backend: TorchBackend, mode: Callable[[], Any]) -> Callable[[np.ndarray], Any]:
         def fn(images: np.ndarray) -> Any:
-            x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() - mean) / std
-            if backend.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = backend.preprocess(images)  # normalised, channels_last as the backend is set up
             with mode():
                 return backend.model(x)
 

@@ -1,4 +1,4 @@
-"""Latency and throughput of the deployable network, measured the way deployment_notes.md §5 asks.
+"""Latency and throughput of the deployable network, measured the way careful GPU benchmarking asks.
 
 One call, :func:`run_benchmarks`, measures every (model, variant, batch) combination a :class:`BenchConfig` names and
 returns flat row dicts (schema: :data:`ROW_FIELDS`, documented in ``benchmarks/results/README.md``).
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from blindnet.backends.onnxruntime_backend import OnnxBackend, ort_providers, ort_session
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.benchmarks.config import (
     PAPER_NOTE,
     PAPER_ROW,
@@ -50,7 +52,11 @@ from blindnet.benchmarks.config import (
     BenchConfig,
     Variant,
 )
-from blindnet.int8 import quantize_int8
+from blindnet.checkpoint import load_model
+from blindnet.export.cost import cost_report
+from blindnet.export.int8 import quantize_int8
+from blindnet.export.onnx import export_onnx
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model, count_parameters
 
 
@@ -204,14 +210,12 @@ class Cost:
 def model_cost(spec: ModelSpec, size: tuple[int, int]) -> Cost:
     """Count parameters and operations for a ``1 x 3 x H x W`` input.
 
-    Uses ``blindnet.cost.cost_report`` when it is installed (thop-style MACs, paper-comparable params with the aux
+    Uses :func:`blindnet.export.cost.cost_report` (thop-style MACs, paper-comparable params with the aux
     head); otherwise ``FlopCounterMode`` on the meta device (FLOPs = 2 x conv/matmul MACs, no storage, no time).
     """
     h, w = size
     if spec.config is not None:
-        report = _cost_from_blindnet(spec.config, size)
-        if report is not None:
-            return report
+        return _cost_from_blindnet(spec.config, size)
     model = spec.build("meta").eval()
     flops = _meta_flops(model, (1, 3, h, w))
     return Cost(
@@ -231,15 +235,9 @@ def _meta_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def _cost_from_blindnet(config: ModelConfig, size: tuple[int, int]) -> Cost | None:
-    """Counts from ``blindnet.cost`` (thop-style MACs as the paper counts, paper-comparable params with the aux head).
-
-    Returns None when that module is missing (older checkouts); the caller then counts with FlopCounterMode itself.
-    """
-    try:
-        from blindnet.cost import cost_report
-    except ImportError:
-        return None
+def _cost_from_blindnet(config: ModelConfig, size: tuple[int, int]) -> Cost:
+    """Counts from :mod:`blindnet.export.cost` (thop-style MACs as the paper counts, paper-comparable params with the
+    aux head)."""
     report = cost_report(replace(config), sizes=[size], baseline=False)
     params = report["parameters"]
     costs = report["costs"][0]
@@ -248,7 +246,7 @@ def _cost_from_blindnet(config: ModelConfig, size: tuple[int, int]) -> Cost | No
         params_paper=int(params["paper_comparable"]),
         macs_g=costs["thop"]["macs"] / 1e9,
         flops_g=costs["flop_counter"]["flops"] / 1e9,
-        flop_counter="MACs: thop convention (blindnet.cost); FLOPs: FlopCounterMode (2 x conv MACs)",
+        flop_counter="MACs: thop convention (blindnet.export.cost); FLOPs: FlopCounterMode (2 x conv MACs)",
     )
 
 
@@ -284,7 +282,6 @@ def settle_batchnorm(model: nn.Module, size: tuple[int, int], device: torch.devi
 def load_models(spec: ModelSpec, cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, str]:
     """The float32 eval-mode model on ``device`` and a word on its weights."""
     if spec.config is not None and cfg.checkpoint:
-        from blindnet.checkpoint import load_model
 
         loaded = load_model(cfg.checkpoint)
         # The checkpoint replaces the random network it matches (same backbone and variant); others stay random.
@@ -545,10 +542,6 @@ def _exportable() -> Iterator[None]:
 
 def _export_onnx(model: nn.Module, path: Path, *, fp16: bool, shape: tuple[int, ...], exporter: str = "auto") -> Path:
     """Export the raw network (normalised float input -> logits) through the project's exporter."""
-    try:
-        from blindnet.export.onnx import export_onnx
-    except ImportError as exc:
-        raise Skip(f"export/onnx.py is not available ({exc})") from exc
     if not path.exists():
         cpu_model = model.float().to("cpu").to(memory_format=torch.contiguous_format).eval()
         with _exportable():
@@ -573,17 +566,12 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
         model, workdir / f"{name}-{'fp16' if fp16 else 'fp32'}.onnx", fp16=fp16, shape=shape, exporter=cfg.onnx_exporter
     )
     if variant.precision == "int8":
-        # The Q/DQ INT8 file the package serves (blindnet.int8), calibrated on a few generated scenes.
+        # The Q/DQ INT8 file the package serves (blindnet.export.int8), calibrated on a few generated scenes.
         path = quantize_int8(path, workdir / f"{name}-int8qdq.onnx", calibration=4, size=(256, 512))
-    opts = ort.SessionOptions()
     threads = cfg.threads or torch.get_num_threads()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    providers: list[Any] = [provider]
-    if provider == "CUDAExecutionProvider":
-        providers = [(provider, {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    # EXHAUSTIVE: the benchmark times one fixed shape, so the best conv algorithms are worth searching for once.
+    providers = ort_providers("cuda" if provider == "CUDAExecutionProvider" else "cpu", conv_algo_search="EXHAUSTIVE")
+    session = ort_session(path, providers=providers, threads=threads, inter_op_threads=1)
     if session.get_providers()[0] != provider:
         # ORT silently falls back to the CPU when the CUDA provider's libraries do not load: never label that "cuda".
         raise Skip(f"{provider} did not load (session runs on {session.get_providers()}); check CUDA/cuDNN libraries")
@@ -609,7 +597,7 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
                 raise RuntimeError("onnxruntime output contains NaN or Inf")
 
         def profile(iterations: int) -> dict[str, Any]:
-            return _ort_profile(path, opts, providers, in_meta.name, inputs, iterations, str(workdir))
+            return _ort_profile(path, threads, providers, in_meta.name, inputs, iterations, str(workdir))
 
         return Runner(fn=fn, inputs=inputs, note=note, check=check, profile=profile)
     # CUDA EP: bind torch device buffers so the timed call is GPU compute, not PCIe copies.
@@ -631,20 +619,13 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
 
 
 def _ort_profile(
-    path: Path, opts: Any, providers: list[Any], input_name: str, inputs: list[np.ndarray], iterations: int, tmp: str
+    path: Path, threads: int, providers: list[Any], input_name: str, inputs: list[np.ndarray], iterations: int, tmp: str
 ) -> dict[str, Any]:
     """ONNX Runtime's own node profiler (torch.profiler cannot see inside ORT), grouped like :func:`profile_runner`."""
     import json
 
-    import onnxruntime as ort
-
-    popts = ort.SessionOptions()
-    popts.intra_op_num_threads = opts.intra_op_num_threads
-    popts.inter_op_num_threads = opts.inter_op_num_threads
-    popts.graph_optimization_level = opts.graph_optimization_level
-    popts.enable_profiling = True
-    popts.profile_file_prefix = str(Path(tmp) / "ort-profile")
-    session = ort.InferenceSession(str(path), sess_options=popts, providers=providers)
+    session = ort_session(path, providers=providers, threads=threads, inter_op_threads=1,
+                          profile_prefix=str(Path(tmp) / "ort-profile"))
     session.run(None, {input_name: inputs[0]})  # warm-up call, excluded below by counting only the last runs
     for i in range(iterations):
         session.run(None, {input_name: inputs[i % len(inputs)]})
@@ -733,7 +714,6 @@ def trt_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
 
 def end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: BenchConfig) -> Runner:
     """The Predictor path: uint8 ``N x H x W x 3`` on the host in, label maps on the host out."""
-    from blindnet.inference import Predictor, TorchBackend
 
     precision = "float32" if variant.precision == "tf32" else variant.precision
     backend = TorchBackend(
@@ -756,12 +736,6 @@ def end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: Bench
 
 def ort_end_to_end_runner(model: nn.Module, variant: Variant, batch: int, cfg: BenchConfig, workdir: Path) -> Runner:
     """The Predictor over :class:`OnnxBackend` on a deployment export (uint8 NHWC in, normalise + argmax in-graph)."""
-    try:
-        from blindnet.export.onnx import export_onnx
-        from blindnet.onnx_backend import OnnxBackend
-    except ImportError as exc:
-        raise Skip(f"OnnxBackend / export_onnx not available ({exc})") from exc
-    from blindnet.inference import Predictor
 
     fp16 = variant.precision == "float16"
     path = workdir / f"{getattr(model, '_bench_name', 'model')}-deploy-{'fp16' if fp16 else 'fp32'}.onnx"

@@ -43,6 +43,12 @@ from typing import Any
 
 import numpy as np
 
+from blindnet.backends.select import make_backend
+from blindnet.checkpoint import save_model
+from blindnet.inference import Predictor
+from blindnet.models import ModelConfig, build_model
+from blindnet.resolve import DEFAULT_CHECKPOINT
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = (
     "concurrency",
@@ -275,14 +281,10 @@ def _resolve_checkpoint(checkpoint: str | Path | None, backbone: str, tmpdir: Pa
     """The checkpoint to load: given, the shipped default, or a random-init ``backbone`` (throughput only)."""
     if checkpoint is not None:
         return Path(checkpoint), "given"
-    from blindnet.resolve import DEFAULT_CHECKPOINT
 
     if DEFAULT_CHECKPOINT.exists():
         return DEFAULT_CHECKPOINT, "shipped default"
     import torch
-
-    from blindnet.checkpoint import save_model
-    from blindnet.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     path = save_model(build_model(ModelConfig(backbone=backbone)), tmpdir / f"random_{backbone}.safetensors")
@@ -324,8 +326,6 @@ def run_load_benchmark(
     """
     if protocol not in ("v2", "segment"):
         raise ValueError(f"protocol must be 'v2' or 'segment', got {protocol!r}")
-    from blindnet.backends import make_backend
-    from blindnet.inference import Predictor
 
     h, w = image_size
     rng = np.random.default_rng(0)

@@ -1,13 +1,13 @@
 """Training-step benchmark: full BlindNet step vs the cross-entropy-only two-view step.
 
-Default setting = issue 3's: ResNet-50 BlindNet, batch 8 image pairs at 768x768, all four losses, one SGD step,
+Default setting, the paper's: ResNet-50 BlindNet, batch 8 image pairs at 768x768, all four losses, one SGD step,
 bfloat16 autocast and channels_last (``--compile model`` adds ``torch.compile`` on the network). Prints the median
 step time and peak GPU memory of both steps and appends one JSON row to ``benchmarks/results/train_step_<device>.jsonl``.
 
     python -m blindnet.benchmarks.train_step                       # on a CUDA GPU
     python -m blindnet.benchmarks.train_step --device cpu --size 64 --batch 2 --steps 2   # CPU smoke run
 
-Reference (issue 3, H100, original implementation): 790 ms/step TF32, 76.8 GiB peak; CE-only two-view step 118 ms in
+Reference (the original implementation on an H100): 790 ms/step TF32, 76.8 GiB peak; CE-only two-view step 118 ms in
 bf16 + channels_last, 87 ms compiled (15.8 GiB). Targets: full step <= 120 ms, <= 1.3x our CE-only step, <= 20 GiB.
 """
 

@@ -1,17 +1,12 @@
 """The one inference entry point: :class:`Predictor` owns pre- and post-processing; backends only run the network.
 
-Serve, demo, benchmarks and ``blindnet segment`` all go through this module, so an image is normalised, batched,
-resized and coloured the same way everywhere.
-
-A backend receives a batch of RGB uint8 images ``N x H x W x 3`` (all the same size) and returns
-:class:`BackendOutput`: label maps ``N x H x W`` and, when asked, float32 logits ``N x C x H x W``. Normalisation with
-ImageNet mean/std is the backend's job, so that a GPU backend can upload uint8 and normalise on the device, and an
-exported engine can do it in-graph.
+Serve, demo, benchmarks and ``blindnet segment`` all go through this module, so an image is decoded, batched,
+padded, resized and coloured the same way everywhere. The backends (:mod:`blindnet.backends`) take ``N x H x W x 3``
+uint8 batches of one size and return label maps (and logits when asked).
 """
 
 from __future__ import annotations
 
-import abc
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -21,257 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blindnet.backends.base import Backend
+from blindnet.backends.select import make_backend
 from blindnet.classes import class_names, class_shares, colorize, overlay
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ImageError(ValueError):
-    """An input could not be turned into an RGB uint8 image; the message says which input and why."""
-
-
-class ImageTooLargeError(ImageError):
-    """An encoded image declares more pixels than allowed (refused from its header, before any pixel is decoded)."""
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Image input
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
-    """Convert an array to ``H x W x 3`` uint8 RGB.
-
-    Accepts grayscale ``H x W`` / ``H x W x 1``, RGB, RGBA (alpha dropped), uint8, uint16 (scaled by 1/257), bool,
-    and float images in ``[0, 1]``. Anything else raises :class:`ImageError`.
-    """
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise ImageError(f"{name}: expected an H x W, H x W x 1, x 3 or x 4 image, got shape {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"{name}: empty image of shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        pass
-    elif arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    elif arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    elif np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ImageError(f"{name}: float image contains NaN or Inf")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ImageError(f"{name}: float images must lie in [0, 1], found values in [{lo:.3g}, {hi:.3g}]")
-        arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    else:
-        raise ImageError(f"{name}: unsupported pixel type {arr.dtype}")
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    return np.ascontiguousarray(arr)
-
-
-def decode_image(
-    data: bytes, *, name: str = "upload", max_pixels: int | None = None, formats: Sequence[str] | None = None
-) -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB; bad or truncated data raises.
-
-    Args:
-        data: the encoded file.
-        name: how error messages call the input.
-        max_pixels: refuse (:class:`ImageTooLargeError`) an image whose header declares more ``H*W`` than this,
-            before decoding any pixel.
-        formats: Pillow format names to try (e.g. ``("PNG", "JPEG")``); None tries every format Pillow knows. A
-            restricted list keeps container formats (ICO, ...), whose header size need not match what they decode to,
-            away from the pixel check.
-    """
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise ImageError(f"{name}: empty file")
-    try:
-        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels exceeds the "
-                    f"limit of {max_pixels}"
-                )
-            img.load()  # the current (first) frame only, of the size checked above
-            arr = _pil_to_array(img)
-    except ImageError:
-        raise
-    except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not a recognised image format") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: {exc}") from exc
-    except Exception as exc:
-        # Pillow's decoders raise many types on hostile bytes (OSError, SyntaxError, struct.error, IndexError, ...);
-        # all of them mean the file is unusable.
-        raise ImageError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
-    return to_rgb_uint8(arr, name=name)
-
-
-def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
-    """Read an image file as ``H x W x 3`` uint8 RGB, with a clear error for missing, corrupt or odd files."""
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: file not found")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory")
-    return decode_image(path.read_bytes(), name=str(path), max_pixels=max_pixels)
-
-
-def _pil_to_array(img) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(img, dtype=np.uint16)
-    if img.mode == "I":  # 32-bit integer PNGs (often 16-bit data)
-        arr = np.asarray(img)
-        return arr.astype(np.uint16) if arr.max() < 65536 else (arr >> 16).astype(np.uint16)
-    if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "F"):
-        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
-    if img.mode == "LA":
-        img = img.convert("RGBA")
-    return np.asarray(img)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Backends
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BackendOutput:
-    """Network output for a batch: ``labels`` ``N x H x W`` (uint8, or int32 for > 255 classes) and optional float32
-    ``logits`` ``N x C x H x W``."""
-
-    labels: np.ndarray
-    logits: np.ndarray | None = None
-
-
-class Backend(abc.ABC):
-    """Runs the network on a batch of same-size RGB uint8 images. Implementations: torch, ONNX Runtime, TensorRT."""
-
-    name: str = "backend"
-    num_classes: int = 19
-    #: fixed ``(H, W)`` the backend needs (an engine built for one shape), or None for any size
-    fixed_size: tuple[int, int] | None = None
-    #: stride of the network's deepest InstanceNorm: an input whose sides are both <= it reaches that layer as one
-    #: pixel, which cannot be normalised, so the Predictor pads such inputs (0: the network has no such layer)
-    norm_stride: int = 16
-    #: smallest ``(H, W)`` the backend runs (an exported graph's or engine's lower bound); the Predictor pads up to it
-    min_size: tuple[int, int] = (1, 1)
-
-    @abc.abstractmethod
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        """``images``: ``N x H x W x 3`` uint8 -> :class:`BackendOutput`."""
-
-    def describe(self) -> dict[str, str]:
-        """Short facts for logs and benchmark rows."""
-        return {"backend": self.name}
-
-
-#: Stride of the deepest InstanceNorm of each BlindNet encoder (ResNet-50: stem, layer1, layer2 at /2, /4, /8;
-#: MobileNetV2 and ShuffleNetV2: the last one at /16).
-NORM_STRIDES = {"resnet50": 8, "mobilenetv2": 16, "shufflenetv2": 16}
-
-
-def norm_stride_of(model_config: object) -> int:
-    """:attr:`Backend.norm_stride` for a model config (a ``ModelConfig`` or its dict); 16 when it cannot tell."""
-    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
-    if get("instance_norm", True) is False:
-        return 0
-    return NORM_STRIDES.get(str(get("backbone", "")), 16)
-
-
-def _labels_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int32)
-
-
-class TorchBackend(Backend):
-    """PyTorch eager (optionally ``torch.compile``) on CPU or CUDA, float32/float16/bfloat16, channels_last."""
-
-    name = "torch"
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        device: str | torch.device = "cpu",
-        precision: str = "float32",
-        channels_last: bool = False,
-        compile: bool | str = False,
-    ) -> None:
-        if precision not in DTYPES:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(DTYPES)}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
-        if self.device.type == "cpu" and precision == "float16":
-            raise ValueError("float16 inference is not supported on CPU; use float32 or bfloat16")
-        self.precision = precision
-        self.dtype = DTYPES[precision]
-        self.channels_last = channels_last
-        self.model = model.eval().to(self.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.num_classes = int(getattr(getattr(model, "config", None), "num_classes", 19))
-        self.norm_stride = norm_stride_of(getattr(model, "config", None))
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255.0
-        self._run = self.model
-        if compile:
-            mode = compile if isinstance(compile, str) else None
-            self._run = torch.compile(self.model, mode=mode)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, **kwargs) -> TorchBackend:
-        from blindnet.checkpoint import load_model
-
-        return cls(load_model(path), **kwargs)
-
-    def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """``N x H x W x 3`` uint8 -> normalised ``N x 3 x H x W`` tensor on the device (channels_last if set)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
-        x = x.permute(0, 3, 1, 2).float()
-        x = (x - self._mean) / self._std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    @torch.inference_mode()
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        x = self.preprocess(images)
-        use_autocast = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
-            logits = self._run(x)
-        labels = logits.argmax(1).to(torch.uint8 if self.num_classes <= 256 else torch.int32).cpu().numpy()
-        out = BackendOutput(labels=labels)
-        if return_logits:
-            out.logits = logits.float().cpu().numpy()
-        return out
-
-    def describe(self) -> dict[str, str]:
-        return {
-            "backend": self.name,
-            "device": str(self.device),
-            "precision": self.precision,
-            "channels_last": str(self.channels_last),
-        }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Predictor
-# --------------------------------------------------------------------------------------------------------------------
+from blindnet.io import ImageError, load_image, to_rgb_uint8
 
 
 @dataclass
@@ -361,8 +109,6 @@ class Predictor:
         ``backend_kwargs`` go to the backend (e.g. ``precision="bfloat16"``); unset, each backend uses its default.
         ``device`` None is the backend's default (CPU for torch and onnx; the machine's best for ``auto``).
         """
-        from blindnet.backends import make_backend
-
         if device is not None:
             backend_kwargs["device"] = device
         return cls(

@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -183,3 +183,114 @@ class VideoWriter:
             self.tmp.replace(self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+# ---- images --------------------------------------------------------------------------------------------------------
+
+
+class ImageError(ValueError):
+    """An input could not be turned into an RGB uint8 image; the message says which input and why."""
+
+
+class ImageTooLargeError(ImageError):
+    """An encoded image declares more pixels than allowed (refused from its header, before any pixel is decoded)."""
+
+
+def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
+    """Convert an array to ``H x W x 3`` uint8 RGB.
+
+    Accepts grayscale ``H x W`` / ``H x W x 1``, RGB, RGBA (alpha dropped), uint8, uint16 (scaled by 1/257), bool,
+    and float images in ``[0, 1]``. Anything else raises :class:`ImageError`.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageError(f"{name}: expected an H x W, H x W x 1, x 3 or x 4 image, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"{name}: empty image of shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        pass
+    elif arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: float image contains NaN or Inf")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(f"{name}: float images must lie in [0, 1], found values in [{lo:.3g}, {hi:.3g}]")
+        arr = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        raise ImageError(f"{name}: unsupported pixel type {arr.dtype}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif arr.shape[2] == 4:
+        arr = arr[:, :, :3]
+    return np.ascontiguousarray(arr)
+
+
+def decode_image(
+    data: bytes, *, name: str = "upload", max_pixels: int | None = None, formats: Sequence[str] | None = None
+) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB; bad or truncated data raises.
+
+    Args:
+        data: the encoded file.
+        name: how error messages call the input.
+        max_pixels: refuse (:class:`ImageTooLargeError`) an image whose header declares more ``H*W`` than this,
+            before decoding any pixel.
+        formats: Pillow format names to try (e.g. ``("PNG", "JPEG")``); None tries every format Pillow knows. A
+            restricted list keeps container formats (ICO, ...), whose header size need not match what they decode to,
+            away from the pixel check.
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLargeError(
+                    f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels exceeds the "
+                    f"limit of {max_pixels}"
+                )
+            img.load()  # the current (first) frame only, of the size checked above
+            arr = _pil_to_array(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except Exception as exc:
+        # Pillow's decoders raise many types on hostile bytes (OSError, SyntaxError, struct.error, IndexError, ...);
+        # all of them mean the file is unusable.
+        raise ImageError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
+    return to_rgb_uint8(arr, name=name)
+
+
+def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
+    """Read an image file as ``H x W x 3`` uint8 RGB, with a clear error for missing, corrupt or odd files."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory")
+    return decode_image(path.read_bytes(), name=str(path), max_pixels=max_pixels)
+
+
+def _pil_to_array(img) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return np.asarray(img, dtype=np.uint16)
+    if img.mode == "I":  # 32-bit integer PNGs (often 16-bit data)
+        arr = np.asarray(img)
+        return arr.astype(np.uint16) if arr.max() < 65536 else (arr >> 16).astype(np.uint16)
+    if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1", "F"):
+        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+    if img.mode == "LA":
+        img = img.convert("RGBA")
+    return np.asarray(img)

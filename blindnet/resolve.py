@@ -1,14 +1,31 @@
-"""Which model file a job uses: the path it was given, or the model shipped inside the package.
+"""Which model file a job runs: the path it was given or the model shipped inside the package, and the cache of
+files derived from a checkpoint (its ONNX export, INT8 Q/DQ export and TensorRT engines), each made once.
 
 The shipped model is small and trained on procedural street scenes only, so whenever it is the model in use, the
 user is told so once, with the two ways to get a model for real footage.
+
+Cache entries are keyed by the checkpoint's content (not its name) and the export settings, are written atomically,
+and are parity-checked like every export; an entry that failed its check is never used.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import os
+import warnings
 from pathlib import Path
+
+import torch
+
+from blindnet.backends.tensorrt_backend import current_platform, import_tensorrt
+from blindnet.checkpoint import load_model
+from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, SCENE_SIZE, check_int8, quantize_int8
+from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
+from blindnet.export.tensorrt import build_engine
+from blindnet.io import atomic_write
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
@@ -37,16 +54,120 @@ def _notice_shipped_model() -> None:
 
 
 def resolve_checkpoint(path: str | Path | None) -> Path:
-    """``path`` itself (which must exist), or the shipped default when None (announced once per process)."""
+    """``path`` itself (its loader reports a missing or corrupt file), or the shipped default when None (announced
+    once per process)."""
     if path is None:
         _notice_shipped_model()
         return default_checkpoint()
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such model file")
-    return p
+    return Path(path).expanduser()
 
 
 def is_shipped_model(path: str | Path | None) -> bool:
     """Whether ``path`` (None meaning the default) is the model shipped inside the package."""
     return path is None or Path(path).resolve() == DEFAULT_CHECKPOINT
+
+
+# ---- the cache of exported files -------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$BLINDNET_CACHE`` or ``~/.cache/blindnet``."""
+    return Path(os.environ.get("BLINDNET_CACHE", Path.home() / ".cache" / "blindnet"))
+
+
+def checkpoint_digest(checkpoint: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of the file's bytes: the cache key of everything derived from it."""
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def cached_onnx_path(checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`cached_onnx_for_checkpoint` keeps the export of ``checkpoint`` (content hash + export settings)."""
+    checkpoint = Path(checkpoint)
+    key = (f"{checkpoint.stem}-{checkpoint_digest(checkpoint)}-{'fp16' if fp16 else 'fp32'}-u8nhwc-"
+           f"torch{torch.__version__}")
+    return Path(cache_dir or default_cache_dir() / "onnx") / f"{key}.onnx"
+
+
+def check_report_passed(artifact: str | Path) -> bool:
+    """Whether ``<artifact>.check.json`` exists and records a passed parity check."""
+    report = Path(artifact).with_name(Path(artifact).name + ".check.json")
+    try:
+        return bool(json.loads(report.read_text()).get("passed"))
+    except (OSError, ValueError):
+        return False
+
+
+def cached_onnx_for_checkpoint(
+    checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None, exporter: str = "auto",
+    verify: bool = True,
+) -> Path:
+    """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file.
+
+    With ``verify`` (the default) the file is parity-checked against PyTorch like every export (the report is stored
+    next to it as ``<file>.check.json``); a file that fails is deleted and :class:`ExportError` is raised, so a cache
+    entry in use has always passed.
+    """
+    checkpoint = Path(checkpoint)
+    target = cached_onnx_path(checkpoint, fp16=fp16, cache_dir=cache_dir)
+    if target.exists() and (not verify or check_report_passed(target)):
+        return target
+    model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
+        atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
+                                                              exporter=exporter))
+    if verify:
+        report = verify_onnx(target, model, verbose=False)
+        if not report.passed:
+            target.unlink(missing_ok=True)
+            raise ExportError(f"cached export of {checkpoint} failed its parity check: {report.summary()}")
+    return target
+
+
+def cached_int8_for_checkpoint(
+    checkpoint: str | Path, *, cache_dir: str | Path | None = None, exporter: str = "auto"
+) -> Path:
+    """The INT8 Q/DQ export of ``checkpoint``, made once next to its cached float32 export and checked on first use.
+
+    The check's result is stored next to the file; a miss of the thresholds is printed as a warning, not an error,
+    since INT8 was asked for explicitly and the report says by how much it differs.
+    """
+    float_onnx = cached_onnx_for_checkpoint(checkpoint, cache_dir=cache_dir, exporter=exporter)
+    target = float_onnx.with_name(float_onnx.name.replace("-fp32-", "-int8qdq-"))
+    if target.exists() and target.with_name(target.name + ".check.json").exists():
+        return target
+    quantize_int8(float_onnx, target, calibration=CALIBRATION_SCENES, size=SCENE_SIZE)
+    report = check_int8(target, float_onnx, scenes=HELD_OUT_SCENES, size=SCENE_SIZE)
+    if not report["passed"]:
+        warnings.warn(
+            f"{target}: INT8 differs from float32 beyond the thresholds on held-out generated scenes "
+            f"(label agreement {report['label_agreement']:.4f}, mIoU change {report['miou_change']:+.2f} points)",
+            stacklevel=2,
+        )
+    return target
+
+
+def cached_engine(
+    path: str | Path, *, precision: str | None = None, cache_dir: str | Path | None = None
+) -> Path:
+    """A TensorRT engine for a checkpoint or an ``.onnx`` file, built once for this GPU and TensorRT version.
+
+    A checkpoint goes through its cached ONNX export first (float16 unless ``precision="float32"``); the engine is
+    named by that file, the GPU, the TensorRT version and the precision, so a different GPU never reuses it.
+    """
+    import_tensorrt()  # fail early, with the installation hint, before any export work
+    path = Path(path)
+    precision = precision or "float16"
+    onnx_path = path if path.suffix.lower() == ".onnx" else cached_onnx_for_checkpoint(
+        path, fp16=precision == "float16", cache_dir=cache_dir)
+    plat = current_platform()
+    tag = f"{plat['gpu_name'].replace(' ', '_')}-trt{plat['tensorrt_version']}-{precision}"
+    engine = Path(cache_dir or default_cache_dir() / "tensorrt") / f"{onnx_path.stem}-{tag}.plan"
+    if not engine.exists():
+        build_engine(onnx_path, engine, precision=precision, timing_cache=engine.parent / "timing.cache")
+    return engine

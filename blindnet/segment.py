@@ -20,8 +20,18 @@ from tqdm import tqdm
 
 from blindnet.classes import colorize
 from blindnet.data.synthetic import APPEARANCES, write_clip
-from blindnet.inference import ImageError, Predictor, load_image
-from blindnet.io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, VideoWriter, iter_video_frames, video_fps, write_png
+from blindnet.inference import Predictor
+from blindnet.io import (
+    IMAGE_SUFFIXES,
+    VIDEO_SUFFIXES,
+    ImageError,
+    MediaError,
+    VideoWriter,
+    iter_video_frames,
+    load_image,
+    video_fps,
+    write_png,
+)
 from blindnet.metrics import ConfusionMatrix
 
 

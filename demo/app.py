@@ -32,7 +32,8 @@ from blindnet.demo.views import (
     read_image_upload,
     segment_image,
 )
-from blindnet.inference import ImageError, Prediction, Predictor
+from blindnet.inference import Prediction, Predictor
+from blindnet.io import ImageError
 
 log = logging.getLogger(__name__)
 

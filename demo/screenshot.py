@@ -62,9 +62,11 @@ def capture(url: str, out: str | Path, *, size: tuple[int, int] = (1400, 1250), 
 
 
 def _tiny_predictors() -> dict:
+    # Lazy CLI dispatch: PyTorch loads only when the screenshot is taken, not for --help.
     import torch
 
-    from blindnet.inference import Predictor, TorchBackend
+    from blindnet.backends.torch_backend import TorchBackend
+    from blindnet.inference import Predictor
     from blindnet.models import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=(1400, 1250), metavar=("W", "H"), help="window size")
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
+    # Lazy CLI dispatch: Gradio reads GRADIO_ANALYTICS_ENABLED when it is first imported, so only after setting it.
     from blindnet.demo.__main__ import model_specs
     from blindnet.demo.app import build_demo, launch
     from blindnet.inference import Predictor

@@ -15,7 +15,8 @@ import pandas as pd
 
 from blindnet.classes import class_names, palette
 from blindnet.demo.styles import apply_style
-from blindnet.inference import ImageError, Prediction, Predictor, decode_image, to_rgb_uint8
+from blindnet.inference import Prediction, Predictor
+from blindnet.io import ImageError, decode_image, to_rgb_uint8
 
 #: decompression-bomb guard for uploaded images (a 40 MP photo still fits)
 MAX_IMAGE_PIXELS = 40_000_000

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.export")
     if formats:
         require_extra("export")
     # Lazy CLI dispatch: --help answers before PyTorch is imported.
+    from blindnet.backends.tensorrt_backend import TensorRTUnavailable
     from blindnet.checkpoint import CheckpointError
-    from blindnet.export import run_export
-    from blindnet.tensorrt_backend import TensorRTUnavailable
+    from blindnet.export.pipeline import run_export
 
     try:
         run_export(

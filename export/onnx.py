@@ -1,19 +1,34 @@
-"""ONNX export (library): export a network, check the file, compare it with PyTorch, count its nodes.
+"""ONNX export: the graph contract, the exporter, and the parity check against PyTorch.
 
-The graph contract and the exporter core live in :mod:`blindnet.onnx_backend` (so an installed package can export
-a checkpoint on first use); this module adds what the ``export`` stage needs on top: the parity check whose result
-is printed and stored next to the file (``<file>.check.json``), and per-op node counts.
+One library serves every caller: ``blindnet export``, the runtime's cache of exported checkpoints
+(:mod:`blindnet.resolve`) and the benchmarks. Parity thresholds: float32 logits within a relative error of 1e-4 and
+labels agreeing on >= 99.9% of pixels; float16 labels agreeing on >= 99.5%.
 
-Acceptance thresholds (issue 5): float32 logits relative error <= 1e-4 and label agreement >= 99.9%; float16 label
-agreement >= 99.5%, each at two or more input sizes on fresh random images.
+Graph contract (also written into the model's ``metadata_props`` so that any consumer can read it back):
+
+* input ``images``:
+    - default: float32 ``N x 3 x H x W``, already ImageNet-normalised (what :class:`DeepLabV3Plus` takes);
+    - ``normalize_input=True``: uint8 RGB ``N x H x W x 3`` (``input_layout="NHWC"``, the layout decoders and the
+      :class:`~blindnet.inference.Predictor` produce) or ``N x 3 x H x W`` (``"NCHW"``); the ImageNet normalisation
+      runs in-graph, so a server uploads 1 byte per channel instead of 4.
+* output:
+    - default ``logits``: float32 ``N x C x H x W``;
+    - ``argmax=True``: ``labels`` ``N x H x W`` uint8 (or int32), about 80x smaller than float logits for 19 classes.
+* ``fp16=True``: weights and compute in float16; the float input/output (if any) stays float32 (casts in-graph), so
+  callers and Triton configs do not change with the precision.
+
+Batch, height and width are dynamic by default. The dynamo exporter (``torch.onnx.export(dynamo=True)``, the default
+since torch 2.9) is tried first; the TorchScript exporter is the fallback, and :class:`ExportResult` says which one
+produced the file.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,47 +36,330 @@ import numpy as np
 import torch
 from torch import nn
 
-from blindnet.onnx_backend import (
+from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD, normalize
+from blindnet.backends.onnxruntime_backend import (
     INPUT_NAME,
+    LABEL_DTYPES,
     LABELS_NAME,
+    LAYOUTS,
     LOGITS_NAME,
     META_PREFIX,
-    DeployWrapper,
-    ExportError,
-    ExportResult,
-    example_input,
-    export_onnx,
     io_spec_from_session,
     normalize_nhwc,
+    ort_session,
     prepare_input,
     read_onnx_metadata,
 )
+from blindnet.io import atomic_write
 
-__all__ = [
-    "FP16_MIN_AGREEMENT",
-    "FP32_MAX_REL_ERROR",
-    "FP32_MIN_AGREEMENT",
-    "INPUT_NAME",
-    "LABELS_NAME",
-    "LOGITS_NAME",
-    "META_PREFIX",
-    "DeployWrapper",
-    "ExportError",
-    "ExportResult",
-    "ParityCheck",
-    "ParityReport",
-    "compare_outputs",
-    "example_input",
-    "export_onnx",
-    "io_spec_from_session",
-    "op_histogram",
-    "prepare_input",
-    "read_onnx_metadata",
-    "reference_logits",
-    "thresholds_for",
-    "verify_onnx",
-    "write_check_report",
-]
+#: Smallest height/width the dynamic graph accepts. Below 32 px the /16 feature map collapses to 1 x 1 and
+#: torch.export specialises on it; nobody segments thumbnails that small.
+MIN_SIDE = 32
+
+
+MAX_SIDE = 8192
+
+
+MAX_BATCH = 1024
+
+
+class ExportError(RuntimeError):
+    """Export failed, or the exported file failed its own verification."""
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` produced.
+
+    Attributes:
+        path: the ``.onnx`` file.
+        exporter: ``"dynamo"`` or ``"torchscript"`` (the fallback, used only when dynamo failed).
+        opset: ONNX opset of the default domain.
+        input_name/input_dtype/input_layout: the input tensor (``"NCHW"`` float32 normalised or uint8 RGB).
+        output_name/output_dtype: ``logits`` (float32) or ``labels`` (uint8/int32).
+        normalize_input, argmax, fp16, dynamic: the export options.
+        num_classes: classes of the network.
+        dynamo_error: why the dynamo exporter failed, when the fallback was used.
+        seconds: wall time of the export.
+    """
+
+    path: Path
+    exporter: str
+    opset: int
+    input_name: str
+    input_dtype: str
+    input_layout: str
+    output_name: str
+    output_dtype: str
+    normalize_input: bool
+    argmax: bool
+    fp16: bool
+    dynamic: bool
+    num_classes: int
+    dynamo_error: str | None = None
+    seconds: float = 0.0
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+class DeployWrapper(nn.Module):
+    """The network plus optional in-graph pre-processing (uint8 -> normalised float) and argmax.
+
+    ``forward``: ``images`` (see module docstring) -> logits ``N x C x H x W`` float32 or labels ``N x H x W``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        normalize_input: bool = False,
+        input_layout: str = "NHWC",
+        argmax: bool = False,
+        label_dtype: str = "uint8",
+        fp16: bool = False,
+    ) -> None:
+        super().__init__()
+        if input_layout not in LAYOUTS:
+            raise ValueError(f"input_layout must be one of {LAYOUTS}, got {input_layout!r}")
+        if label_dtype not in LABEL_DTYPES:
+            raise ValueError(f"label_dtype must be one of {sorted(LABEL_DTYPES)}, got {label_dtype!r}")
+        num_classes = int(getattr(getattr(model, "config", None), "num_classes", 19))
+        if argmax and label_dtype == "uint8" and num_classes > 256:
+            raise ValueError(f"{num_classes} classes do not fit uint8 labels; use label_dtype='int32'")
+        self.model = model
+        self.normalize_input = normalize_input
+        self.input_layout = input_layout
+        self.argmax = argmax
+        self.label_dtype = LABEL_DTYPES[label_dtype]
+        self.fp16 = fp16
+        # (x/255 - mean)/std folded into one multiply-add: x * scale + shift, computed in float32 (uint8 range
+        # is exact there) before any cast to float16.
+        # The same rule as blindnet.backends.base.normalize, folded: scale = normalize(1) - normalize(0) and
+        # shift = normalize(0) per channel.
+        zero = normalize(torch.zeros(1, 3, 1, 1), channels_last=False)
+        self.register_buffer("scale", normalize(torch.ones(1, 3, 1, 1), channels_last=False) - zero, persistent=False)
+        self.register_buffer("shift", zero, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if self.normalize_input:
+            if self.input_layout == "NHWC":
+                x = x.permute(0, 3, 1, 2)
+            x = x.to(torch.float32) * self.scale + self.shift
+        if self.fp16:
+            x = x.to(torch.float16)
+        logits = self.model(x)
+        if self.fp16:
+            # Back to float32 before argmax/output: callers keep one float type, and ArgMax over float16 is not
+            # implemented by every runtime (ONNX Runtime CPU among them).
+            logits = logits.to(torch.float32)
+        if self.argmax:
+            return logits.argmax(dim=1).to(self.label_dtype)
+        return logits
+
+
+def example_input(
+    *, batch: int = 2, size: tuple[int, int] = (64, 96), normalize_input: bool = False, input_layout: str = "NHWC",
+    seed: int = 0,
+) -> torch.Tensor:
+    """A random input of the graph's kind: uint8 images (``N x H x W x 3`` or ``N x 3 x H x W``) or normalised
+    float32 ``N x 3 x H x W``."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    if normalize_input:
+        shape = (batch, h, w, 3) if input_layout == "NHWC" else (batch, 3, h, w)
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.randn(batch, 3, h, w, generator=g)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = 18,
+    dynamic: bool = True,
+    normalize_input: bool = False,
+    input_layout: str = "NHWC",
+    argmax: bool = False,
+    label_dtype: str = "uint8",
+    fp16: bool = False,
+    size: tuple[int, int] = (64, 96),
+    batch: int = 2,
+    exporter: str = "auto",
+) -> ExportResult:
+    """Export ``model`` (a :class:`~blindnet.models.DeepLabV3Plus`) to ONNX and check it with ``onnx.checker``.
+
+    Args:
+        model: the deployable network (any device/dtype; it is copied to CPU float32 first).
+        path: destination ``.onnx`` file.
+        opset: ONNX opset (>= 17).
+        dynamic: dynamic batch, height and width (``[1, 1024] x [32, 8192]^2``); else fixed at ``batch x size``.
+        normalize_input: take uint8 RGB and normalise in-graph (see module docstring).
+        input_layout: ``"NHWC"`` or ``"NCHW"`` for the uint8 input (ignored without ``normalize_input``).
+        argmax: output ``labels`` ``N x H x W`` (``label_dtype``) instead of float32 logits.
+        label_dtype: ``"uint8"`` (<= 256 classes) or ``"int32"``.
+        fp16: float16 weights and compute, float32 at the graph boundary.
+        size: ``(H, W)`` of the example input (the fixed size when ``dynamic=False``).
+        batch: batch of the example input (>= 2, so that the batch dimension is not specialised to 1).
+        exporter: ``"auto"`` (dynamo, then TorchScript on failure), ``"dynamo"`` or ``"torchscript"``.
+
+    Returns:
+        :class:`ExportResult` describing the file.
+
+    Raises:
+        ExportError: both exporters failed, or the file does not pass ``onnx.checker``.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be >= 17 (LayerNorm/Resize semantics we rely on), got {opset}")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    if dynamic and min(size) < MIN_SIDE:
+        raise ValueError(f"example size {size} is below the dynamic graph's minimum side of {MIN_SIDE}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    num_classes = int(getattr(config, "num_classes", 19))
+    base = _cpu_copy(model)
+    if fp16:
+        base = base.half()
+    wrapper = DeployWrapper(
+        base, normalize_input=normalize_input, input_layout=input_layout, argmax=argmax,
+        label_dtype=label_dtype, fp16=fp16,
+    ).eval()
+    x = example_input(batch=batch, size=size, normalize_input=normalize_input, input_layout=input_layout)
+    output_name = LABELS_NAME if argmax else LOGITS_NAME
+
+    t0 = time.perf_counter()
+    dynamo_error: str | None = None
+    used = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            _export_dynamo(wrapper, x, path, opset, dynamic, normalize_input, input_layout, output_name)
+            used = "dynamo"
+        except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
+            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            if exporter == "dynamo":
+                raise ExportError(f"dynamo ONNX export failed: {dynamo_error}") from exc
+    if used is None:
+        try:
+            _export_torchscript(wrapper, x, path, min(opset, 20), dynamic, normalize_input, input_layout, output_name)
+            used = "torchscript"
+        except Exception as exc:
+            raise ExportError(
+                f"ONNX export failed with both exporters. dynamo: {dynamo_error}; torchscript: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+    seconds = time.perf_counter() - t0
+
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"{path}: exported graph fails onnx.checker: {exc}") from exc
+    in_dtype = "uint8" if normalize_input else "float32"
+    out_dtype = label_dtype if argmax else "float32"
+    layout = input_layout if normalize_input else "NCHW"
+    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    result = ExportResult(
+        path=path, exporter=used, opset=int(opset_used), input_name=INPUT_NAME, input_dtype=in_dtype,
+        input_layout=layout, output_name=output_name, output_dtype=out_dtype, normalize_input=normalize_input,
+        argmax=argmax, fp16=fp16, dynamic=dynamic, num_classes=num_classes, dynamo_error=dynamo_error,
+        seconds=round(seconds, 3), model_config=config.to_dict() if hasattr(config, "to_dict") else {},
+    )
+    _write_metadata(proto, result)
+    if not argmax:
+        # The TorchScript exporter leaves the class axis symbolic; pin it so consumers (Triton configs, TensorRT)
+        # see N x C x H x W with the real C.
+        dim = proto.graph.output[0].type.tensor_type.shape.dim[1]
+        if not dim.HasField("dim_value"):
+            dim.Clear()
+            dim.dim_value = num_classes
+    onnx.save(proto, str(path))
+    return result
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+
+
+def _dynamic_dims(normalize_input: bool, input_layout: str) -> tuple[int, int, int]:
+    """Indices of (batch, height, width) in the input tensor."""
+    return (0, 1, 2) if normalize_input and input_layout == "NHWC" else (0, 2, 3)
+
+
+def _export_dynamo(
+    wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, normalize_input: bool,
+    input_layout: str, output_name: str,
+) -> None:
+    from torch.export import Dim
+
+    kwargs: dict[str, Any] = {}
+    if dynamic:
+        b, h, w = _dynamic_dims(normalize_input, input_layout)
+        kwargs["dynamic_shapes"] = {
+            "images": {
+                b: Dim("batch", min=1, max=MAX_BATCH),
+                h: Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+                w: Dim("width", min=MIN_SIDE, max=MAX_SIDE),
+            }
+        }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (x,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[output_name], external_data=False, verbose=False, **kwargs,
+        )
+
+
+def _export_torchscript(
+    wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, normalize_input: bool,
+    input_layout: str, output_name: str,
+) -> None:
+    kwargs: dict[str, Any] = {}
+    if dynamic:
+        b, h, w = _dynamic_dims(normalize_input, input_layout)
+        out_axes = {0: "batch", 1: "height", 2: "width"} if output_name == LABELS_NAME else {
+            0: "batch", 2: "height", 3: "width"}
+        kwargs["dynamic_axes"] = {INPUT_NAME: {b: "batch", h: "height", w: "width"}, output_name: out_axes}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[output_name], do_constant_folding=True, **kwargs,
+        )
+
+
+def _write_metadata(proto: Any, result: ExportResult) -> None:
+    facts = {
+        "format": "blindnet-onnx",
+        "input_name": result.input_name,
+        "input_dtype": result.input_dtype,
+        "input_layout": result.input_layout,
+        "normalize_input": str(int(result.normalize_input)),
+        "output_name": result.output_name,
+        "output_kind": "labels" if result.argmax else "logits",
+        "output_dtype": result.output_dtype,
+        "precision": "float16" if result.fp16 else "float32",
+        "num_classes": str(result.num_classes),
+        "exporter": result.exporter,
+        "mean": json.dumps(IMAGENET_MEAN),
+        "std": json.dumps(IMAGENET_STD),
+        "model_config": json.dumps(result.model_config),
+    }
+    del proto.metadata_props[:]
+    for key, value in facts.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, value
+
+
 
 FP32_MAX_REL_ERROR = 1e-4
 FP32_MIN_AGREEMENT = 0.999
@@ -70,7 +368,7 @@ FP16_MIN_AGREEMENT = 0.995
 
 def op_histogram(path_or_proto: str | Path | Any) -> dict[str, int]:
     """Number of nodes per op type in the main graph (``{"Conv": 71, ...}``), largest first."""
-    import onnx
+    import onnx  # optional dependency (the 'export' extra)
 
     proto = onnx.load(str(path_or_proto)) if isinstance(path_or_proto, (str, Path)) else path_or_proto
     counts = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in proto.graph.node)
@@ -205,7 +503,7 @@ def verify_onnx(
         checker_ok = False
     meta = read_onnx_metadata(path)
     providers = providers or ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(str(path), providers=providers)
+    sess = ort_session(path, providers=providers)
     spec = io_spec_from_session(sess, meta)
     thresholds = thresholds_for(spec["precision"], spec["output_kind"])
     rng = np.random.default_rng(seed)
@@ -236,7 +534,6 @@ def verify_onnx(
 
 def write_check_report(artifact: Path, report: dict[str, Any]) -> Path:
     """Write ``<artifact>.check.json`` next to the artifact (atomically)."""
-    from blindnet.io import atomic_write
 
     target = artifact.with_name(artifact.name + ".check.json")
     text = json.dumps(report, indent=2, default=str)

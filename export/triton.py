@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from blindnet.backends.onnxruntime_backend import read_onnx_metadata
+from blindnet.backends.tensorrt_backend import metadata_path, read_engine_metadata
 from blindnet.classes import class_names
 
 #: ONNX TensorProto element type -> Triton data type.
@@ -59,7 +61,6 @@ def onnx_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def plan_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Inputs and outputs of a TensorRT engine, from the metadata JSON :mod:`export.tensorrt` writes beside it
     (so a repository can be written on a machine without TensorRT)."""
-    from blindnet.export.tensorrt import metadata_path
 
     meta_file = metadata_path(path)
     if not meta_file.exists():
@@ -156,7 +157,6 @@ def write_triton_repository(
     if suffix == ".onnx":
         platform, target_name, kind = "onnxruntime_onnx", "model.onnx", instance_kind or "KIND_AUTO"
         inputs, outputs = onnx_io(model_path)
-        from blindnet.onnx_backend import read_onnx_metadata
 
         meta = read_onnx_metadata(model_path)
         classes = num_classes or int(meta.get("num_classes", 0)) or _channels(outputs)
@@ -164,7 +164,6 @@ def write_triton_repository(
     elif suffix in (".plan", ".engine"):
         platform, target_name, kind = "tensorrt_plan", "model.plan", instance_kind or "KIND_GPU"
         inputs, outputs = plan_io(model_path)
-        from blindnet.export.tensorrt import read_engine_metadata
 
         meta = read_engine_metadata(model_path)
         classes = num_classes or int(meta.get("num_classes", 0)) or _channels(outputs)

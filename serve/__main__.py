@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") 
     args = build_parser(prog).parse_args(argv)
     require_extra("serve")
     # Lazy CLI dispatch: --help answers before PyTorch and FastAPI are imported.
-    from blindnet.backends import make_backend
+    from blindnet.backends.select import make_backend
     from blindnet.serve.app import (
         DrainingServer,
         InsecureBindError,

@@ -55,7 +55,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from blindnet.inference import Backend, ImageError, ImageTooLargeError, Prediction, Predictor, decode_image
+from blindnet import __version__
+from blindnet.backends.base import Backend
+from blindnet.inference import Prediction, Predictor
+from blindnet.io import ImageError, ImageTooLargeError, decode_image
 from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
 
 log = logging.getLogger("blindnet.serve")
@@ -743,7 +746,6 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
 
     @app.get("/v2")
     async def server_metadata() -> JSONResponse:
-        from blindnet import __version__
 
         return JSONResponse({"name": "blindnet", "version": __version__, "extensions": ["binary_tensor_data"]})
 

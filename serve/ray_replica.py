@@ -26,7 +26,7 @@ import torch
 from fastapi import FastAPI
 from ray import serve
 
-from blindnet.backends import make_backend
+from blindnet.backends.select import make_backend
 from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app
 from blindnet.serve.ray_serve import RayServeConfig
 

@@ -9,25 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from blindnet import backends, onnx_backend
-from blindnet.backends import choose_backend, make_backend
+from blindnet import resolve
+from blindnet.backends import select
+from blindnet.backends.onnxruntime_backend import OnnxBackend
+from blindnet.backends.select import choose_backend, make_backend
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, save_model
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
-from blindnet.onnx_backend import OnnxBackend, cached_onnx_path
+from blindnet.resolve import cached_onnx_path
 
 
 @pytest.fixture()
 def export_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Every real export the cache performs (the exporter still runs; only the call is recorded)."""
     calls: list[Path] = []
-    real = onnx_backend.export_onnx
+    real = resolve.export_onnx
 
     def spy(model, path, **kw):
         calls.append(Path(path))
         return real(model, path, **{**kw, "exporter": "torchscript"})  # seconds instead of ~20 s per export
 
-    monkeypatch.setattr(onnx_backend, "export_onnx", spy)
+    monkeypatch.setattr(resolve, "export_onnx", spy)
     return calls
 
 
@@ -75,8 +78,8 @@ def test_a_changed_checkpoint_gets_a_new_cache_entry(
 def test_auto_falls_back_to_torch_without_onnxruntime(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    real = backends.missing_modules
-    monkeypatch.setattr(backends, "missing_modules", lambda mods: [m for m in mods if m == "onnxruntime"] + real(mods))
+    real = select.missing_modules
+    monkeypatch.setattr(select, "missing_modules", lambda mods: [m for m in mods if m == "onnxruntime"] + real(mods))
     backend = make_backend("auto", tiny_checkpoint, device="cpu")
     assert isinstance(backend, TorchBackend) and backend.channels_last
     assert "torch on cpu (onnxruntime not installed" in capsys.readouterr().err

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from blindnet.inference import BackendOutput, Predictor, TorchBackend
+from blindnet.backends.base import BackendOutput
+from blindnet.backends.torch_backend import TorchBackend
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
 

@@ -212,8 +212,8 @@ def test_device_slug_is_file_name_safe():
 
 def test_benchmarks_never_import_training_code():
     code = (
-        "import sys, benchmarks.__main__, benchmarks.latency, benchmarks.report\n"
-        "import export.onnx, blindnet.onnx_backend, blindnet.cost, blindnet.inference\n"
+        "import sys, blindnet.benchmarks.__main__, blindnet.benchmarks.latency, blindnet.benchmarks.report\n"
+        "import blindnet.export.onnx, blindnet.backends.onnxruntime_backend, blindnet.export.cost, blindnet.inference\n"
         "bad = [m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses'))]\n"
         "assert not bad, bad\n"
     )

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model
 from blindnet.cli import main
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.segment import segment_paths
 
 

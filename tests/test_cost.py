@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from blindnet.cost import aux_head_params, compare_with_baseline, cost_report, parameter_counts, render_markdown
+from blindnet.export.cost import aux_head_params, compare_with_baseline, cost_report, parameter_counts, render_markdown
 from blindnet.models import ModelConfig
 
 

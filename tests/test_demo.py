@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, save_model
 from blindnet.classes import colorize
-from blindnet.inference import ImageError, Predictor, TorchBackend
+from blindnet.inference import Predictor
+from blindnet.io import ImageError
 from blindnet.models import ModelConfig, build_model
 
 gr = pytest.importorskip("gradio")

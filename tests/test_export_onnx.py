@@ -18,13 +18,15 @@ import onnx
 import pytest
 import torch
 
+from blindnet.backends.onnxruntime_backend import OnnxBackend, read_onnx_metadata
+from blindnet.backends.select import make_backend
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import CheckpointError, load_model, save_model
-from blindnet.export import run_export
 from blindnet.export.__main__ import main
-from blindnet.export.onnx import ExportResult, export_onnx, op_histogram, read_onnx_metadata, verify_onnx
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.export.onnx import ExportResult, export_onnx, op_histogram, verify_onnx
+from blindnet.export.pipeline import run_export
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
-from blindnet.onnx_backend import OnnxBackend
 
 # Two sizes per check, one not divisible by 16 (72 x 100), and two batch sizes: the dynamic axes are exercised.
 SHAPES = ((2, 64, 96), (1, 72, 100))
@@ -205,9 +207,9 @@ def test_onnx_backend_pads_tiny_images_like_torch(
         np.testing.assert_array_equal(g.labels, r.labels)
 
 
-def test_onnx_backend_from_checkpoint_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_onnx_backend_for_a_checkpoint_exports_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    backend = OnnxBackend.from_path(tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
+    backend = make_backend("onnx", tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
     files = list(cache.glob("*.onnx"))
     assert len(files) == 1 and backend.spec["input_dtype"] == "uint8" and backend.spec["output_kind"] == "logits"
     image = np.random.default_rng(0).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)
@@ -215,12 +217,11 @@ def test_onnx_backend_from_checkpoint_exports_once(tiny_checkpoint: Path, tmp_pa
     ref = TorchBackend(load_model(tiny_checkpoint)).infer(image, return_logits=True)
     assert np.abs(out.logits - ref.logits).max() <= 1e-4 * np.abs(ref.logits).max()
     mtime = files[0].stat().st_mtime_ns
-    OnnxBackend.from_path(tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
+    make_backend("onnx", tiny_checkpoint, device="cpu", cache_dir=cache, exporter="torchscript")
     assert files[0].stat().st_mtime_ns == mtime  # reused, not re-exported
-
-    from blindnet.backends import make_backend
-
     assert make_backend("onnx", files[0]).name == "onnx"
+    with pytest.raises(ValueError, match="expected an .onnx file"):
+        OnnxBackend.from_path(tiny_checkpoint)
     with pytest.raises(ValueError, match="float32 graph"):
         OnnxBackend(files[0], precision="float16")
 
@@ -264,8 +265,9 @@ def test_missing_and_corrupt_checkpoints_give_clear_errors(
 
 def test_export_code_never_imports_training_code() -> None:
     code = (
-        "import sys, export, export.onnx, export.tensorrt, export.triton, export.__main__, blindnet.onnx_backend, "
-        "blindnet.tensorrt_backend, blindnet.cost\n"
+        "import sys, blindnet.export.pipeline, blindnet.export.onnx, blindnet.export.tensorrt, blindnet.export.triton, "
+        "blindnet.export.__main__, blindnet.backends.onnxruntime_backend, blindnet.backends.tensorrt_backend, "
+        "blindnet.export.cost, blindnet.export.int8, blindnet.resolve\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses')))\n"
         "assert not bad, bad\n"
     )

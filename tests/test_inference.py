@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model
-from blindnet.inference import ImageError, Predictor, TorchBackend, decode_image, load_image, to_rgb_uint8
+from blindnet.inference import Predictor
+from blindnet.io import ImageError, decode_image, load_image, to_rgb_uint8
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def _rng_image(seed: int, h: int = 48, w: int = 64) -> np.ndarray:
 
 
 def test_labels_match_the_network(predictor: Predictor, tiny_checkpoint: Path) -> None:
-    from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+    from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD
 
     image = _rng_image(0)
     pred = predictor.predict_one(image, return_logits=True, return_probabilities=True)
@@ -136,7 +138,7 @@ def test_bfloat16_channels_last_agree_with_float32(tiny_checkpoint: Path) -> Non
 
 def _network_labels(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     """The bare network's label map for one uint8 image (no Predictor involved)."""
-    from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+    from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std

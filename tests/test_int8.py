@@ -16,11 +16,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from blindnet import int8, onnx_backend
-from blindnet.backends import make_backend
+from blindnet import resolve
+from blindnet.backends.onnxruntime_backend import OnnxBackend, io_spec_from_session, prepare_input, read_onnx_metadata
+from blindnet.backends.select import make_backend
 from blindnet.checkpoint import load_model
-from blindnet.int8 import check_int8, generated_scenes, quantize_int8
-from blindnet.onnx_backend import OnnxBackend, export_onnx, io_spec_from_session, prepare_input
+from blindnet.export.int8 import HELD_OUT_SEED, check_int8, generated_scenes, quantize_int8
+from blindnet.export.onnx import export_onnx
 
 SIZE = (64, 128)
 
@@ -42,7 +43,7 @@ def test_quantized_graph_is_qdq_per_channel_symmetric(float_onnx: Path, tmp_path
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)  # symmetric int8 activations
     per_channel = [n for n in dequant if n.input[1] in inits and inits[n.input[1]].size > 1]
     assert per_channel, "weights must carry one scale per output channel"
-    assert onnx_backend.read_onnx_metadata(qdq)["precision"] == "int8"
+    assert read_onnx_metadata(qdq)["precision"] == "int8"
 
     backend = OnnxBackend(qdq, precision="int8")
     images, _ = generated_scenes(2, SIZE, seed=5)
@@ -52,7 +53,7 @@ def test_quantized_graph_is_qdq_per_channel_symmetric(float_onnx: Path, tmp_path
     report = check_int8(qdq, float_onnx, scenes=2, size=SIZE)
     assert json.loads(qdq.with_name(qdq.name + ".check.json").read_text()) == report
     # Recompute the agreement from the two graphs directly: the report holds the real number.
-    held_out, masks = generated_scenes(2, SIZE, seed=int8.HELD_OUT_SEED)
+    held_out, masks = generated_scenes(2, SIZE, seed=HELD_OUT_SEED)
     outs = []
     for path in (float_onnx, qdq):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -68,13 +69,13 @@ def test_quantized_graph_is_qdq_per_channel_symmetric(float_onnx: Path, tmp_path
 def test_int8_precision_for_a_checkpoint_is_cached(
     tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(int8, "SCENE_SIZE", SIZE)
-    monkeypatch.setattr(int8, "CALIBRATION_SCENES", 2)
-    monkeypatch.setattr(int8, "HELD_OUT_SCENES", 2)
+    monkeypatch.setattr(resolve, "SCENE_SIZE", SIZE)
+    monkeypatch.setattr(resolve, "CALIBRATION_SCENES", 2)
+    monkeypatch.setattr(resolve, "HELD_OUT_SCENES", 2)
     monkeypatch.setenv("BLINDNET_CACHE", str(tmp_path / "cache"))
-    real = onnx_backend.export_onnx
+    real = resolve.export_onnx
     # The TorchScript exporter: seconds instead of ~20 s for the float32 export the INT8 file starts from.
-    monkeypatch.setattr(onnx_backend, "export_onnx", lambda m, p, **kw: real(m, p, **{**kw, "exporter": "torchscript"}))
+    monkeypatch.setattr(resolve, "export_onnx", lambda m, p, **kw: real(m, p, **{**kw, "exporter": "torchscript"}))
     # A random tiny network may miss the INT8 thresholds; the warning saying so is expected then.
     backend = make_backend("onnx", tiny_checkpoint, precision="int8")
     assert backend.precision == "int8" and "int8qdq" in backend.path.name

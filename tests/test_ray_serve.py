@@ -26,8 +26,9 @@ import torch
 import yaml
 from PIL import Image
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.app import BackgroundServer, ServeConfig, create_app
 from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args

@@ -24,8 +24,10 @@ import pytest
 import torch
 from PIL import Image
 
+from blindnet.backends.base import BackendOutput
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
-from blindnet.inference import BackendOutput, Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.__main__ import main as serve_main
 from blindnet.serve.app import BackgroundServer, InsecureBindError, ServeConfig, check_bind, create_app

@@ -32,8 +32,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.app import (
     DECODE_BYTES_PER_PIXEL,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blindnet.tensorrt_backend import (
+from blindnet.backends.tensorrt_backend import (
     EngineMismatchError,
     Profile,
     TensorRTUnavailable,
@@ -27,12 +27,12 @@ needs_trt = pytest.mark.skipif(
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_missing_tensorrt_message_says_how_to_install(tmp_path: Path, tiny_checkpoint: Path, capsys) -> None:
-    from blindnet.backends import make_backend
+    from blindnet.backends.select import make_backend
+    from blindnet.backends.tensorrt_backend import import_tensorrt
     from blindnet.export.__main__ import main
-    from blindnet.export.tensorrt import require_tensorrt
 
     with pytest.raises(TensorRTUnavailable) as info:
-        require_tensorrt()
+        import_tensorrt()
     msg = str(info.value)
     assert "pip install 'blindnet[tensorrt]'" in msg and "pip install tensorrt" in msg and "NVIDIA GPU" in msg
     with pytest.raises(TensorRTUnavailable, match="blindnet\\[tensorrt\\]"):
@@ -45,7 +45,7 @@ def test_missing_tensorrt_message_says_how_to_install(tmp_path: Path, tiny_check
 
 @pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
 def test_format_all_without_tensorrt_exports_the_rest(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from blindnet.export import run_export
+    from blindnet.export.pipeline import run_export
 
     summary = run_export(tiny_checkpoint, tmp_path, formats=["all"], exporter="torchscript", uint8_input=True)
     assert "pip install 'blindnet[tensorrt]'" in summary["skipped"]["tensorrt"]
@@ -87,10 +87,10 @@ def test_profiles() -> None:
 @needs_trt
 @pytest.mark.parametrize("fp16", [False, True])
 def test_build_engine_and_parity(fp16: bool, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from blindnet.backends.tensorrt_backend import TensorRTBackend
     from blindnet.checkpoint import load_model
-    from blindnet.export import run_export
+    from blindnet.export.pipeline import run_export
     from blindnet.inference import Predictor
-    from blindnet.tensorrt_backend import TensorRTBackend
 
     summary = run_export(tiny_checkpoint, tmp_path, formats=["tensorrt", "triton"], fp16=fp16, uint8_input=True,
                          size=(128, 192), max_batch=2, min_size=(64, 64))

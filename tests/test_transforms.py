@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD
 from blindnet.classes import PALETTE
 from blindnet.data import (
     ClassUniformSampler,
@@ -17,7 +18,6 @@ from blindnet.data import (
 )
 from blindnet.data.sampling import build_centroids, class_uniform_epoch_size, label_centroids
 from blindnet.data.transforms import build_eval_transform, to_tensor
-from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _blocks(h: int, w: int, block: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

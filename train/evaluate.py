@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from blindnet.checkpoint import load_model
 from blindnet.classes import class_names
 from blindnet.data.datasets import AlignedAppearanceDataset
 from blindnet.io import atomic_write
@@ -131,7 +132,6 @@ def evaluate_checkpoints(
     When ``consistency`` is a dict it is filled with ``{row label: {group label: ConsistencyScores}}`` for the
     aligned datasets (see :func:`consistency_groups`), from the same forward passes.
     """
-    from blindnet.checkpoint import load_model
 
     device = torch.device(device)
     groups = consistency_groups(datasets) if consistency is not None else {}

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, save_model
-from blindnet.inference import Predictor, TorchBackend
+from blindnet.inference import Predictor
 from blindnet.io import atomic_write
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.segment import run_synthetic_showcase

@@ -14,7 +14,7 @@ Photometric (independent per view, both from the same cropped image):
   * x:   with p = 0.5 ColorJitter(0.4, 0.4, 0.4, 0.1), then Gaussian blur sigma ~ U(0.15, 1.3);
   * x_a: ColorJitter(0.8, 0.8, 0.8, 0.3) always, then Gaussian blur (the "augment" pair), or, when a real aligned
     appearance is given, that appearance with the weak x photometric;
-then ToTensor + ImageNet normalisation (``blindnet.inference.IMAGENET_MEAN/STD``).
+then ToTensor + ImageNet normalisation (:func:`blindnet.backends.base.normalize`).
 
 ColorJitter follows torchvision's definition (factors b, c, s ~ U(max(0, 1-v), 1+v), hue ~ U(-h, h), the four ops in a
 random order, contrast against the mean grey level, values clamped to [0, 1]). The blur follows the original
@@ -31,20 +31,15 @@ import cv2
 import numpy as np
 import torch
 
-from blindnet.inference import IMAGENET_MEAN, IMAGENET_STD
+from blindnet.backends.base import normalize as imagenet_normalize
 
 IGNORE_INDEX = 255
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32)
-_STD = np.asarray(IMAGENET_STD, np.float32)
 _GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
 
 
 def to_tensor(image: np.ndarray, normalize: bool = True) -> torch.Tensor:
     """``H x W x 3`` uint8 RGB -> float32 ``3 x H x W`` tensor in [0, 1], ImageNet-normalised unless told not to."""
-    x = image.astype(np.float32) * (1.0 / 255.0)
-    if normalize:
-        x -= _MEAN
-        x /= _STD
+    x = imagenet_normalize(image[None])[0] if normalize else image.astype(np.float32) * (1.0 / 255.0)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from blindnet.export.onnx import export_onnx
 from blindnet.models import ModelConfig, build_model, count_parameters
 from blindnet.models.backbones import StyleNorm
 
@@ -303,7 +304,6 @@ def onnx_graph_stats(path: str | Path) -> dict[str, Any]:
 
 def export_for_count(model: nn.Module, path: Path, *, exporter: str = "auto", size: tuple[int, int] = (64, 96)) -> str:
     """Export the bare network (float32 logits, dynamic batch/H/W) for graph counting; returns the exporter used."""
-    from blindnet.onnx_backend import export_onnx
 
     return export_onnx(model, path, exporter=exporter, size=size).exporter
 

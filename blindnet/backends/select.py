@@ -15,32 +15,46 @@ from pathlib import Path
 
 import torch
 
+from blindnet.backends.base import Backend
+from blindnet.backends.onnxruntime_backend import CHECKPOINT_SUFFIXES, ONNX_SUFFIXES, OnnxBackend
+from blindnet.backends.tensorrt_backend import ENGINE_SUFFIXES, TensorRTBackend
+from blindnet.backends.torch_backend import TorchBackend
+from blindnet.checkpoint import load_model
 from blindnet.extras import EXTRAS, missing_modules
-from blindnet.inference import Backend, TorchBackend
-from blindnet.int8 import cached_int8_for_checkpoint
-from blindnet.onnx_backend import CHECKPOINT_SUFFIXES, ONNX_SUFFIXES
-from blindnet.resolve import resolve_checkpoint
+from blindnet.resolve import cached_engine, cached_int8_for_checkpoint, cached_onnx_for_checkpoint, resolve_checkpoint
 
 
 def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
-    from blindnet.checkpoint import load_model
-
     # None means "the backend's default", as for the exported backends: float32 for a checkpoint.
     return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision or "float32", **kw)
 
 
 def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
-    from blindnet.onnx_backend import OnnxBackend
-
-    if precision == "int8" and path_is_checkpoint(path):
-        # The Q/DQ export of the checkpoint, quantised once and checked on held-out generated scenes.
-        path = cached_int8_for_checkpoint(resolve_checkpoint(path), cache_dir=kw.pop("cache_dir", None))
+    """An ``.onnx`` file as it is, or a checkpoint through its cached export (INT8 Q/DQ with ``precision="int8"``;
+    float16 with ``"float16"``; else float32)."""
+    path = resolve_checkpoint(path)
+    cache_dir, exporter = kw.pop("cache_dir", None), kw.pop("exporter", "auto")
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        if precision == "int8":
+            # The Q/DQ export of the checkpoint, quantised once and checked on held-out generated scenes.
+            path = cached_int8_for_checkpoint(path, cache_dir=cache_dir, exporter=exporter)
+        elif precision in (None, "float32", "float16"):
+            path = cached_onnx_for_checkpoint(path, fp16=precision == "float16", cache_dir=cache_dir, exporter=exporter)
+            precision = precision or "float32"
+        else:
+            raise ValueError(f"ONNX precision must be 'float32', 'float16' or 'int8', got {precision!r}")
+    elif path.suffix.lower() not in ONNX_SUFFIXES:
+        raise ValueError(f"{path}: expected an .onnx file or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     return OnnxBackend.from_path(path, device=device, precision=precision, **kw)
 
 
 def _tensorrt(path: str | Path | None, *, device: str = "cuda", precision: str | None = None, **kw) -> Backend:
-    from blindnet.tensorrt_backend import TensorRTBackend
-
+    """A TensorRT engine as it is, or one built once (and cached) from a checkpoint or an ``.onnx`` file."""
+    path = resolve_checkpoint(path)
+    cache_dir = kw.pop("cache_dir", None)
+    if path.suffix.lower() not in ENGINE_SUFFIXES:
+        path = cached_engine(path, precision=precision, cache_dir=cache_dir)
+        precision = precision or "float16"
     return TensorRTBackend.from_path(path, device=device, precision=precision, **kw)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,10 @@ import cv2
 import numpy as np
 import torch
 
+from blindnet.backends.onnxruntime_backend import META_PREFIX, io_spec_from_session, ort_session, prepare_input
 from blindnet.data.synthetic import APPEARANCES, render_scene
 from blindnet.io import atomic_write
 from blindnet.metrics import ConfusionMatrix
-from blindnet.onnx_backend import META_PREFIX, cached_onnx_for_checkpoint, io_spec_from_session, prepare_input
 
 #: Acceptance: labels agree with float32 on >= 98% of pixels, mIoU drops by <= 1 point on held-out scenes.
 INT8_MIN_AGREEMENT = 0.98
@@ -92,11 +91,10 @@ def quantize_int8(
     """
     # onnxruntime is an optional extra: imported only when a quantisation is asked for.
     import onnx
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     float_onnx, out_path = Path(float_onnx), Path(out_path)
-    spec = io_spec_from_session(ort.InferenceSession(str(float_onnx), providers=["CPUExecutionProvider"]))
+    spec = io_spec_from_session(ort_session(float_onnx))
     if spec["precision"] != "float32":
         raise ValueError(f"{float_onnx}: INT8 quantisation starts from a float32 export, got {spec['precision']}")
     images, _ = generated_scenes(calibration, size, seed)
@@ -143,6 +141,12 @@ def _miou(labels: np.ndarray, masks: np.ndarray, num_classes: int) -> float:
     return 100.0 * cm.miou()
 
 
+def _ort_version() -> str:
+    import onnxruntime as ort  # optional dependency; either the CPU or the GPU package provides the module
+
+    return ort.__version__
+
+
 def check_int8(
     int8_onnx: str | Path,
     float_onnx: str | Path,
@@ -158,10 +162,8 @@ def check_int8(
     int8 label equals the float32 label), ``miou_float32``/``miou_int8`` (percent, against the scenes' masks),
     ``miou_change`` (int8 minus float32, points), the thresholds and ``passed``.
     """
-    import onnxruntime as ort
-
     t0 = time.perf_counter()
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (float_onnx, int8_onnx)]
+    sessions = [ort_session(p) for p in (float_onnx, int8_onnx)]
     num_classes = io_spec_from_session(sessions[0])["num_classes"]
     images, masks = generated_scenes(scenes, size, seed)
     ref, q = (_labels(s, images) for s in sessions)
@@ -170,7 +172,7 @@ def check_int8(
     report = {
         "path": str(int8_onnx),
         "reference": str(float_onnx),
-        "runtime": f"onnxruntime {ort.__version__}",
+        "runtime": f"onnxruntime {_ort_version()}",
         "precision": "int8",
         "format": "QDQ, int8 activations (symmetric) and per-channel int8 weights",
         "held_out_scenes": scenes,
@@ -191,24 +193,3 @@ def check_int8(
     return report
 
 
-def cached_int8_for_checkpoint(
-    checkpoint: str | Path, *, cache_dir: str | Path | None = None, exporter: str = "auto"
-) -> Path:
-    """The INT8 Q/DQ export of ``checkpoint``, made once next to its cached float32 export and checked on first use.
-
-    The check's result is stored next to the file; a miss of the thresholds is printed as a warning, not an error,
-    since INT8 was asked for explicitly and the report says by how much it differs.
-    """
-    float_onnx = cached_onnx_for_checkpoint(checkpoint, cache_dir=cache_dir, exporter=exporter)
-    target = float_onnx.with_name(float_onnx.name.replace("-fp32-", "-int8qdq-"))
-    if target.exists() and target.with_name(target.name + ".check.json").exists():
-        return target
-    quantize_int8(float_onnx, target, calibration=CALIBRATION_SCENES, size=SCENE_SIZE)
-    report = check_int8(target, float_onnx, scenes=HELD_OUT_SCENES, size=SCENE_SIZE)
-    if not report["passed"]:
-        warnings.warn(
-            f"{target}: INT8 differs from float32 beyond the thresholds on held-out generated scenes "
-            f"(label agreement {report['label_agreement']:.4f}, mIoU change {report['miou_change']:+.2f} points)",
-            stacklevel=2,
-        )
-    return target

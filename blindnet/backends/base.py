@@ -1,0 +1,93 @@
+"""The backend contract: what every runtime (PyTorch, ONNX Runtime, TensorRT) takes and returns, and the two
+rules they share: ImageNet normalisation and the dtype of label maps.
+
+A backend receives a batch of RGB uint8 images ``N x H x W x 3`` (all the same size) and returns
+:class:`BackendOutput`: label maps ``N x H x W`` and, when asked, float32 logits ``N x C x H x W``. Normalisation is
+the backend's job, so that a GPU backend can upload uint8 and normalise on the device, and an exported graph can do
+it in-graph.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BackendOutput:
+    """Network output for a batch: ``labels`` ``N x H x W`` (uint8, or int32 for > 255 classes) and optional float32
+    ``logits`` ``N x C x H x W``."""
+
+    labels: np.ndarray
+    logits: np.ndarray | None = None
+
+
+class Backend(abc.ABC):
+    """Runs the network on a batch of same-size RGB uint8 images. Implementations: torch, ONNX Runtime, TensorRT."""
+
+    name: str = "backend"
+    num_classes: int = 19
+    #: fixed ``(H, W)`` the backend needs (an engine built for one shape), or None for any size
+    fixed_size: tuple[int, int] | None = None
+    #: stride of the network's deepest InstanceNorm: an input whose sides are both <= it reaches that layer as one
+    #: pixel, which cannot be normalised, so the Predictor pads such inputs (0: the network has no such layer)
+    norm_stride: int = 16
+    #: smallest ``(H, W)`` the backend runs (an exported graph's or engine's lower bound); the Predictor pads up to it
+    min_size: tuple[int, int] = (1, 1)
+
+    @abc.abstractmethod
+    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
+        """``images``: ``N x H x W x 3`` uint8 -> :class:`BackendOutput`."""
+
+    def describe(self) -> dict[str, str]:
+        """Short facts for logs and benchmark rows."""
+        return {"backend": self.name}
+
+
+#: Stride of the deepest InstanceNorm of each BlindNet encoder (ResNet-50: stem, layer1, layer2 at /2, /4, /8;
+#: MobileNetV2 and ShuffleNetV2: the last one at /16).
+NORM_STRIDES = {"resnet50": 8, "mobilenetv2": 16, "shufflenetv2": 16}
+
+
+def norm_stride_of(model_config: object) -> int:
+    """:attr:`Backend.norm_stride` for a model config (a ``ModelConfig`` or its dict); 16 when it cannot tell."""
+    get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
+    if get("instance_norm", True) is False:
+        return 0
+    return NORM_STRIDES.get(str(get("backbone", "")), 16)
+
+
+def labels_dtype(num_classes: int) -> np.dtype:
+    """The dtype of label maps: uint8 up to 256 classes (4x smaller than int32 on the wire), int32 beyond."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int32)
+
+
+def torch_labels_dtype(num_classes: int) -> torch.dtype:
+    """:func:`labels_dtype` as a torch dtype, to cast label maps on the device before they are copied back."""
+    return torch.uint8 if labels_dtype(num_classes) == np.uint8 else torch.int32
+
+
+def normalize(images: np.ndarray | torch.Tensor, *, channels_last: bool = True) -> np.ndarray | torch.Tensor:
+    """ImageNet normalisation of 0-255 pixel values: ``(x - 255 * mean) / (255 * std)`` per channel, as float32.
+
+    ``images`` is ``N x H x W x 3`` (``channels_last``) or ``N x 3 x H x W``, a numpy array or a torch tensor (kept
+    on its device; traced into an exported graph as constants). The one place this rule is written.
+    """
+    shape = (1, 1, 1, 3) if channels_last else (1, 3, 1, 1)
+    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(shape) * 255.0
+    std = np.asarray(IMAGENET_STD, np.float32).reshape(shape) * 255.0
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        return (x - torch.as_tensor(mean, device=x.device)) / torch.as_tensor(std, device=x.device)
+    return (images.astype(np.float32) - mean) / std

@@ -1,0 +1,297 @@
+"""ONNX Runtime as a backend (runtime only): read a blindnet ONNX file's graph contract and run it on CPU or CUDA.
+
+Exporting lives in :mod:`blindnet.export.onnx`; turning a checkpoint into a cached ONNX file in
+:mod:`blindnet.resolve`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from blindnet.backends.base import (
+    Backend,
+    BackendOutput,
+    labels_dtype,
+    norm_stride_of,
+    normalize,
+)
+
+#: Key prefix of the facts written into the ONNX ``metadata_props``.
+META_PREFIX = "blindnet."
+
+
+INPUT_NAME = "images"
+
+
+LOGITS_NAME = "logits"
+
+
+LABELS_NAME = "labels"
+
+
+LABEL_DTYPES: dict[str, torch.dtype] = {"uint8": torch.uint8, "int32": torch.int32}
+
+
+LAYOUTS = ("NHWC", "NCHW")
+
+
+def read_onnx_metadata(path_or_proto: str | Path | Any) -> dict[str, str]:
+    """The ``blindnet.*`` facts of an exported file, prefix stripped (empty for a foreign ONNX file)."""
+    import onnx
+
+    proto = onnx.load(str(path_or_proto), load_external_data=False) if isinstance(path_or_proto, (str, Path)) \
+        else path_or_proto
+    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def _json_or_empty(text: str | None) -> dict[str, Any]:
+    """A metadata value holding a JSON object, or ``{}`` when it is absent or not one."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def normalize_nhwc(images: np.ndarray) -> np.ndarray:
+    """uint8 ``N x H x W x 3`` -> float32 ``N x 3 x H x W`` ImageNet-normalised."""
+    return np.ascontiguousarray(normalize(images).transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def io_spec_from_session(sess: Any, meta: dict[str, str] | None = None) -> dict[str, Any]:
+    """How to feed and read an ONNX Runtime session: from our metadata when present, else from the graph's I/O types.
+
+    Returns a dict with ``input_name``, ``input_dtype`` (``uint8``/``float32``/``float16``), ``input_layout``,
+    ``normalize_input``, ``output_name``, ``output_kind`` (``logits``/``labels``), ``precision``, ``num_classes``.
+    """
+    meta = meta if meta is not None else dict(sess.get_modelmeta().custom_metadata_map or {})
+    meta = {k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k: v for k, v in meta.items()}
+    inp = sess.get_inputs()[0]
+    out = sess.get_outputs()[0]
+    in_dtype = _ort_type(inp.type)
+    out_dtype = _ort_type(out.type)
+    normalize_input = in_dtype == "uint8"
+    layout = meta.get("input_layout")
+    if layout is None:
+        # A foreign graph: uint8 with 3 in the last axis is NHWC; everything else NCHW.
+        layout = "NHWC" if normalize_input and inp.shape and inp.shape[-1] == 3 else "NCHW"
+    output_kind = "labels" if out_dtype in ("uint8", "int32", "int64") else "logits"
+    num_classes = meta.get("num_classes")
+    if num_classes is None and output_kind == "logits" and isinstance(out.shape[1], int):
+        num_classes = out.shape[1]
+    return {
+        "input_name": inp.name,
+        "input_dtype": in_dtype,
+        "input_layout": layout,
+        "normalize_input": normalize_input,
+        "output_name": out.name,
+        "output_kind": output_kind,
+        "output_dtype": out_dtype,
+        "precision": meta.get("precision", "float16" if in_dtype == "float16" else "float32"),
+        "num_classes": int(num_classes) if num_classes is not None else 19,
+    }
+
+
+_ORT_TYPES = {
+    "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+}
+
+
+def _ort_type(t: str) -> str:
+    try:
+        return _ORT_TYPES[t]
+    except KeyError:
+        raise ValueError(f"unsupported ONNX I/O type {t}; expected one of {sorted(_ORT_TYPES)}") from None
+
+
+def prepare_input(images: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """uint8 ``N x H x W x 3`` images -> the array the graph takes (see :func:`io_spec_from_session`)."""
+    if spec["normalize_input"]:
+        if spec["input_layout"] == "NCHW":
+            return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+        return np.ascontiguousarray(images)
+    x = normalize_nhwc(images)
+    return x.astype(np.float16) if spec["input_dtype"] == "float16" else x
+
+
+ONNX_SUFFIXES = (".onnx",)
+
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+def ort_providers(device: str, *, conv_algo_search: str = "HEURISTIC") -> list[Any]:
+    """Execution providers for ``device`` (``cpu``, ``cuda`` or ``cuda:N``), CPU last as ONNX Runtime's fallback."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'")
+    device_id = int(device.split(":")[1]) if ":" in device else 0
+    cuda = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
+def ort_session(
+    path: str | Path,
+    *,
+    providers: Sequence[Any] = ("CPUExecutionProvider",),
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    profile_prefix: str | None = None,
+) -> Any:
+    """An ONNX Runtime session with every graph optimisation on: the one place sessions are configured.
+
+    ``threads`` sets the intra-op threads (None: ONNX Runtime's default); ``profile_prefix`` turns on its node
+    profiler. A file ONNX Runtime cannot load raises ``RuntimeError`` naming it.
+    """
+    import onnxruntime as ort  # optional dependency (the 'cpu' or 'gpu' extra)
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if inter_op_threads:
+        opts.inter_op_num_threads = int(inter_op_threads)
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise RuntimeError(f"{path}: ONNX Runtime cannot load this file ({type(exc).__name__}: {exc})") from exc
+
+
+def cuda_available_for_ort() -> bool:
+    """True when ONNX Runtime has a CUDA execution provider *and* a CUDA device is visible to torch."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+class OnnxBackend(Backend):
+    """ONNX Runtime on CUDA (IO binding: the batch is uploaded once, the output read back once) or on CPU.
+
+    Works with any graph :func:`export_onnx` writes: uint8 or normalised float input, logits or label output, float32
+    or float16 inside; the file's metadata (or, for foreign files, its I/O types) says which.
+
+    Args:
+        path: the ``.onnx`` file.
+        device: ``"cpu"``, ``"cuda"``/``"cuda:N"`` (error if CUDA is unavailable) or ``"auto"`` (CUDA when available).
+        precision: the precision the caller expects; the file decides (it is baked in at export), and a mismatch is
+            an error so that a benchmark row never mislabels what ran.
+        threads: intra-op threads for the CPU provider (None: ONNX Runtime's default).
+    """
+
+    name = "onnx"
+
+    def __init__(
+        self, path: str | Path, *, device: str = "cpu", precision: str | None = None, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"ONNX file not found: {path}")
+        device = str(device)
+        if device == "auto":
+            device = "cuda" if cuda_available_for_ort() else "cpu"
+        if device.startswith("cuda"):
+            if not cuda_available_for_ort():
+                raise RuntimeError(
+                    "device 'cuda' requested but ONNX Runtime's CUDA execution provider or a CUDA GPU is not "
+                    f"available (providers: {ort.get_available_providers()}, torch.cuda.is_available()="
+                    f"{torch.cuda.is_available()}); use device='cpu'"
+                )
+        # HEURISTIC: EXHAUSTIVE re-searches conv algorithms at every new input shape (slow first calls).
+        providers = ort_providers(device)
+        self.device_id = int(device.split(":")[1]) if ":" in device else (0 if device.startswith("cuda") else -1)
+        self.session = ort_session(path, providers=providers, threads=threads)
+        self.path = path
+        self.device = device
+        self.spec = io_spec_from_session(self.session)
+        self.num_classes = self.spec["num_classes"]
+        # Pads tiny inputs exactly as the torch backend does (ONNX Runtime itself would run them, differently).
+        meta = dict(self.session.get_modelmeta().custom_metadata_map or {})
+        self.norm_stride = norm_stride_of(_json_or_empty(meta.get(META_PREFIX + "model_config")))
+        if precision is not None and precision != self.spec["precision"]:
+            raise ValueError(
+                f"{path} holds a {self.spec['precision']} graph but precision={precision!r} was requested; "
+                f"re-export with{'out' if precision == 'float32' else ''} --fp16 or pass precision="
+                f"{self.spec['precision']!r}"
+            )
+        self.precision = self.spec["precision"]
+        self.use_io_binding = device.startswith("cuda")
+        self._labels_dtype = labels_dtype(self.num_classes)
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, device: str = "cpu", precision: str | None = None, **kwargs: Any) -> OnnxBackend:
+        """Backend for an ``.onnx`` file (:func:`blindnet.resolve.cached_onnx_for_checkpoint` exports a checkpoint
+        once). It runs in the precision it was exported in; a given ``precision`` must match it."""
+        path = Path(path)
+        if path.suffix.lower() not in ONNX_SUFFIXES:
+            raise ValueError(f"{path}: expected an .onnx file (export a checkpoint with `blindnet export`)")
+        return cls(path, device=device, precision=precision, **kwargs)
+
+    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
+        """``images`` ``N x H x W x 3`` uint8 -> labels ``N x H x W`` (+ float32 logits ``N x C x H x W``)."""
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected N x H x W x 3 uint8 images, got {images.shape} {images.dtype}")
+        if return_logits and self.spec["output_kind"] == "labels":
+            raise ValueError(
+                f"{self.path} outputs labels only (exported with argmax); re-export without --argmax for scores"
+            )
+        if self.use_io_binding and not self.spec["normalize_input"]:
+            out = self._run_normalising_on_device(images)
+        else:
+            out = self._run(prepare_input(images, self.spec))
+        if self.spec["output_kind"] == "labels":
+            return BackendOutput(labels=out.astype(self._labels_dtype, copy=False))
+        logits = out.astype(np.float32, copy=False)
+        labels = logits.argmax(axis=1).astype(self._labels_dtype)
+        return BackendOutput(labels=labels, logits=logits if return_logits else None)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if not self.use_io_binding:
+            return self.session.run([self.spec["output_name"]], {self.spec["input_name"]: x})[0]
+        import onnxruntime as ort
+
+        # One upload, one download; the output is allocated on the device by ORT (its shape depends on H, W).
+        binding = self.session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.device_id)
+        binding.bind_ortvalue_input(self.spec["input_name"], value)
+        binding.bind_output(self.spec["output_name"], "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _run_normalising_on_device(self, images: np.ndarray) -> np.ndarray:
+        """Float-input graph on CUDA: upload uint8 (4x fewer bytes than float32), normalise with torch on the device,
+        and bind that buffer directly."""
+        dev = torch.device("cuda", self.device_id)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(dev).permute(0, 3, 1, 2)
+        dtype = torch.float16 if self.spec["input_dtype"] == "float16" else torch.float32
+        x = normalize(x, channels_last=False).to(dtype).contiguous()
+        torch.cuda.synchronize(dev)  # ORT runs on its own stream: the buffer must be ready
+        binding = self.session.io_binding()
+        binding.bind_input(self.spec["input_name"], "cuda", self.device_id,
+                           np.float16 if dtype == torch.float16 else np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(self.spec["output_name"], "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "device": self.device,
+            "precision": self.precision,
+            "providers": ",".join(self.session.get_providers()),
+            "input": f"{self.spec['input_dtype']} {self.spec['input_layout']}",
+            "output": self.spec["output_kind"],
+            "file": str(self.path),
+        }

@@ -1,0 +1,86 @@
+"""PyTorch as a backend: eager or ``torch.compile``, CPU or CUDA, float32/float16/bfloat16, channels_last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from blindnet.backends.base import (
+    DTYPES,
+    Backend,
+    BackendOutput,
+    norm_stride_of,
+    normalize,
+    torch_labels_dtype,
+)
+from blindnet.checkpoint import load_model
+
+
+class TorchBackend(Backend):
+    """PyTorch eager (optionally ``torch.compile``) on CPU or CUDA, float32/float16/bfloat16, channels_last."""
+
+    name = "torch"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        device: str | torch.device = "cpu",
+        precision: str = "float32",
+        channels_last: bool = False,
+        compile: bool | str = False,
+    ) -> None:
+        if precision not in DTYPES:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(DTYPES)}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available on this machine")
+        if self.device.type == "cpu" and precision == "float16":
+            raise ValueError("float16 inference is not supported on CPU; use float32 or bfloat16")
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.num_classes = int(getattr(getattr(model, "config", None), "num_classes", 19))
+        self.norm_stride = norm_stride_of(getattr(model, "config", None))
+        self._run = self.model
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._run = torch.compile(self.model, mode=mode)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **kwargs) -> TorchBackend:
+        """A backend for the deployable network stored in ``path``; ``kwargs`` as for the constructor."""
+        return cls(load_model(path), **kwargs)
+
+    def preprocess(self, images: np.ndarray) -> torch.Tensor:
+        """``N x H x W x 3`` uint8 -> normalised ``N x 3 x H x W`` tensor on the device (channels_last if set)."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
+        x = normalize(x.permute(0, 3, 1, 2), channels_last=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    @torch.inference_mode()
+    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
+        x = self.preprocess(images)
+        use_autocast = self.dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
+            logits = self._run(x)
+        labels = logits.argmax(1).to(torch_labels_dtype(self.num_classes)).cpu().numpy()
+        out = BackendOutput(labels=labels)
+        if return_logits:
+            out.logits = logits.float().cpu().numpy()
+        return out
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "channels_last": str(self.channels_last),
+        }
