@@ -213,7 +213,6 @@ def export_onnx(
     Raises:
         ExportError: both exporters failed, or the file does not pass ``onnx.checker``.
     """
-    import onnx
 
     if opset < 17:
         raise ValueError(f"opset must be >= 17 (LayerNorm/Resize semantics we rely on), got {opset}")
@@ -236,26 +235,23 @@ def export_onnx(
     output_name = LABELS_NAME if argmax else LOGITS_NAME
 
     t0 = time.perf_counter()
-    dynamo_error: str | None = None
-    used = None
-    if exporter in ("auto", "dynamo"):
-        try:
-            _export_dynamo(wrapper, x, path, opset, dynamic, normalize_input, input_layout, output_name)
-            used = "dynamo"
-        except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
-            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-            if exporter == "dynamo":
-                raise ExportError(f"dynamo ONNX export failed: {dynamo_error}") from exc
-    if used is None:
-        try:
-            _export_torchscript(wrapper, x, path, min(opset, 20), dynamic, normalize_input, input_layout, output_name)
-            used = "torchscript"
-        except Exception as exc:
-            raise ExportError(
-                f"ONNX export failed with both exporters. dynamo: {dynamo_error}; torchscript: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+    used, dynamo_error = _run_exporters(wrapper, x, path, exporter, opset, dynamic, normalize_input, input_layout,
+                                        output_name)
     seconds = time.perf_counter() - t0
+    return _check_and_describe(
+        path, used, opset, dynamic=dynamic, normalize_input=normalize_input, input_layout=input_layout, argmax=argmax,
+        label_dtype=label_dtype, fp16=fp16, output_name=output_name, config=config, num_classes=num_classes,
+        dynamo_error=dynamo_error, seconds=seconds,
+    )
+
+
+def _check_and_describe(
+    path: Path, used: str, opset: int, *, dynamic: bool, normalize_input: bool, input_layout: str, argmax: bool,
+    label_dtype: str, fp16: bool, output_name: str, config: Any, num_classes: int, dynamo_error: str | None,
+    seconds: float,
+) -> ExportResult:
+    """Run ``onnx.checker`` on the written file, then store the graph contract in its metadata."""
+    import onnx  # optional dependency (the 'export' extra)
 
     proto = onnx.load(str(path))
     try:
@@ -282,6 +278,31 @@ def export_onnx(
             dim.dim_value = num_classes
     onnx.save(proto, str(path))
     return result
+
+
+def _run_exporters(
+    wrapper: nn.Module, x: torch.Tensor, path: Path, exporter: str, opset: int, dynamic: bool, normalize_input: bool,
+    input_layout: str, output_name: str,
+) -> tuple[str, str | None]:
+    """Write ``path`` with the dynamo exporter, or the TorchScript one when dynamo fails (``auto``) or is not asked
+    for; returns ``(exporter used, dynamo's error or None)``."""
+    dynamo_error: str | None = None
+    if exporter in ("auto", "dynamo"):
+        try:
+            _export_dynamo(wrapper, x, path, opset, dynamic, normalize_input, input_layout, output_name)
+            return "dynamo", None
+        except Exception as exc:  # the dynamo exporter raises many types; all mean "try the other one"
+            dynamo_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+            if exporter == "dynamo":
+                raise ExportError(f"dynamo ONNX export failed: {dynamo_error}") from exc
+    try:
+        _export_torchscript(wrapper, x, path, min(opset, 20), dynamic, normalize_input, input_layout, output_name)
+    except Exception as exc:
+        raise ExportError(
+            f"ONNX export failed with both exporters. dynamo: {dynamo_error}; torchscript: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return "torchscript", dynamo_error
 
 
 def _cpu_copy(model: nn.Module) -> nn.Module:

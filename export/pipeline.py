@@ -1,11 +1,17 @@
-"""``blindnet export``'s library function: turn a checkpoint into deployable artifacts and verify each one."""
+"""``blindnet export``'s library function: turn a checkpoint into deployable artifacts and verify each one.
 
+:func:`run_export` runs one stage per artifact (ONNX, TensorRT, Triton, cost report); each stage checks what it
+built against PyTorch before the next one uses it.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from blindnet.backends.tensorrt_backend import Profile, TensorRTUnavailable, import_tensorrt
 from blindnet.checkpoint import load_model
@@ -15,6 +21,7 @@ from blindnet.export.int8 import check_int8, quantize_int8
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_tensorrt, verify_engine
 from blindnet.export.triton import write_triton_repository
+from blindnet.io import write_text
 from blindnet.resolve import resolve_checkpoint
 
 FORMATS = ("onnx", "tensorrt", "triton", "all")
@@ -69,14 +76,66 @@ def run_export(
         CheckpointError: missing or corrupt checkpoint. TensorRTUnavailable: TensorRT requested but not installed.
         ExportError: an artifact failed its parity check.
     """
+    opts = ExportOptions(
+        fp16=fp16, argmax=argmax, uint8_input=uint8_input, label_dtype=label_dtype, input_layout=input_layout,
+        opset=opset, exporter=exporter, cost_onnx=cost_onnx, size=tuple(size), verify_shapes=verify_shapes,
+        precision=precision, max_batch=max_batch, min_size=min_size, max_size=max_size, calibration=calibration,
+        triton_model_name=triton_model_name, triton_max_batch=triton_max_batch, name=name,
+    )
+    skipped: dict[str, str] = {}
+    wanted = _wanted_formats(formats, skipped)
+    if "tensorrt" in wanted and precision == "float16":
+        opts.fp16 = True  # TensorRT float16 is built from a float16 ONNX: the only route on TensorRT 11, typed on 10
+    ckpt = resolve_checkpoint(checkpoint)
+    model = load_model(ckpt)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {},
+                               "skipped": skipped}
+    artifacts = summary["artifacts"]
+    if wanted & {"onnx", "tensorrt", "triton"}:
+        artifacts.update(_onnx_stage(model, out, opts))
+    if "tensorrt" in wanted:
+        artifacts.update(_tensorrt_stage(model, out, opts))
+    if "triton" in wanted:
+        artifacts.update(_triton_stage(out, opts, from_engine="tensorrt" in wanted))
+    if cost_report:
+        artifacts.update(_cost_stage(model, out, opts))
+    write_text(out / "export.json", json.dumps(summary, indent=2, default=str))
+    return summary
 
+
+@dataclass
+class ExportOptions:
+    """How :func:`run_export` builds each artifact (its keyword arguments, documented there)."""
+
+    fp16: bool = False
+    argmax: bool = False
+    uint8_input: bool = False
+    label_dtype: str = "uint8"
+    input_layout: str = "NHWC"
+    opset: int = 18
+    exporter: str = "auto"
+    cost_onnx: bool = False
+    size: tuple[int, int] = (1024, 2048)
+    verify_shapes: tuple[tuple[int, int, int], ...] = ((2, 64, 96), (1, 80, 112))
+    precision: str | None = None
+    max_batch: int = 4
+    min_size: tuple[int, int] | None = None
+    max_size: tuple[int, int] | None = None
+    calibration: str | Path | None = None
+    triton_model_name: str = "blindnet"
+    triton_max_batch: int | None = None
+    name: str = "model"
+
+
+def _wanted_formats(formats: tuple[str, ...] | list[str], skipped: dict[str, str]) -> set[str]:
+    """The formats to build; with ``all``, TensorRT is skipped (and ``skipped`` says why) where it is missing."""
     wanted = set(formats)
     unknown = wanted - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown format(s) {sorted(unknown)}; choose from {FORMATS}")
-    skipped: dict[str, str] = {}
     if "tensorrt" in wanted or "all" in wanted:
-
         try:
             import_tensorrt()  # fail before minutes of ONNX export, with the installation hint
         except TensorRTUnavailable as exc:
@@ -86,67 +145,58 @@ def run_export(
             print(f"skipping TensorRT: {exc}")
     if "all" in wanted:
         wanted = {"onnx", "triton"} | ({"tensorrt"} if "tensorrt" not in skipped else set())
-    if "tensorrt" in wanted and precision == "float16":
-        fp16 = True  # TensorRT float16 is built from a float16 ONNX: the only route on TensorRT 11, typed on 10
-    ckpt = resolve_checkpoint(checkpoint)
-    model = load_model(ckpt)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {},
-                               "skipped": skipped}
+    return wanted
 
-    if wanted & {"onnx", "tensorrt", "triton"}:
 
-        res = export_onnx(model, out / f"{name}.onnx", opset=opset, normalize_input=uint8_input,
-                          input_layout=input_layout, argmax=argmax, label_dtype=label_dtype, fp16=fp16,
-                          exporter=exporter)
-        print(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f} s"
-              + (f" (dynamo failed: {res.dynamo_error})" if res.dynamo_error else ""))
-        report = verify_onnx(res.path, model, shapes=verify_shapes)
-        summary["artifacts"]["onnx"] = {"export": res.to_dict(), "check": report.to_dict()}
-        report.raise_if_failed()
-        if precision == "int8" and not fp16:
-            # One Q/DQ file for both INT8 runtimes: ONNX Runtime on CPU runs it, TensorRT builds its engine from it.
+def _onnx_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """``<name>.onnx`` checked against PyTorch (and, for INT8, the Q/DQ file both INT8 runtimes use)."""
+    res = export_onnx(model, out / f"{o.name}.onnx", opset=o.opset, normalize_input=o.uint8_input,
+                      input_layout=o.input_layout, argmax=o.argmax, label_dtype=o.label_dtype, fp16=o.fp16,
+                      exporter=o.exporter)
+    print(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f} s"
+          + (f" (dynamo failed: {res.dynamo_error})" if res.dynamo_error else ""))
+    report = verify_onnx(res.path, model, shapes=o.verify_shapes)
+    artifacts: dict[str, Any] = {"onnx": {"export": res.to_dict(), "check": report.to_dict()}}
+    report.raise_if_failed()
+    if o.precision == "int8" and not o.fp16:
+        # One Q/DQ file for both INT8 runtimes: ONNX Runtime on CPU runs it, TensorRT builds its engine from it.
+        qdq = quantize_int8(res.path, out / f"{o.name}.int8.qdq.onnx")
+        int8_check = check_int8(qdq, res.path)
+        artifacts["onnx_int8"] = {"path": str(qdq), "check": int8_check}
+        print(f"quantised {qdq}: label agreement {int8_check['label_agreement']:.4f}, mIoU change "
+              f"{int8_check['miou_change']:+.2f} points on held-out generated scenes")
+    return artifacts
 
-            qdq = quantize_int8(res.path, out / f"{name}.int8.qdq.onnx")
-            int8_check = check_int8(qdq, res.path)
-            summary["artifacts"]["onnx_int8"] = {"path": str(qdq), "check": int8_check}
-            print(f"quantised {qdq}: label agreement {int8_check['label_agreement']:.4f}, mIoU change "
-                  f"{int8_check['miou_change']:+.2f} points on held-out generated scenes")
 
-    if "tensorrt" in wanted:
+def _tensorrt_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """``<name>.plan`` built from the ONNX file (the Q/DQ one for INT8) and checked against PyTorch."""
+    h, w = o.max_size or o.size
+    mh, mw = o.min_size or (min(256, h), min(256, w))
+    profile = Profile(min=(1, mh, mw), opt=(1, *o.size), max=(o.max_batch, h, w))
+    prec = o.precision or ("float16" if o.fp16 else "float32")
+    qdq = out / f"{o.name}.int8.qdq.onnx"
+    source = qdq if prec == "int8" and qdq.exists() else out / f"{o.name}.onnx"
+    meta = build_tensorrt(source, out, precision=prec, profiles=[profile], calibration=o.calibration, name=o.name)
+    check = verify_engine(out / f"{o.name}.plan", model)
+    if not check["passed"]:
+        raise ExportError(f"TensorRT parity check failed: {json.dumps(check['checks'])}")
+    return {"tensorrt": {"metadata": meta, "check": check}}
 
-        h, w = max_size or size
-        mh, mw = min_size or (min(256, h), min(256, w))
-        profile = Profile(min=(1, mh, mw), opt=(1, *size), max=(max_batch, h, w))
-        prec = precision or ("float16" if fp16 else "float32")
-        qdq = out / f"{name}.int8.qdq.onnx"
-        source = qdq if prec == "int8" and qdq.exists() else out / f"{name}.onnx"
-        meta = build_tensorrt(source, out, precision=prec, profiles=[profile],
-                              calibration=calibration, name=name)
-        check = verify_engine(out / f"{name}.plan", model)
-        summary["artifacts"]["tensorrt"] = {"metadata": meta, "check": check}
-        if not check["passed"]:
 
-            raise ExportError(f"TensorRT parity check failed: {json.dumps(check['checks'])}")
+def _triton_stage(out: Path, o: ExportOptions, *, from_engine: bool) -> dict[str, Any]:
+    """A Triton model repository around the engine (or the ONNX file)."""
+    source = out / f"{o.name}.plan" if from_engine else out / f"{o.name}.onnx"
+    model_dir = write_triton_repository(source, out / "triton", model_name=o.triton_model_name,
+                                        max_batch_size=o.triton_max_batch)
+    print(f"wrote Triton model repository {model_dir.parent} (model {o.triton_model_name!r} from {source.name})")
+    return {"triton": {"repository": str(model_dir.parent), "model": str(model_dir)}}
 
-    if "triton" in wanted:
 
-        source = out / f"{name}.plan" if "tensorrt" in wanted else out / f"{name}.onnx"
-        model_dir = write_triton_repository(source, out / "triton", model_name=triton_model_name,
-                                            max_batch_size=triton_max_batch)
-        summary["artifacts"]["triton"] = {"repository": str(model_dir.parent), "model": str(model_dir)}
-        print(f"wrote Triton model repository {model_dir.parent} (model {triton_model_name!r} from {source.name})")
-
-    if cost_report:
-
-        sizes = [(1024, 2048)] + ([tuple(size)] if tuple(size) != (1024, 2048) else []) + [(1024, 1024)]
-        sizes = list(dict.fromkeys(sizes))
-        cost = make_cost_report(model, sizes=sizes, onnx=cost_onnx, onnx_exporter=exporter)
-        (out / "cost.json").write_text(json.dumps(cost, indent=2, default=str))
-        (out / "cost.md").write_text(render_markdown(cost))
-        summary["artifacts"]["cost"] = {"json": str(out / "cost.json"), "markdown": str(out / "cost.md")}
-        print(render_markdown(cost))
-
-    (out / "export.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+def _cost_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """``cost.json`` and ``cost.md``: parameters and MACs/FLOPs at 2048x1024, the deployment size and 1024x1024."""
+    sizes = list(dict.fromkeys([(1024, 2048), tuple(o.size), (1024, 1024)]))
+    cost = make_cost_report(model, sizes=sizes, onnx=o.cost_onnx, onnx_exporter=o.exporter)
+    write_text(out / "cost.json", json.dumps(cost, indent=2, default=str))
+    write_text(out / "cost.md", render_markdown(cost))
+    print(render_markdown(cost))
+    return {"cost": {"json": str(out / "cost.json"), "markdown": str(out / "cost.md")}}

@@ -194,9 +194,9 @@ def build_engine(
     """Build a serialized TensorRT engine from an ONNX file with the TensorRT Python API; write metadata beside it.
 
     Args:
-        onnx_path: the ONNX file (from :func:`blindnet.onnx_backend.export_onnx`). For ``float16`` on TensorRT 11 it
+        onnx_path: the ONNX file (from :func:`blindnet.export.onnx.export_onnx`). For ``float16`` on TensorRT 11 it
             must be a float16 export; for ``int8``/``fp8`` on TensorRT 11 (and ``fp8`` always) it must carry Q/DQ
-            nodes (see :func:`export.tensorrt.quantize_onnx`).
+            nodes (see :func:`quantize_onnx`).
         engine_path: destination ``.plan``; ``<engine>.json`` receives the build metadata.
         precision: ``float32``, ``float16``, ``int8`` or ``fp8``.
         profiles: optimisation profiles (default :func:`default_profiles`).
@@ -211,7 +211,6 @@ def build_engine(
         The metadata dict (also written to ``<engine>.json``).
     """
     trt = import_tensorrt()
-    platform = current_platform()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -219,71 +218,16 @@ def build_engine(
     onnx_meta = read_onnx_metadata(onnx_path)
     onnx_precision = onnx_meta.get("precision", "float32")
     qdq = onnx_has_qdq(onnx_path)
-    major = trt_major(trt)
-    has_flag = hasattr(trt, "BuilderFlag") and hasattr(trt.BuilderFlag, "FP16")
 
-    # Strongly typed when the ONNX types are already what we want (or TRT 11, where it is the only mode).
-    strongly_typed = major >= 11 or not has_flag or qdq or (precision == "float16" and onnx_precision == "float16")
-    if strongly_typed:
-        if precision == "float16" and onnx_precision != "float16":
-            raise ValueError(
-                f"TensorRT {trt.__version__} builds strongly typed networks: float16 needs a float16 ONNX "
-                "(export_onnx(fp16=True) / `python -m blindnet.export --fp16`), got a float32 one"
-            )
-        if precision in ("int8", "fp8") and not qdq:
-            raise ValueError(
-                f"{precision} on TensorRT {trt.__version__} needs an ONNX with Q/DQ nodes (NVIDIA ModelOpt PTQ: "
-                "`pip install nvidia-modelopt`, then `python -m blindnet.export --format tensorrt --precision int8 "
-                "--calibration DATA`)"
-            )
-    if precision == "fp8" and not qdq:
-        raise ValueError("fp8 needs an ONNX with FP8 Q/DQ nodes (NVIDIA ModelOpt PTQ)")
+    strongly_typed = _strongly_typed(trt, precision, onnx_precision, qdq)
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    builder, network, parser = _parse_network(trt, onnx_path, strongly_typed)  # the parser owns the weights
 
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    config.builder_optimization_level = int(optimization_level)
-    if not strongly_typed:
-        if precision in ("float16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16 where int8 is slower/unsupported
-        if precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
-        if precision == "float32" and hasattr(trt.BuilderFlag, "TF32"):
-            config.clear_flag(trt.BuilderFlag.TF32)  # true float32, so parity with PyTorch holds to 1e-4
-
-    inp = network.get_input(0)
-    layout = onnx_meta.get("input_layout") or ("NHWC" if inp.shape[-1] == 3 else "NCHW")
-    profiles = profiles or default_profiles()
-    trt_profiles = []
-    for p in profiles:
-        prof = builder.create_optimization_profile()
-        prof.set_shape(inp.name, *p.shapes(layout))
-        config.add_optimization_profile(prof)
-        trt_profiles.append(prof)
-
-    calibrator = None
-    if precision == "int8" and not strongly_typed:
-        if calibration is None or len(calibration) == 0:
-            raise ValueError("int8 without Q/DQ nodes needs calibration images (`--calibration DIR_OR_NPY`)")
-        config.set_calibration_profile(trt_profiles[0])
-        calibrator = _entropy_calibrator(trt, calibration, onnx_meta, profiles[0], calibration_cache)
-        config.int8_calibrator = calibrator
-
-    cache_bytes = b""
-    if timing_cache is not None and Path(timing_cache).exists():
-        cache_bytes = Path(timing_cache).read_bytes()
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config, profiles, layout, calibrator = _builder_config(
+        trt, builder, network, onnx_meta, precision=precision, strongly_typed=strongly_typed, profiles=profiles,
+        workspace_gib=workspace_gib, optimization_level=optimization_level, timing_cache=timing_cache,
+        calibration=calibration, calibration_cache=calibration_cache,
+    )
 
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -297,36 +241,11 @@ def build_engine(
         Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
 
-    io = []
-    for i in range(network.num_inputs):
-        t = network.get_input(i)
-        io.append({"name": t.name, "mode": "input", "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
-    for i in range(network.num_outputs):
-        t = network.get_output(i)
-        io.append({"name": t.name, "mode": "output", "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
-    meta = {
-        "format": "blindnet-tensorrt",
-        "engine": str(engine_path.name),
-        "onnx": str(onnx_path),
-        **platform,
-        "tensorrt_major": major,
-        "precision": precision,
-        "strongly_typed": bool(strongly_typed),
-        "qdq": qdq,
-        "int8_calibrator": calibrator is not None,
-        "profiles": [asdict(p) for p in profiles],
-        "input_layout": layout,
-        "normalize_input": onnx_meta.get("normalize_input", "0") == "1",
-        "output_kind": onnx_meta.get("output_kind", "logits"),
-        "num_classes": int(onnx_meta.get("num_classes", 19)),
-        "model_config": json.loads(onnx_meta.get("model_config", "{}")),
-        "io": io,
-        "workspace_gib": workspace_gib,
-        "optimization_level": optimization_level,
-        "timing_cache": str(timing_cache) if timing_cache else None,
-        "build_seconds": round(build_seconds, 1),
-        "torch_version": torch.__version__,
-    }
+    meta = _engine_metadata(
+        trt, network, onnx_path, engine_path, onnx_meta, precision=precision, strongly_typed=strongly_typed, qdq=qdq,
+        calibrated=calibrator is not None, profiles=profiles, layout=layout, workspace_gib=workspace_gib,
+        optimization_level=optimization_level, timing_cache=timing_cache, build_seconds=build_seconds,
+    )
     metadata_path(engine_path).write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -369,3 +288,131 @@ def _entropy_calibrator(
                 cache_path.write_bytes(bytes(cache))
 
     return _Calibrator()
+
+
+def _strongly_typed(trt: Any, precision: str, onnx_precision: str, qdq: bool) -> bool:
+    """Whether to build a strongly typed network (the ONNX types decide precision), refusing combinations that
+    cannot give ``precision``."""
+    major = trt_major(trt)
+    has_flag = hasattr(trt, "BuilderFlag") and hasattr(trt.BuilderFlag, "FP16")
+    # Strongly typed when the ONNX types are already what we want (or TRT 11, where it is the only mode).
+    strongly_typed = major >= 11 or not has_flag or qdq or (precision == "float16" and onnx_precision == "float16")
+    if strongly_typed:
+        if precision == "float16" and onnx_precision != "float16":
+            raise ValueError(
+                f"TensorRT {trt.__version__} builds strongly typed networks: float16 needs a float16 ONNX "
+                "(export_onnx(fp16=True) / `blindnet export --fp16`), got a float32 one"
+            )
+        if precision in ("int8", "fp8") and not qdq:
+            raise ValueError(
+                f"{precision} on TensorRT {trt.__version__} needs an ONNX with Q/DQ nodes (`blindnet export --format "
+                "tensorrt --precision int8` writes one; fp8 needs NVIDIA ModelOpt)"
+            )
+    if precision == "fp8" and not qdq:
+        raise ValueError("fp8 needs an ONNX with FP8 Q/DQ nodes (NVIDIA ModelOpt PTQ)")
+
+    return strongly_typed
+
+
+def _builder_config(
+    trt: Any, builder: Any, network: Any, onnx_meta: dict[str, str], *, precision: str, strongly_typed: bool,
+    profiles: list[Profile] | None, workspace_gib: float, optimization_level: int, timing_cache: str | Path | None,
+    calibration: np.ndarray | None, calibration_cache: str | Path | None,
+) -> tuple[Any, list[Profile], str, Any]:
+    """The builder config: memory, precision flags (weakly typed builds only), optimisation profiles, the int8
+    calibrator where one is needed, and the timing cache. Returns ``(config, profiles, input layout, calibrator)``."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+    config.builder_optimization_level = int(optimization_level)
+    if not strongly_typed:
+        if precision in ("float16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)  # int8 engines fall back to fp16 where int8 is slower/unsupported
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+        if precision == "float32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # true float32, so parity with PyTorch holds to 1e-4
+
+    inp = network.get_input(0)
+    layout = onnx_meta.get("input_layout") or ("NHWC" if inp.shape[-1] == 3 else "NCHW")
+    profiles = profiles or default_profiles()
+    trt_profiles = []
+    for p in profiles:
+        prof = builder.create_optimization_profile()
+        prof.set_shape(inp.name, *p.shapes(layout))
+        config.add_optimization_profile(prof)
+        trt_profiles.append(prof)
+
+    calibrator = None
+    if precision == "int8" and not strongly_typed:
+        if calibration is None or len(calibration) == 0:
+            raise ValueError("int8 without Q/DQ nodes needs calibration images (`--calibration DIR_OR_NPY`)")
+        config.set_calibration_profile(trt_profiles[0])
+        calibrator = _entropy_calibrator(trt, calibration, onnx_meta, profiles[0], calibration_cache)
+        config.int8_calibrator = calibrator
+
+    cache_bytes = b""
+    if timing_cache is not None and Path(timing_cache).exists():
+        cache_bytes = Path(timing_cache).read_bytes()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    return config, profiles, layout, calibrator
+
+
+def _engine_io(trt: Any, network: Any) -> list[dict[str, Any]]:
+    """Name, direction, dtype and shape of every network input and output, for the engine's metadata."""
+    io = []
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        io.append({"name": t.name, "mode": "input", "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        io.append({"name": t.name, "mode": "output", "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
+    return io
+
+
+def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any, Any]:
+    """``(builder, network, parser)`` for the ONNX file; the parser must outlive the build (it holds the weights)."""
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
+    return builder, network, parser
+
+
+def _engine_metadata(
+    trt: Any, network: Any, onnx_path: Path, engine_path: Path, onnx_meta: dict[str, str], *, precision: str,
+    strongly_typed: bool, qdq: bool, calibrated: bool, profiles: list[Profile], layout: str, workspace_gib: float,
+    optimization_level: int, timing_cache: str | Path | None, build_seconds: float,
+) -> dict[str, Any]:
+    """What ``<engine>.json`` records: the platform it was built on (checked before loading), the graph contract
+    taken over from the ONNX file, and the build settings."""
+    return {
+        "format": "blindnet-tensorrt",
+        "engine": str(engine_path.name),
+        "onnx": str(onnx_path),
+        **current_platform(),
+        "tensorrt_major": trt_major(trt),
+        "precision": precision,
+        "strongly_typed": bool(strongly_typed),
+        "qdq": qdq,
+        "int8_calibrator": calibrated,
+        "profiles": [asdict(p) for p in profiles],
+        "input_layout": layout,
+        "normalize_input": onnx_meta.get("normalize_input", "0") == "1",
+        "output_kind": onnx_meta.get("output_kind", "logits"),
+        "num_classes": int(onnx_meta.get("num_classes", 19)),
+        "model_config": json.loads(onnx_meta.get("model_config", "{}")),
+        "io": _engine_io(trt, network),
+        "workspace_gib": workspace_gib,
+        "optimization_level": optimization_level,
+        "timing_cache": str(timing_cache) if timing_cache else None,
+        "build_seconds": round(build_seconds, 1),
+        "torch_version": torch.__version__,
+    }

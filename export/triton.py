@@ -22,6 +22,7 @@ from typing import Any
 from blindnet.backends.onnxruntime_backend import read_onnx_metadata
 from blindnet.backends.tensorrt_backend import metadata_path, read_engine_metadata
 from blindnet.classes import class_names
+from blindnet.io import write_text
 
 #: ONNX TensorProto element type -> Triton data type.
 ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 10: "TYPE_FP16",
@@ -173,16 +174,7 @@ def write_triton_repository(
             raise ValueError(f"max_batch_size {batch} exceeds the engine's largest profile batch {profile_max}")
     else:
         raise ValueError(f"{model_path}: expected a .onnx or .plan file")
-    if batch < 0:
-        raise ValueError(f"max_batch_size must be >= 0, got {batch}")
-    if batch > 0:
-        # Triton batches along the first axis only when every tensor's first dimension is dynamic.
-        for s in inputs + outputs:
-            if not s.shape or s.shape[0] != -1:
-                raise ValueError(
-                    f"tensor {s.name} has a fixed batch dimension ({s.shape[:1]}), so Triton cannot batch it with "
-                    f"max_batch_size={batch}; export with dynamic shapes or pass max_batch_size=0"
-                )
+    _check_batching(inputs + outputs, batch)
 
     model_dir = Path(repo_dir) / model_name
     version_dir = model_dir / str(version)
@@ -195,9 +187,21 @@ def write_triton_repository(
         max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred_batch_sizes,
         instance_count=instance_count, instance_kind=kind,
     )
-    (model_dir / "config.pbtxt").write_text(config)
-    (model_dir / "labels.txt").write_text("\n".join(class_names(classes)) + "\n")
+    write_text(model_dir / "config.pbtxt", config)
+    write_text(model_dir / "labels.txt", "\n".join(class_names(classes)) + "\n")
     return model_dir
+
+
+def _check_batching(specs: list[TensorSpec], batch: int) -> None:
+    """Triton batches along the first axis only when every tensor's first dimension is dynamic."""
+    if batch < 0:
+        raise ValueError(f"max_batch_size must be >= 0, got {batch}")
+    for spec in specs if batch > 0 else []:
+        if not spec.shape or spec.shape[0] != -1:
+            raise ValueError(
+                f"tensor {spec.name} has a fixed batch dimension ({spec.shape[:1]}), so Triton cannot batch it with "
+                f"max_batch_size={batch}; export with dynamic shapes or pass max_batch_size=0"
+            )
 
 
 def _channels(outputs: list[TensorSpec]) -> int:

@@ -170,6 +170,51 @@ class CWCLSample(NamedTuple):
     slot_class: torch.Tensor
 
 
+def _class_slots(cls: torch.Tensor, k: int, s: int, min_pixels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which classes get one of the ``s`` slots per image: the first ``s`` (ascending id) with more than
+    ``min_pixels`` pixels. ``cls`` is ``N x P`` class ids (``k`` = ignore).
+
+    Returns ``selected`` (``N x k`` bool), ``class_to_slot`` (``N x (k + 1)``, -1 = no slot; the last column is the
+    ignore id) and ``slot_class`` (``N x s``, -1 = empty slot).
+    """
+    n, dev = cls.shape[0], cls.device
+    counts = torch.zeros(n, k + 1, dtype=torch.long, device=dev).scatter_add_(1, cls, torch.ones_like(cls))
+    eligible = counts[:, :k] > min_pixels
+    rank = eligible.cumsum(1) - 1
+    selected = eligible & (rank < s)
+    class_to_slot = torch.where(selected, rank, torch.full_like(rank, -1))
+    class_to_slot = torch.cat([class_to_slot, class_to_slot.new_full((n, 1), -1)], dim=1)  # ignore -> no slot
+    slot_class = torch.full((n, s + 1), -1, dtype=torch.long, device=dev)
+    class_range = torch.arange(k, device=dev).expand(n, k)
+    slot_class.scatter_(1, torch.where(selected, rank, torch.full_like(rank, s)), class_range)
+    return selected, class_to_slot, slot_class[:, :s].contiguous()  # column s collected the non-selected classes
+
+
+def _fill_empty_slots(
+    index: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor, selected: torch.Tensor, scores: torch.Tensor, k: int,
+    v: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filler slots (those after the last class slot) take labelled pixels not chosen yet, in ``scores`` order.
+
+    When the pool runs short the order wraps around (repeats), and an image with no pool at all stays invalid.
+    ``index``/``valid`` are ``N x A``; returns them updated.
+    """
+    (n, a), p, dev = index.shape, cls.shape[1], index.device
+    # Unfilled entries point at a dump column p, so they cannot clear a real pixel's flag.
+    chosen_at = torch.where(valid, index, torch.full_like(index, p))
+    chosen = torch.zeros(n, p + 1, dtype=torch.bool, device=dev).scatter_(1, chosen_at, True)[:, :p]
+    pool = (cls < k) & ~chosen
+    n_pool = pool.sum(1, keepdim=True)
+    order = torch.sort(torch.where(pool, scores, torch.full_like(scores, 2.0)), dim=1, stable=True).indices
+    n_sel = selected.sum(1, keepdim=True)
+    slot_of = torch.arange(a, device=dev).expand(n, a) // v
+    filler = slot_of >= n_sel
+    j = (torch.arange(a, device=dev).expand(n, a) - n_sel * v).clamp(min=0) % n_pool.clamp(min=1)
+    index = torch.where(filler, order.gather(1, j), index)
+    valid = torch.where(filler, (n_pool > 0).expand(n, a), valid)
+    return index, valid
+
+
 def sample_cwcl(
     labels: torch.Tensor,
     pred: torch.Tensor,
@@ -209,17 +254,7 @@ def sample_cwcl(
         scores = uniform_scores((2, n, p), dev, generator)
     cls = _class_ids(labels.long(), k)
 
-    # --- which classes get a slot: first S classes with > min_pixels pixels ---------------------------------------
-    counts = torch.zeros(n, k + 1, dtype=torch.long, device=dev).scatter_add_(1, cls, torch.ones_like(cls))
-    eligible = counts[:, :k] > min_pixels
-    rank = eligible.cumsum(1) - 1
-    selected = eligible & (rank < s)
-    class_to_slot = torch.where(selected, rank, torch.full_like(rank, -1))
-    class_to_slot = torch.cat([class_to_slot, class_to_slot.new_full((n, 1), -1)], dim=1)  # ignore -> no slot
-    slot_class = torch.full((n, s + 1), -1, dtype=torch.long, device=dev)
-    class_range = torch.arange(k, device=dev).expand(n, k)
-    slot_class.scatter_(1, torch.where(selected, rank, torch.full_like(rank, s)), class_range)
-    slot_class = slot_class[:, :s].contiguous()  # column s collected the non-selected classes
+    selected, class_to_slot, slot_class = _class_slots(cls, k, s, min_pixels)
 
     # --- groups: (slot, hard) = 2*slot, (slot, easy) = 2*slot + 1, everything else = 2*S ----------------------------
     pix_slot = class_to_slot.gather(1, cls)
@@ -247,21 +282,7 @@ def sample_cwcl(
     valid = torch.zeros(n, a + 1, dtype=torch.bool, device=dev).scatter_(1, dest, take)[:, :a]
 
     if fill_empty_slots:
-        # Filler slots (those after the last class slot) take labelled pixels not chosen yet, in score order; when
-        # the pool runs short the order wraps around (repeats), and an image with no pool at all stays invalid.
-        # Unfilled entries point at a dump column p, so they cannot clear a real pixel's flag.
-        chosen_at = torch.where(valid, index, torch.full_like(index, p))
-        chosen = torch.zeros(n, p + 1, dtype=torch.bool, device=dev).scatter_(1, chosen_at, True)[:, :p]
-        pool = (cls < k) & ~chosen
-        n_pool = pool.sum(1, keepdim=True)
-        order = torch.sort(torch.where(pool, scores[1], torch.full_like(scores[1], 2.0)), dim=1, stable=True).indices
-        n_sel = selected.sum(1, keepdim=True)
-        slot_of = torch.arange(a, device=dev).expand(n, a) // v
-        filler = slot_of >= n_sel
-        j = (torch.arange(a, device=dev).expand(n, a) - n_sel * v).clamp(min=0) % n_pool.clamp(min=1)
-        fill_index = order.gather(1, j)
-        index = torch.where(filler, fill_index, index)
-        valid = torch.where(filler, (n_pool > 0).expand(n, a), valid)
+        index, valid = _fill_empty_slots(index, valid, cls, selected, scores[1], k, v)
 
     # The original gives up on the whole level when no image of the batch has an eligible class (its sampler returns
     # nothing and the level adds 0); filler pixels alone would only contrast random pixels with each other.
