@@ -168,3 +168,10 @@ def test_parallel_writer_matches_serial(tmp_path):
     for sub in ("labels", "rain"):
         for p in sorted((a / sub).iterdir()):
             assert p.read_bytes() == (b / sub / p.name).read_bytes()
+
+
+def test_a_scene_without_visible_sky_renders() -> None:
+    # Seed 10015 at 256x512 hides the sky behind the street's objects: every appearance must still render.
+    images, mask = render_scene(10015, 256, 512)
+    assert mask.shape == (256, 512) and all(img.shape == (256, 512, 3) for img in images.values())
+    assert not (mask == 10).any()  # no sky pixel at all

@@ -1127,6 +1127,9 @@ def _depth_map(r: _Raster, width: int) -> np.ndarray:
 
 
 def _sky_image(rows: int, width: int, horizon: float, top: Sequence[float], bottom: Sequence[float]) -> np.ndarray:
+    """``rows x width x 3`` sky gradient from ``top`` to ``bottom`` at the horizon (empty when nothing shows sky)."""
+    if rows <= 0:  # buildings or a tram can hide the sky entirely
+        return np.zeros((0, width, 3), np.float32)
     t = np.clip(np.arange(rows, dtype=np.float32) / max(horizon, 1.0), 0, 1) ** 0.7
     grad = np.asarray(top, np.float32)[None] * (1 - t[:, None]) + np.asarray(bottom, np.float32)[None] * t[:, None]
     return cv2.resize(grad[:, None, :], (width, rows), interpolation=cv2.INTER_NEAREST)
