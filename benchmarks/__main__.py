@@ -73,13 +73,18 @@ def build_parser(prog: str = "python -m blindnet.benchmarks") -> argparse.Argume
     p.add_argument("--checkpoint", help="deployable checkpoint for the matching model (default: random weights)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--max-seconds", type=float, help="time cap per measurement; fewer trials when slow (default 120)")
-    p.add_argument("--out", default="outputs/bench", help="output folder (default: outputs/bench in the current folder)")
+    p.add_argument(
+        "--out", default="outputs/bench", help="output folder (default: outputs/bench in the current folder)"
+    )
     p.add_argument("--name", help="file stem (default: device slug, plus -TAG)")
     p.add_argument("--tag", help="suffix of the file stem (default 'quick' with --quick)")
     p.add_argument("--append", action="store_true", help="merge into existing <name>.json (split long GPU runs)")
     p.add_argument("--workdir", help="keep exported ONNX files here (default: a temporary folder)")
-    p.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"),
-                   help="ONNX exporter for the ONNX Runtime rows (default auto)")
+    p.add_argument(
+        "--onnx-exporter",
+        choices=("auto", "dynamo", "torchscript"),
+        help="ONNX exporter for the ONNX Runtime rows (default auto)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and weights")
     return p
 
@@ -133,7 +138,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benc
         parser.error(str(exc))  # exits with status 2 and the usage line
     require_extra("bench")
     # Lazy CLI dispatch: --help and --list-variants answer before PyTorch is imported.
-    from blindnet.benchmarks.latency import device_slug, environment_info, run_benchmarks
+    from blindnet.benchmarks.environment import device_slug, environment_info
+    from blindnet.benchmarks.latency import run_benchmarks
     from blindnet.benchmarks.report import write_results
 
     print(f"[bench] device {cfg.device}, variants {', '.join(cfg.variants or default_variants(cfg.device))}")

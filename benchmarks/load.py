@@ -331,7 +331,6 @@ def run_load_benchmark(
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(max(max_batch_size, 16))]
     backend_kwargs = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
-    notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, ckpt_source = _resolve_checkpoint(checkpoint, backbone, Path(tmp))
         # 1. Predictor baseline, before any server exists so nothing competes with it. It is measured again after the
@@ -346,109 +345,229 @@ def run_load_benchmark(
         proc = None
         headers = {"X-API-Key": api_key} if api_key else {}
         if url is None:
-            port = _free_port()
-            url = f"http://127.0.0.1:{port}"
-            cmd = [
-                sys.executable,
-                "-m",
-                "blindnet.serve",
-                "--checkpoint",
-                str(ckpt),
-                "--backend",
-                backend,
-                "--port",
-                str(port),
-            ]
-            cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
-            cmd += ["--max-queue-size", str(max(64, 2 * max(concurrencies))), "--log-level", "warning"]
-            for flag, value in (("--device", device), ("--precision", precision), ("--api-key", api_key)):
-                if value is not None:
-                    cmd += [flag, value]
-            env = {
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(
-                    [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
-                ),
-            }
-            proc = subprocess.Popen(cmd, env=env)
+            url, proc = _start_server(
+                ckpt, backend, max_batch_size, max_queue_delay_ms, concurrencies, device, precision, api_key
+            )
         try:
             _wait_ready(url, proc)
-            if protocol == "v2":
-                bodies = [("/v2/models/blindnet/infer", *_v2_body(img)) for img in images]
-            else:
-                bodies = [("/v1/segment", _png(img), {"Content-Type": "image/png"}) for img in images]
+            bodies = _request_bodies(images, protocol)
             # Warm-up: first-call costs (allocator, kernels) must not land in the first level.
-            asyncio.run(
-                _run_level(
-                    url,
-                    bodies,
-                    concurrency=max_batch_size,
-                    requests=3 * max_batch_size,
-                    max_seconds=60,
-                    headers=headers,
-                )
-            )
-            levels = []
-            for c in concurrencies:
-                before = _stats(url, headers)
-                cpu0 = process_cpu_seconds(proc.pid) if proc is not None else None
-                lat, errors, wall, mismatches = asyncio.run(
-                    _run_level(
-                        url,
-                        bodies,
-                        concurrency=c,
-                        requests=requests,
-                        max_seconds=max_seconds,
-                        headers=headers,
-                        expected=expected,
-                    )
-                )
-                after = _stats(url, headers)
-                cpu1 = process_cpu_seconds(proc.pid) if proc is not None else None
-                batches = after["batches"] - before["batches"]
-                imgs = after["images"] - before["images"]
-                ms = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
-                rate = len(lat) / wall if wall > 0 else 0.0
-                levels.append(
-                    LevelResult(
-                        concurrency=c,
-                        requests=len(lat) + errors,
-                        errors=errors,
-                        seconds=round(wall, 3),
-                        images_per_s=round(rate, 2),
-                        p50_ms=round(float(np.percentile(ms, 50)), 2),
-                        p90_ms=round(float(np.percentile(ms, 90)), 2),
-                        p99_ms=round(float(np.percentile(ms, 99)), 2),
-                        # Behind a load balancer (Ray Serve) /v1/stats answers from one replica per call, so the
-                        # difference can mix replicas: only a positive count of both is reported.
-                        mean_batch_size=round(imgs / batches, 2) if batches > 0 and imgs > 0 else None,
-                        fraction_of_predictor=None,  # filled in once the baseline is final
-                        server_cpu_ms_per_image=(
-                            round((cpu1 - cpu0) * 1000 / imgs, 2)
-                            if cpu0 is not None and cpu1 is not None and imgs
-                            else None
-                        ),
-                        mismatches=mismatches if verify else None,
-                    )
-                )
-                print(
-                    f"concurrency {c:4d}: {rate:8.2f} img/s  p50 {levels[-1].p50_ms:8.1f} ms  "
-                    f"p99 {levels[-1].p99_ms:8.1f} ms  mean batch {levels[-1].mean_batch_size}  errors {errors}"
-                    + (f"  mismatches {mismatches}" if verify else ""),
-                    flush=True,
-                )
+            _warm_up(url, bodies, max_batch_size, headers)
+            levels = [
+                _measure_level(url, bodies, c, requests, max_seconds, headers, expected, proc) for c in concurrencies
+            ]
             base_after, cpu_after = predictor_throughput(
                 predictor, images[:max_batch_size], min_seconds=baseline_seconds
             )
         finally:
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-    base = max(base_before, base_after)
-    cpu_ms = 1000 * min(cpu_before, cpu_after)
+            _stop_server(proc)
+    notes = _host_notes(backend_desc)
+    setup = _setup_facts(
+        ckpt_source, backend_desc, image_size, max_batch_size, max_queue_delay_ms, protocol, requests, max_seconds
+    )
+    report = _build_report(setup, (base_before, base_after), (cpu_before, cpu_after), levels, notes)
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report
+
+
+def _host_notes(backend_desc: dict[str, Any]) -> list[str]:
+    """Caveats about this host that a reader of the numbers needs."""
+    notes: list[str] = []
+    if (os.cpu_count() or 1) <= 4 and backend_desc.get("device", "cpu") == "cpu":
+        notes.append(
+            f"{os.cpu_count()} CPU cores: the load generator and the server's HTTP handling compete with the CPU "
+            "backend for the same cores, so the fraction understates a GPU host"
+        )
+    return notes
+
+
+def _warm_up(url: str, bodies: list[tuple[Any, ...]], max_batch_size: int, headers: dict[str, str]) -> None:
+    """A few full batches of requests, untimed."""
+    asyncio.run(
+        _run_level(
+            url,
+            bodies,
+            concurrency=max_batch_size,
+            requests=3 * max_batch_size,
+            max_seconds=60,
+            headers=headers,
+        )
+    )
+
+
+def _setup_facts(
+    ckpt_source: str,
+    backend_desc: dict[str, Any],
+    image_size: tuple[int, int],
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    protocol: str,
+    requests: int,
+    max_seconds: float,
+) -> dict[str, Any]:
+    """What was measured where: the report's ``setup``."""
+    h, w = image_size
+    return {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "checkpoint": ckpt_source,
+        "backend": backend_desc,
+        "image_size": [h, w],
+        "max_batch_size": max_batch_size,
+        "max_queue_delay_ms": max_queue_delay_ms,
+        "protocol": protocol,
+        "requests_per_level": requests,
+        "max_seconds_per_level": max_seconds,
+    }
+
+
+def _build_report(
+    setup: dict[str, Any],
+    base_before_after: tuple[float, float],
+    cpu_before_after: tuple[float, float],
+    levels: list[LevelResult],
+    notes: list[str],
+) -> LoadReport:
+    """The run's report from the Predictor's two baselines (the best of them counts) and every level."""
+    base = max(base_before_after)
+    cpu_ms = 1000 * min(cpu_before_after)
+    _compare_with_predictor(levels, base, cpu_ms)
+    return LoadReport(
+        setup=setup,
+        predictor_images_per_s=round(base, 2),
+        predictor_images_per_s_before_after=[round(base_before_after[0], 2), round(base_before_after[1], 2)],
+        predictor_cpu_ms_per_image=round(cpu_ms, 2),
+        levels=levels,
+        best_fraction=max((lv.fraction_of_predictor or 0.0) for lv in levels) if levels else None,
+        notes=notes,
+    )
+
+
+def _start_server(
+    ckpt: Path,
+    backend: str,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    concurrencies: Sequence[int],
+    device: str | None,
+    precision: str | None,
+    api_key: str | None,
+) -> tuple[str, subprocess.Popen]:
+    """Start ``python -m blindnet.serve`` on a free local port; returns its URL and process."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = _server_command(
+        ckpt, backend, port, max_batch_size, max_queue_delay_ms, concurrencies, device, precision, api_key
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(cmd, env=env)
+    return url, proc
+
+
+def _server_command(
+    ckpt: Path,
+    backend: str,
+    port: int,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    concurrencies: Sequence[int],
+    device: str | None,
+    precision: str | None,
+    api_key: str | None,
+) -> list[str]:
+    """The ``python -m blindnet.serve`` command line of the server under load."""
+    cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(ckpt), "--backend", backend, "--port", str(port)]
+    cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-ms", str(max_queue_delay_ms)]
+    cmd += ["--max-queue-size", str(max(64, 2 * max(concurrencies))), "--log-level", "warning"]
+    for flag, value in (("--device", device), ("--precision", precision), ("--api-key", api_key)):
+        if value is not None:
+            cmd += [flag, value]
+    return cmd
+
+
+def _request_bodies(images: list[np.ndarray], protocol: str) -> list[tuple[Any, ...]]:
+    """``(path, body, headers)`` of one request per image in the chosen protocol."""
+    if protocol == "v2":
+        return [("/v2/models/blindnet/infer", *_v2_body(img)) for img in images]
+    return [("/v1/segment", _png(img), {"Content-Type": "image/png"}) for img in images]
+
+
+def _measure_level(
+    url: str,
+    bodies: list[tuple[Any, ...]],
+    concurrency: int,
+    requests: int,
+    max_seconds: float,
+    headers: dict[str, str],
+    expected: list[np.ndarray] | None,
+    proc: subprocess.Popen | None,
+) -> LevelResult:
+    """One closed-loop level: latencies, the server's batching (from /v1/stats) and, for our own server, its CPU."""
+    verify = expected is not None
+    before = _stats(url, headers)
+    cpu0 = process_cpu_seconds(proc.pid) if proc is not None else None
+    lat, errors, wall, mismatches = asyncio.run(
+        _run_level(
+            url,
+            bodies,
+            concurrency=concurrency,
+            requests=requests,
+            max_seconds=max_seconds,
+            headers=headers,
+            expected=expected,
+        )
+    )
+    after = _stats(url, headers)
+    cpu1 = process_cpu_seconds(proc.pid) if proc is not None else None
+    batches = after["batches"] - before["batches"]
+    imgs = after["images"] - before["images"]
+    ms = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
+    rate = len(lat) / wall if wall > 0 else 0.0
+    level = LevelResult(
+        concurrency=concurrency,
+        requests=len(lat) + errors,
+        errors=errors,
+        seconds=round(wall, 3),
+        images_per_s=round(rate, 2),
+        p50_ms=round(float(np.percentile(ms, 50)), 2),
+        p90_ms=round(float(np.percentile(ms, 90)), 2),
+        p99_ms=round(float(np.percentile(ms, 99)), 2),
+        # Behind a load balancer (Ray Serve) /v1/stats answers from one replica per call, so the
+        # difference can mix replicas: only a positive count of both is reported.
+        mean_batch_size=round(imgs / batches, 2) if batches > 0 and imgs > 0 else None,
+        fraction_of_predictor=None,  # filled in once the baseline is final
+        server_cpu_ms_per_image=(
+            round((cpu1 - cpu0) * 1000 / imgs, 2) if cpu0 is not None and cpu1 is not None and imgs else None
+        ),
+        mismatches=mismatches if verify else None,
+    )
+    print(
+        f"concurrency {concurrency:4d}: {rate:8.2f} img/s  p50 {level.p50_ms:8.1f} ms  "
+        f"p99 {level.p99_ms:8.1f} ms  mean batch {level.mean_batch_size}  errors {errors}"
+        + (f"  mismatches {mismatches}" if verify else ""),
+        flush=True,
+    )
+    return level
+
+
+def _stop_server(proc: subprocess.Popen | None) -> None:
+    """Terminate the server we started (None: a server we did not start), killing it if it does not exit in a minute."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _compare_with_predictor(levels: list[LevelResult], base: float, cpu_ms: float) -> None:
+    """Fill each level's fraction of the Predictor's throughput and its CPU efficiency, and print them."""
     for lv in levels:
         lv.fraction_of_predictor = round(lv.images_per_s / base, 3)
         if lv.server_cpu_ms_per_image:
@@ -458,35 +577,6 @@ def run_load_benchmark(
             f"CPU per image {lv.server_cpu_ms_per_image} ms vs the Predictor's {cpu_ms:.1f} ms "
             f"(efficiency {lv.cpu_efficiency})"
         )
-    if (os.cpu_count() or 1) <= 4 and backend_desc.get("device", "cpu") == "cpu":
-        notes.append(
-            f"{os.cpu_count()} CPU cores: the load generator and the server's HTTP handling compete with the CPU "
-            "backend for the same cores, so the fraction understates a GPU host"
-        )
-    report = LoadReport(
-        setup={
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "cpu_count": os.cpu_count(),
-            "checkpoint": ckpt_source,
-            "backend": backend_desc,
-            "image_size": [h, w],
-            "max_batch_size": max_batch_size,
-            "max_queue_delay_ms": max_queue_delay_ms,
-            "protocol": protocol,
-            "requests_per_level": requests,
-            "max_seconds_per_level": max_seconds,
-        },
-        predictor_images_per_s=round(base, 2),
-        predictor_images_per_s_before_after=[round(base_before, 2), round(base_after, 2)],
-        predictor_cpu_ms_per_image=round(cpu_ms, 2),
-        levels=levels,
-        best_fraction=max((lv.fraction_of_predictor or 0.0) for lv in levels) if levels else None,
-        notes=notes,
-    )
-    if out_dir is not None:
-        write_report(report, out_dir)
-    return report
 
 
 def write_report(report: LoadReport, out_dir: str | Path) -> tuple[Path, Path]:

@@ -152,7 +152,18 @@ def markdown_report(
     commands: Sequence[str] = (),
 ) -> str:
     """The human-readable report of a run (see the module docstring for its sections)."""
-    env = environment
+    lines = _environment_section(environment, commands)
+    lines += _cost_section(rows)
+    lines += _end_to_end_section(rows)
+    lines += _throughput_section(rows)
+    lines += _profile_section(rows, profiles)
+    lines += _not_measured_section(rows)
+    lines += _method_section()
+    return "\n".join(lines)
+
+
+def _environment_section(env: dict[str, Any], commands: Sequence[str]) -> list[str]:
+    """Title, the device and library facts, and the commands that produced the rows."""
     lines = [f"# Benchmarks: {env.get('device_name', '?')}", ""]
     facts = [
         ("device", f"{env.get('device_type', '')} / {env.get('device_name', '')}"),
@@ -174,13 +185,33 @@ def markdown_report(
     for cmd in commands:
         lines.append(f"- command: `{cmd}`")
     lines.append("")
+    return lines
 
+
+_COST_HEADER = [
+    "model",
+    "variant",
+    "backend",
+    "precision",
+    "params (deploy)",
+    "params (paper-comp.)",
+    "GMACs",
+    "GFLOPs",
+    "mean",
+    "median",
+    "p90",
+    "p99",
+    "trials",
+    "TFLOP/s",
+]
+
+
+def _cost_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The batch-1 network table in the layout of the paper's Table 3, with the paper's own row last."""
     measured = [r for r in rows if r.get("status") == "ok"]
     sizes = sorted({(int(r["height"]), int(r["width"])) for r in measured})
     size_txt = ", ".join(f"{w}x{h}" for h, w in sizes) or "–"
-
-    # ---- cost table --------------------------------------------------------------------------------------------
-    lines += [
+    lines = [
         f"## Cost table (layout of the paper's Table 3): batch 1, {size_txt}",
         "",
         "Network only (normalised float input -> logits). Times in ms over the trials shown after warm-up; "
@@ -188,153 +219,160 @@ def markdown_report(
         "used where `blindnet.cost` is available.",
         "",
     ]
-    header = [
-        "model",
-        "variant",
-        "backend",
-        "precision",
-        "params (deploy)",
-        "params (paper-comp.)",
-        "GMACs",
-        "GFLOPs",
-        "mean",
-        "median",
-        "p90",
-        "p99",
-        "trials",
-        "TFLOP/s",
+    body = [_cost_cells(r) for r in _ok(rows, scope="network", batch=1)]
+    paper = [r for r in rows if r.get("status") == "reported"]
+    body += [_paper_cost_cells(r) for r in paper]
+    lines += _table(_COST_HEADER, body) + [""]
+    for r in paper:
+        lines += [f"Paper row: {r.get('note', '')}", ""]
+    return lines
+
+
+def _cost_cells(r: dict[str, Any]) -> list[Any]:
+    """One measured row of the cost table."""
+    return [
+        r["model"],
+        r["variant"],
+        r["backend"],
+        r["precision"] + (" CL" if r.get("memory_format") == "channels_last" else ""),
+        _millions(r.get("params_deployable")),
+        _millions(r.get("params_paper")),
+        _fmt(r.get("macs_g"), 1),
+        _fmt(r.get("flops_g"), 1),
+        _fmt(r["mean_ms"]),
+        _fmt(r["median_ms"]),
+        _fmt(r["p90_ms"]),
+        _fmt(r["p99_ms"]),
+        r.get("trials", ""),
+        _sig(r.get("achieved_tflops")),
+    ]
+
+
+def _paper_cost_cells(r: dict[str, Any]) -> list[Any]:
+    """The paper's published row of the cost table (what it reports, dashes for what it does not)."""
+    return [
+        "BlindNet R50 (paper, V100)",
+        "as published",
+        "?",
+        "unstated",
+        "–",
+        _millions(r.get("params_paper")),
+        _fmt(r.get("macs_g"), 2) + " ('GFLOPs')",
+        "–",
+        _fmt(r.get("mean_ms")),
+        "–",
+        "–",
+        "–",
+        r.get("trials", ""),
+        f"would need {_fmt(r.get('achieved_tflops'), 1)}",
+    ]
+
+
+def _end_to_end_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """End-to-end (Predictor) medians beside the same variant's network-only median; empty without such rows."""
+    e2e = _ok(rows, scope="end-to-end")
+    if not e2e:
+        return []
+    lines = [
+        "## End-to-end (Predictor: uint8 images in, label maps on the host out) vs network only, batch 1",
+        "",
     ]
     body = []
-    for r in _ok(rows, scope="network", batch=1):
+    for r in e2e:
+        net = _ok(rows, scope="network", model=r["model"], variant=r["variant"], batch=1)
+        net_ms = float(net[0]["median_ms"]) if net else None
+        overhead = "–" if net_ms is None else f"{float(r['median_ms']) - net_ms:+.2f}"
         body.append(
             [
                 r["model"],
                 r["variant"],
-                r["backend"],
-                r["precision"] + (" CL" if r.get("memory_format") == "channels_last" else ""),
-                _millions(r.get("params_deployable")),
-                _millions(r.get("params_paper")),
-                _fmt(r.get("macs_g"), 1),
-                _fmt(r.get("flops_g"), 1),
-                _fmt(r["mean_ms"]),
+                _fmt(net_ms),
                 _fmt(r["median_ms"]),
-                _fmt(r["p90_ms"]),
+                overhead,
                 _fmt(r["p99_ms"]),
-                r.get("trials", ""),
                 _sig(r.get("achieved_tflops")),
+                r.get("note", ""),
             ]
         )
-    paper = [r for r in rows if r.get("status") == "reported"]
-    for r in paper:
-        body.append(
-            [
-                "BlindNet R50 (paper, V100)",
-                "as published",
-                "?",
-                "unstated",
-                "–",
-                _millions(r.get("params_paper")),
-                _fmt(r.get("macs_g"), 2) + " ('GFLOPs')",
-                "–",
-                _fmt(r.get("mean_ms")),
-                "–",
-                "–",
-                "–",
-                r.get("trials", ""),
-                f"would need {_fmt(r.get('achieved_tflops'), 1)}",
-            ]
-        )
-    lines += _table(header, body) + [""]
-    for r in paper:
-        lines += [f"Paper row: {r.get('note', '')}", ""]
+    header = ["model", "variant", "network median", "end-to-end median", "difference", "end-to-end p99"]
+    lines += _table(header + ["end-to-end TFLOP/s", "path"], body)
+    lines.append("")
+    return lines
 
-    # ---- end-to-end ----------------------------------------------------------------------------------------------
-    e2e = _ok(rows, scope="end-to-end")
-    if e2e:
-        lines += [
-            "## End-to-end (Predictor: uint8 images in, label maps on the host out) vs network only, batch 1",
-            "",
-        ]
-        body = []
-        for r in e2e:
-            net = _ok(rows, scope="network", model=r["model"], variant=r["variant"], batch=1)
-            net_ms = float(net[0]["median_ms"]) if net else None
-            overhead = "–" if net_ms is None else f"{float(r['median_ms']) - net_ms:+.2f}"
-            body.append(
-                [
-                    r["model"],
-                    r["variant"],
-                    _fmt(net_ms),
-                    _fmt(r["median_ms"]),
-                    overhead,
-                    _fmt(r["p99_ms"]),
-                    _sig(r.get("achieved_tflops")),
-                    r.get("note", ""),
-                ]
-            )
-        header = ["model", "variant", "network median", "end-to-end median", "difference", "end-to-end p99"]
-        lines += _table(header + ["end-to-end TFLOP/s", "path"], body)
-        lines.append("")
 
-    # ---- throughput ---------------------------------------------------------------------------------------------
+def _throughput_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Images/s by batch size of the headline model; empty when only one batch size was measured."""
     net_rows = _ok(rows, scope="network")
     batches = sorted({int(r["batch"]) for r in net_rows})
-    if len(batches) > 1:
-        headline = str(net_rows[0]["model"])
-        lines += [f"## Throughput: {headline}, images/s (achieved TFLOP/s) by batch size", ""]
-        body = []
-        for variant in dict.fromkeys(r["variant"] for r in net_rows if r["model"] == headline):
-            cells = [variant]
-            for b in batches:
-                hit = _ok(rows, scope="network", model=headline, variant=variant, batch=b)
-                cells.append(f"{float(hit[0]['images_per_s']):.1f} ({_sig(hit[0]['achieved_tflops'])})" if hit else "–")
-            body.append(cells)
-        lines += _table(["variant"] + [f"batch {b}" for b in batches], body) + [""]
+    if len(batches) <= 1:
+        return []
+    headline = str(net_rows[0]["model"])
+    lines = [f"## Throughput: {headline}, images/s (achieved TFLOP/s) by batch size", ""]
+    body = []
+    for variant in dict.fromkeys(r["variant"] for r in net_rows if r["model"] == headline):
+        cells = [variant]
+        for b in batches:
+            hit = _ok(rows, scope="network", model=headline, variant=variant, batch=b)
+            cells.append(f"{float(hit[0]['images_per_s']):.1f} ({_sig(hit[0]['achieved_tflops'])})" if hit else "–")
+        body.append(cells)
+    lines += _table(["variant"] + [f"batch {b}" for b in batches], body) + [""]
+    return lines
 
-    # ---- profile of the best path -------------------------------------------------------------------------------
+
+def _profile_section(rows: Sequence[dict[str, Any]], profiles: dict[str, dict[str, Any]] | None) -> list[str]:
+    """Where the time of the best profiled batch-1 path goes, by layer type and by op; empty without a profile."""
     best = best_row(rows)
     if best is not None and profiles and best["variant"] not in profiles:
         # e.g. a TensorRT row wins but has no profile: show the fastest path that has one.
         profiled = [r for r in _ok(rows, scope="network", batch=1, model=best["model"]) if r["variant"] in profiles]
         best = min(profiled, key=lambda r: float(r["median_ms"])) if profiled else None
-    if best is not None and profiles and best["variant"] in profiles:
-        prof = profiles[best["variant"]]
-        lines += [
-            f"## Where the time goes: {best['model']} / {best['variant']} (best batch-1 path, median "
-            f"{_fmt(best['median_ms'])} ms)",
-            "",
-            f"Profiler clock: {prof.get('clock', '')}; {prof.get('iterations', '?')} calls, grouped by layer type "
-            f"(profiled total {_fmt(prof.get('total_ms'))} ms per call; profiling adds overhead).",
-            "",
-        ]
-        lines += _table(
-            ["layer type", "ms per call", "share"],
-            [[e["type"], _fmt(e["ms"], 3), f"{100 * e['share']:.1f}%"] for e in prof.get("by_type", [])],
-        )
-        lines += ["", "Top ops / kernels:", ""]
-        lines += _table(
-            ["op or kernel", "type", "calls per call", "ms per call", "share"],
-            [
-                [f"`{e['name']}`", e["type"], e["calls"], _fmt(e["ms"], 3), f"{100 * e['share']:.1f}%"]
-                for e in prof.get("top_ops", [])
-            ],
-        )
-        lines.append("")
+    if best is None or not profiles or best["variant"] not in profiles:
+        return []
+    prof = profiles[best["variant"]]
+    lines = [
+        f"## Where the time goes: {best['model']} / {best['variant']} (best batch-1 path, median "
+        f"{_fmt(best['median_ms'])} ms)",
+        "",
+        f"Profiler clock: {prof.get('clock', '')}; {prof.get('iterations', '?')} calls, grouped by layer type "
+        f"(profiled total {_fmt(prof.get('total_ms'))} ms per call; profiling adds overhead).",
+        "",
+    ]
+    lines += _table(
+        ["layer type", "ms per call", "share"],
+        [[e["type"], _fmt(e["ms"], 3), f"{100 * e['share']:.1f}%"] for e in prof.get("by_type", [])],
+    )
+    lines += ["", "Top ops / kernels:", ""]
+    lines += _table(
+        ["op or kernel", "type", "calls per call", "ms per call", "share"],
+        [
+            [f"`{e['name']}`", e["type"], e["calls"], _fmt(e["ms"], 3), f"{100 * e['share']:.1f}%"]
+            for e in prof.get("top_ops", [])
+        ],
+    )
+    lines.append("")
+    return lines
 
-    # ---- not measured --------------------------------------------------------------------------------------------
+
+def _not_measured_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Skipped and failed variants with their reason, each (model, variant, reason) once; empty when none."""
     missing = [r for r in rows if r.get("status") in ("skipped", "error")]
-    if missing:
-        lines += ["## Not measured", ""]
-        seen: set[tuple[str, str, str]] = set()
-        for r in missing:
-            key = (str(r["model"]), str(r["variant"]), str(r["note"]))
-            if key in seen:
-                continue
-            seen.add(key)
-            lines.append(f"- {r['model']} / {r['variant']} ({r['scope']}): {r['status']}: {str(r['note'])[:300]}")
-        lines.append("")
+    if not missing:
+        return []
+    lines = ["## Not measured", ""]
+    seen: set[tuple[str, str, str]] = set()
+    for r in missing:
+        key = (str(r["model"]), str(r["variant"]), str(r["note"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"- {r['model']} / {r['variant']} ({r['scope']}): {r['status']}: {str(r['note'])[:300]}")
+    lines.append("")
+    return lines
 
-    lines += [
+
+def _method_section() -> list[str]:
+    """How the numbers were taken, in five lines."""
+    return [
         "## Method",
         "",
         "- Inputs: a pool of pre-generated random tensors on the device (never zeros), a different one each trial.",
@@ -348,7 +386,6 @@ def markdown_report(
         "- Random weights unless a checkpoint is named (timing does not depend on weight values).",
         "",
     ]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------

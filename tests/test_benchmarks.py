@@ -27,18 +27,12 @@ from blindnet.benchmarks.config import (
     VARIANTS,
     BenchConfig,
 )
-from blindnet.benchmarks.latency import (
-    _meta_flops,
-    device_slug,
-    environment_info,
-    input_pool,
-    model_cost,
-    model_specs,
-    op_type,
-    run_benchmarks,
-    time_calls,
-)
+from blindnet.benchmarks.environment import device_slug, environment_info
+from blindnet.benchmarks.latency import run_benchmarks
+from blindnet.benchmarks.models import _meta_flops, model_cost, model_specs
+from blindnet.benchmarks.profiling import op_type
 from blindnet.benchmarks.report import merge_rows, write_results
+from blindnet.benchmarks.timing import input_pool, time_calls
 from blindnet.models import ModelConfig, build_model, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,7 +132,10 @@ def test_write_results_and_append(tiny_run, tmp_path):
     # Appending the same measurements replaces rows instead of duplicating them; new keys are added.
     write_results(result, tmp_path, "run", command="again", append=True)
     data = json.loads(paths["json"].read_text())
-    assert len(data["rows"]) == len(result.rows) and data["command"] == ["python -m blindnet.benchmarks --test", "again"]
+    assert len(data["rows"]) == len(result.rows) and data["command"] == [
+        "python -m blindnet.benchmarks --test",
+        "again",
+    ]
     extra = dict(result.rows[0], batch=99)
     assert len(merge_rows(result.rows, [extra])) == len(result.rows) + 1
 
