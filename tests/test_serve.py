@@ -454,7 +454,8 @@ def test_png_helper_roundtrip_matches_cv2() -> None:
 
 def test_serving_code_never_imports_training_modules() -> None:
     code = (
-        "import sys, serve, serve.app, serve.batcher, serve.ray_serve, serve.__main__, benchmarks.load\n"
+        "import sys, blindnet.serve, blindnet.serve.app, blindnet.serve.batcher, blindnet.serve.ray_serve, "
+        "blindnet.serve.__main__, blindnet.benchmarks.load\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses')))\n"
         "assert not bad, bad\n"
     )
