@@ -12,6 +12,7 @@ import torch
 
 from blindnet.backends.onnxruntime_backend import ort_session
 from blindnet.benchmarks.timing import Runner
+from blindnet.io import quiet_native_stderr
 
 #: Op/kernel name patterns -> layer type, checked in order (first match wins).
 OP_TYPES: tuple[tuple[str, str], ...] = (
@@ -49,7 +50,8 @@ def profile_runner(runner: Runner, device: str, iterations: int = 5) -> dict[str
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     n = len(runner.inputs)
-    with profile(activities=activities) as prof:
+    # The profiler's native start/stop lines (and a CUDA probe error on CPU-only machines) are noise to the reader.
+    with quiet_native_stderr(), profile(activities=activities) as prof:
         for i in range(iterations):
             runner.fn(runner.inputs[i % n])
         if device == "cuda":

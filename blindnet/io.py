@@ -81,10 +81,10 @@ def quiet_opencv() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_native_stderr() -> Iterator[None]:
-    # FFmpeg logs failed encoder probes (e.g. hardware H.264), and OpenCV's FFmpeg backend warns about the VP8 tag
-    # in WebM on every writer it opens, straight to file descriptor 2, past Python's and OpenCV's log levels. Held
-    # only while a writer opens (milliseconds), never around inference or request handling.
+def quiet_native_stderr() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: for native libraries that print harmless lines straight to
+    it, past Python's and their own log levels (FFmpeg's failed encoder probes, OpenCV's VP8-tag warning, the PyTorch
+    profiler's start/stop lines). Hold it briefly, never around inference or request handling."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -99,7 +99,7 @@ def _quiet_native_stderr() -> Iterator[None]:
 @functools.cache
 def available_codec() -> tuple[str, str, str]:
     """The first entry of :data:`VIDEO_CODECS` this OpenCV build can actually write (probed once, on 2 frames)."""
-    with quiet_opencv(), _quiet_native_stderr():  # a failed probe is expected, not an error
+    with quiet_opencv(), quiet_native_stderr():  # a failed probe is expected, not an error
         with tempfile.TemporaryDirectory(prefix="blindnet-codec-") as tmp:
             for fourcc, suffix, desc in VIDEO_CODECS:
                 probe = Path(tmp) / f"probe{suffix}"
@@ -116,7 +116,7 @@ def available_codec() -> tuple[str, str, str]:
 
 def open_cv2_writer(path: str | Path, fourcc: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
     """``cv2.VideoWriter`` for ``size = (W, H)`` frames, opened without OpenCV's and FFmpeg's harmless warnings."""
-    with quiet_opencv(), _quiet_native_stderr():
+    with quiet_opencv(), quiet_native_stderr():
         return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
 
 
