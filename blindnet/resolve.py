@@ -117,6 +117,8 @@ def cached_onnx_for_checkpoint(
         return target
     model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
     if not target.exists():
+        log.warning("exporting %s to ONNX once and checking it against PyTorch (cached in %s)", checkpoint.name,
+                    target.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
         atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
@@ -141,6 +143,7 @@ def cached_int8_for_checkpoint(
     target = float_onnx.with_name(float_onnx.name.replace("-fp32-", "-int8qdq-"))
     if target.exists() and target.with_name(target.name + ".check.json").exists():
         return target
+    log.warning("quantising %s to INT8 once, calibrated and checked on generated scenes", float_onnx.name)
     quantize_int8(float_onnx, target, calibration=CALIBRATION_SCENES, size=SCENE_SIZE)
     report = check_int8(target, float_onnx, scenes=HELD_OUT_SCENES, size=SCENE_SIZE)
     if not report["passed"]:
