@@ -66,7 +66,8 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
     p.add_argument(
         "--drain-timeout-s", type=float, default=30.0, help="longest SIGTERM shutdown takes (in-flight, then queue)"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log verbosity (default info)")
     p.add_argument(
         "--ray",
         action="store_true",

@@ -112,3 +112,25 @@ def test_cli_segments_tiny_images(tmp_path: Path, tiny_checkpoint: Path, size: t
     labels = np.array(Image.open(tmp_path / "o" / "tiny_labels.png"))
     expected = Predictor(TorchBackend(load_model(tiny_checkpoint))).predict_one(image).labels
     np.testing.assert_array_equal(labels, expected)
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("job", ["segment", "convert", "info", "train", "evaluate", "export", "serve", "demo", "bench"])
+def test_every_option_of_every_job_has_help_text(job: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    seen: list[argparse.ArgumentParser] = []
+
+    def capture(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        seen.append(self)
+        raise _Captured
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Captured):
+        main([job])
+    missing = [a.dest for a in seen[0]._actions if a.dest != "help" and not (a.help or "").strip()]
+    assert not missing, f"blindnet {job}: options without help: {missing}"
+    assert "shared/reference" not in seen[0].format_help() and "issue " not in seen[0].format_help()
