@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from blindnet.export.__main__ import main as export_main
 from blindnet.export.cost import aux_head_params, compare_with_baseline, cost_report, parameter_counts, render_markdown
 from blindnet.models import ModelConfig
 
@@ -97,3 +98,9 @@ def test_blindnet_and_baseline_graphs_shufflenet() -> None:
     cmp = compare_with_baseline(ModelConfig(backbone="shufflenetv2"), exporter="auto")
     _check_comparison(cmp, 3)
     assert any("never executed" in r["explanation"] for r in cmp["parameters"]["breakdown"])
+
+
+def test_cost_report_alone_exports_nothing(tiny_checkpoint, tmp_path) -> None:
+    assert export_main(["--checkpoint", str(tiny_checkpoint), "--cost-report", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cost.json").is_file() and (tmp_path / "cost.md").is_file()
+    assert not list(tmp_path.glob("*.onnx"))  # the report is counted on the model, no ONNX export first
