@@ -85,14 +85,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") 
     require_extra("serve")
     # Lazy CLI dispatch: --help answers before PyTorch and FastAPI are imported.
     from blindnet.backends.select import make_backend
-    from blindnet.serve.app import (
-        DrainingServer,
-        InsecureBindError,
-        ServeConfig,
-        check_bind,
-        create_app,
-        uvicorn_config,
-    )
+    from blindnet.serve.app import DrainingServer, InsecureBindError, check_bind, create_app, uvicorn_config
+    from blindnet.serve.config import ServeConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

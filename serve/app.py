@@ -46,28 +46,12 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from blindnet.backends.base import Backend
 from blindnet.inference import Predictor
 from blindnet.serve.batcher import DynamicBatcher
-from blindnet.serve.config import DECODE_BYTES_PER_PIXEL, ServeConfig
-from blindnet.serve.errors import CLIENT_CLOSED_REQUEST, HTTPError, install_error_handlers
-from blindnet.serve.metrics import MetricsAndAuthMiddleware, ServerMetrics
+from blindnet.serve.config import ServeConfig
+from blindnet.serve.errors import install_error_handlers
+from blindnet.serve.metrics import MetricsAndAuthMiddleware
 from blindnet.serve.parsing import (
-    ACCEPTED_FORMATS,
-    INPUT_NAME,
-    MAX_JSON_DEPTH,
-    OUTPUT_LABELS,
-    OUTPUT_LOGITS,
-    SEGMENT_FORMATS,
     PixelBudget,
-    decode_upload,
-    json_depth,
-    parse_infer_request,
-    parse_json,
-    parse_repository_index,
-    probe_upload,
-    read_body,
-    upload_bytes,
-    validation_message,
 )
-from blindnet.serve.responses import build_infer_response, encode_png, segment_response
 from blindnet.serve.routes import (
     ServeContext,
     add_observability_routes,
@@ -75,43 +59,6 @@ from blindnet.serve.routes import (
     add_v2_health_routes,
     add_v2_inference_routes,
 )
-
-# The server's public names stay importable from here, wherever they are defined.
-__all__ = [
-    "ACCEPTED_FORMATS",
-    "CLIENT_CLOSED_REQUEST",
-    "DECODE_BYTES_PER_PIXEL",
-    "INPUT_NAME",
-    "MAX_JSON_DEPTH",
-    "OUTPUT_LABELS",
-    "OUTPUT_LOGITS",
-    "SEGMENT_FORMATS",
-    "BackgroundServer",
-    "DrainingServer",
-    "HTTPError",
-    "InsecureBindError",
-    "JsonErrorHTTPProtocol",
-    "PixelBudget",
-    "ServeConfig",
-    "ServerMetrics",
-    "build_infer_response",
-    "check_bind",
-    "create_app",
-    "decode_upload",
-    "encode_png",
-    "is_loopback",
-    "json_depth",
-    "make_predictor",
-    "parse_infer_request",
-    "parse_json",
-    "parse_repository_index",
-    "probe_upload",
-    "read_body",
-    "segment_response",
-    "upload_bytes",
-    "uvicorn_config",
-    "validation_message",
-]
 
 log = logging.getLogger("blindnet.serve")
 

@@ -27,7 +27,8 @@ from fastapi import FastAPI
 from ray import serve
 
 from blindnet.backends.select import make_backend
-from blindnet.serve.app import InsecureBindError, ServeConfig, check_bind, create_app
+from blindnet.serve.app import InsecureBindError, check_bind, create_app
+from blindnet.serve.config import ServeConfig
 from blindnet.serve.ray_serve import RayServeConfig
 
 log = logging.getLogger("blindnet.serve.ray")

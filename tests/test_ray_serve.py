@@ -30,7 +30,8 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
-from blindnet.serve.app import BackgroundServer, ServeConfig, create_app
+from blindnet.serve.app import BackgroundServer, create_app
+from blindnet.serve.config import ServeConfig
 from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args
 from tests.test_serve import BAD_INPUTS, MAX_BYTES, MAX_PIXELS
 

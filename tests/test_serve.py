@@ -30,7 +30,8 @@ from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.__main__ import main as serve_main
-from blindnet.serve.app import BackgroundServer, InsecureBindError, ServeConfig, check_bind, create_app
+from blindnet.serve.app import BackgroundServer, InsecureBindError, check_bind, create_app
+from blindnet.serve.config import ServeConfig
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -446,7 +447,7 @@ def test_sigterm_finishes_queued_requests_before_exit(checkpoint, reference) -> 
 def test_png_helper_roundtrip_matches_cv2() -> None:
     # The server writes PNGs with OpenCV; make sure RGB order survives (PIL reads them here).
     image = _image(12)
-    from blindnet.serve.app import encode_png
+    from blindnet.serve.responses import encode_png
 
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), image)
     assert cv2.imdecode(np.frombuffer(encode_png(image[:, :, 0]), np.uint8), cv2.IMREAD_UNCHANGED).shape == (H, W)

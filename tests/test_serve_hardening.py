@@ -36,17 +36,10 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
-from blindnet.serve.app import (
-    DECODE_BYTES_PER_PIXEL,
-    BackgroundServer,
-    HTTPError,
-    PixelBudget,
-    ServeConfig,
-    create_app,
-    decode_upload,
-    parse_infer_request,
-    upload_bytes,
-)
+from blindnet.serve.app import BackgroundServer, create_app
+from blindnet.serve.config import DECODE_BYTES_PER_PIXEL, ServeConfig
+from blindnet.serve.errors import HTTPError
+from blindnet.serve.parsing import PixelBudget, decode_upload, parse_infer_request, upload_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 200 * 200
