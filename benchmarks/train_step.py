@@ -176,8 +176,14 @@ def _cpu_setup(backbone: str, config_name: str, best: bool, pairs: int, size: tu
 
 
 def compare_cpu_step(
-    backbone: str, *, steps: int = 5, warmup: int = 1, pairs: int = 2, size: tuple[int, int] = (256, 512),
-    config_name: str = "blindnet", seed: int = 0,
+    backbone: str,
+    *,
+    steps: int = 5,
+    warmup: int = 1,
+    pairs: int = 2,
+    size: tuple[int, int] = (256, 512),
+    config_name: str = "blindnet",
+    seed: int = 0,
 ) -> dict[str, Any]:
     """The package's eager CPU step (float32, contiguous) vs its best (channels_last, plus bfloat16 autocast where the
     CPU has native bfloat16), same weights and batch, steps interleaved in one process so that a shared machine's
@@ -198,13 +204,19 @@ def compare_cpu_step(
                 losses[name].append(round(loss, 5))
     med = {name: statistics.median(t) for name, t in times.items()}
     return {
-        "backbone": backbone, "config": config_name, "pairs": pairs, "size": list(size), "steps": steps,
+        "backbone": backbone,
+        "config": config_name,
+        "pairs": pairs,
+        "size": list(size),
+        "steps": steps,
         "best": {"channels_last": True, "bf16_autocast": runs["best"][1]},
-        "eager_median_ms": round(med["eager"], 1), "best_median_ms": round(med["best"], 1),
+        "eager_median_ms": round(med["eager"], 1),
+        "best_median_ms": round(med["best"], 1),
         "speedup": round(med["eager"] / med["best"], 3),
         "eager_images_per_s": round(2 * pairs * 1000.0 / med["eager"], 3),
         "best_images_per_s": round(2 * pairs * 1000.0 / med["best"], 3),
-        "eager_losses": losses["eager"], "best_losses": losses["best"],
+        "eager_losses": losses["eager"],
+        "best_losses": losses["best"],
         "max_loss_diff": max(abs(a - b) for a, b in zip(losses["eager"], losses["best"])),
     }
 
@@ -213,10 +225,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON row it wrote."""
     args = _parse(argv)
     if args.compare_eager:
-        row = compare_cpu_step(args.backbone, steps=args.steps, warmup=args.warmup, pairs=args.batch,
-                               size=tuple(args.hw), seed=args.seed)
-        row.update(benchmark="train_step_cpu_compare", device=f"cpu-{platform.machine()}", torch=torch.__version__,
-                   threads=torch.get_num_threads(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        row = compare_cpu_step(
+            args.backbone, steps=args.steps, warmup=args.warmup, pairs=args.batch, size=tuple(args.hw), seed=args.seed
+        )
+        row.update(
+            benchmark="train_step_cpu_compare",
+            device=f"cpu-{platform.machine()}",
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
         print(json.dumps(row))
         args.out.mkdir(parents=True, exist_ok=True)
         with (args.out / "train_step_cpu_compare.jsonl").open("a") as fh:

@@ -70,12 +70,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="inference backend (default: auto, the fastest correct path here: torch on CUDA; on CPU "
-                   "ONNX Runtime on a cached, parity-checked export, torch when onnxruntime is missing)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="inference backend (default: auto, the fastest correct path here: torch on CUDA; on CPU "
+        "ONNX Runtime on a cached, parity-checked export, torch when onnxruntime is missing)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present for auto, else cpu)")
-    p.add_argument("--precision", default=None, choices=["float32", "float16", "bfloat16", "int8"],
-                   help="default: float32 for checkpoints, the file's own precision for exported models")
+    p.add_argument(
+        "--precision",
+        default=None,
+        choices=["float32", "float16", "bfloat16", "int8"],
+        help="default: float32 for checkpoints, the file's own precision for exported models",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per network call")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize to H W before the network")
 
@@ -95,8 +103,14 @@ def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
     )
     p.add_argument("--frames", type=int, default=24, help="frames per synthetic clip")
     p.add_argument("--seed", type=int, default=2024, help="seed of the synthetic clip")
-    p.add_argument("--clip-size", type=int, nargs=2, default=(256, 512), metavar=("H", "W"),
-                   help="frame size of the synthetic clip")
+    p.add_argument(
+        "--clip-size",
+        type=int,
+        nargs=2,
+        default=(256, 512),
+        metavar=("H", "W"),
+        help="frame size of the synthetic clip",
+    )
     _predictor_args(p)
     return p
 
@@ -105,7 +119,9 @@ def segment_main(argv: Sequence[str]) -> int:
     """``blindnet segment``: exit 0 when every input was segmented, 1 when some were skipped, 2 on errors."""
     args = segment_parser().parse_args(argv)
     if not args.inputs and not args.synthetic:
-        print("blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr)
+        print(
+            "blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr
+        )
         return 2
     # Lazy CLI dispatch: a job's modules (and PyTorch) load only once that job runs.
     from blindnet import segment
@@ -115,20 +131,37 @@ def segment_main(argv: Sequence[str]) -> int:
     try:
         print(f"loading the model ({args.backend} on {args.device or 'the default device'})", file=sys.stderr)
         predictor = Predictor.from_checkpoint(
-            args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-            input_size=tuple(args.input_size) if args.input_size else None, batch_size=args.batch_size,
+            args.checkpoint,
+            backend=args.backend,
+            device=args.device,
+            precision=args.precision,
+            input_size=tuple(args.input_size) if args.input_size else None,
+            batch_size=args.batch_size,
         )
         summary: dict = {}
         if args.inputs:
-            report = segment.segment_paths(predictor, args.inputs, args.out, alpha=args.alpha,
-                                           max_frames=args.max_frames, save_video_labels=args.save_video_labels)
+            report = segment.segment_paths(
+                predictor,
+                args.inputs,
+                args.out,
+                alpha=args.alpha,
+                max_frames=args.max_frames,
+                save_video_labels=args.save_video_labels,
+            )
             summary["inputs"] = report.to_dict()
-            print(f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} "
-                  f"images/s; {len(report.skipped)} skipped; outputs in {args.out}")
+            print(
+                f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} "
+                f"images/s; {len(report.skipped)} skipped; outputs in {args.out}"
+            )
         if args.synthetic:
             summary["synthetic"] = segment.run_synthetic_showcase(
-                predictor, args.out, appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
-                frames=args.frames, seed=args.seed, size=tuple(args.clip_size), alpha=args.alpha,
+                predictor,
+                args.out,
+                appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
+                frames=args.frames,
+                seed=args.seed,
+                size=tuple(args.clip_size),
+                alpha=args.alpha,
             )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet segment: error: {exc}", file=sys.stderr)
@@ -142,18 +175,27 @@ def convert_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="blindnet convert", description=JOBS["convert"][1])
     p.add_argument("src", help="the official checkpoint (.pth, a dict with 'state_dict')")
     p.add_argument("dst", help="the deployable checkpoint to write (.safetensors)")
-    p.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"],
-                   help="the checkpoint's backbone")
+    p.add_argument(
+        "--backbone",
+        default="resnet50",
+        choices=["resnet50", "mobilenetv2", "shufflenetv2"],
+        help="the checkpoint's backbone",
+    )
     variant = p.add_mutually_exclusive_group()
     variant.add_argument(
-        "--variant", choices=["blindnet", "baseline"], default=None,
+        "--variant",
+        choices=["blindnet", "baseline"],
+        default=None,
         help="BlindNet (InstanceNorm layers) or the plain DeepLabV3+ baseline; required for mobilenetv2/shufflenetv2, "
         "whose two variants have the same keys (resnet50: read from the keys when omitted)",
     )
     variant.add_argument("--baseline", action="store_true", help="same as --variant baseline")
     p.add_argument("--output-stride", type=int, default=16, choices=[8, 16], help="the checkpoint's output stride")
-    p.add_argument("--no-variant-check", action="store_true",
-                   help="convert even if the checkpoint's BatchNorm statistics contradict the chosen variant")
+    p.add_argument(
+        "--no-variant-check",
+        action="store_true",
+        help="convert even if the checkpoint's BatchNorm statistics contradict the chosen variant",
+    )
     args = p.parse_args(argv)
     # Lazy CLI dispatch: PyTorch loads only once the job runs.
     from blindnet.checkpoint import convert_official_checkpoint, read_metadata
@@ -161,8 +203,12 @@ def convert_main(argv: Sequence[str]) -> int:
     chosen = "baseline" if args.baseline else args.variant
     try:
         model = convert_official_checkpoint(
-            args.src, args.dst, backbone=args.backbone, instance_norm=None if chosen is None else chosen == "blindnet",
-            output_stride=args.output_stride, check_variant=not args.no_variant_check,
+            args.src,
+            args.dst,
+            backbone=args.backbone,
+            instance_norm=None if chosen is None else chosen == "blindnet",
+            output_stride=args.output_stride,
+            check_variant=not args.no_variant_check,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet convert: error: {exc}", file=sys.stderr)
@@ -170,15 +216,19 @@ def convert_main(argv: Sequence[str]) -> int:
     cfg = model.config
     built = "BlindNet (3 InstanceNorm layers)" if cfg.instance_norm else "baseline DeepLabV3+ (no InstanceNorm)"
     meta = read_metadata(args.dst)
-    print(f"wrote {args.dst}: {cfg.backbone}, output stride {cfg.output_stride}, {built}, "
-          f"{sum(p.numel() for p in model.parameters()):,} params; variant check: {meta.get('variant_check', '-')}")
+    print(
+        f"wrote {args.dst}: {cfg.backbone}, output stride {cfg.output_stride}, {built}, "
+        f"{sum(p.numel() for p in model.parameters()):,} params; variant check: {meta.get('variant_check', '-')}"
+    )
     return 0
 
 
 def info_main(argv: Sequence[str]) -> int:
     """``blindnet info [MODEL]``: what a checkpoint or an ONNX file holds, as JSON."""
     p = argparse.ArgumentParser(prog="blindnet info", description=JOBS["info"][1])
-    p.add_argument("model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)")
+    p.add_argument(
+        "model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)"
+    )
     args = p.parse_args(argv)
     # Lazy CLI dispatch, as above.
     from blindnet import info

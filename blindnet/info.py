@@ -30,8 +30,13 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
     """Config, parameter count and metadata of a checkpoint."""
     cfg, _, meta = load_checkpoint_state(path)
     model = load_model(path)
-    out = {"path": str(path), "kind": "checkpoint", "model_config": cfg.to_dict(),
-           "parameters": count_parameters(model), "metadata": meta}
+    out = {
+        "path": str(path),
+        "kind": "checkpoint",
+        "model_config": cfg.to_dict(),
+        "parameters": count_parameters(model),
+        "metadata": meta,
+    }
     if is_shipped_model(path):
         out["note"] = "the shipped demo model: trained on procedural street scenes only"
     return out
@@ -52,8 +57,9 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError, OSError, ... for a file that is not ONNX
         raise ValueError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    meta = {p.key[len(_ONNX_META_PREFIX):]: p.value for p in proto.metadata_props
-            if p.key.startswith(_ONNX_META_PREFIX)}
+    meta = {
+        p.key[len(_ONNX_META_PREFIX) :]: p.value for p in proto.metadata_props if p.key.startswith(_ONNX_META_PREFIX)
+    }
     inits = {i.name for i in proto.graph.initializer}
     weights = proto.graph.initializer
     precisions = sorted({_ONNX_DTYPES.get(w.data_type, str(w.data_type)) for w in weights if len(w.dims) > 1})

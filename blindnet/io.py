@@ -171,8 +171,9 @@ class VideoWriter:
         """Append one ``H x W x 3`` RGB uint8 frame."""
         bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
         if (bgr.shape[1], bgr.shape[0]) != self._size:
-            bgr = cv2.copyMakeBorder(bgr, 0, self._size[1] - bgr.shape[0], 0, self._size[0] - bgr.shape[1],
-                                     cv2.BORDER_REPLICATE)
+            bgr = cv2.copyMakeBorder(
+                bgr, 0, self._size[1] - bgr.shape[0], 0, self._size[0] - bgr.shape[1], cv2.BORDER_REPLICATE
+            )
         self._w.write(bgr)
         self.frames += 1
 

@@ -87,8 +87,10 @@ def checkpoint_digest(checkpoint: str | Path) -> str:
 def cached_onnx_path(checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None) -> Path:
     """Where :func:`cached_onnx_for_checkpoint` keeps the export of ``checkpoint`` (content hash + export settings)."""
     checkpoint = Path(checkpoint)
-    key = (f"{checkpoint.stem}-{checkpoint_digest(checkpoint)}-{'fp16' if fp16 else 'fp32'}-u8nhwc-"
-           f"torch{torch.__version__}")
+    key = (
+        f"{checkpoint.stem}-{checkpoint_digest(checkpoint)}-{'fp16' if fp16 else 'fp32'}-u8nhwc-"
+        f"torch{torch.__version__}"
+    )
     return Path(cache_dir or default_cache_dir() / "onnx") / f"{key}.onnx"
 
 
@@ -102,7 +104,11 @@ def check_report_passed(artifact: str | Path) -> bool:
 
 
 def cached_onnx_for_checkpoint(
-    checkpoint: str | Path, *, fp16: bool = False, cache_dir: str | Path | None = None, exporter: str = "auto",
+    checkpoint: str | Path,
+    *,
+    fp16: bool = False,
+    cache_dir: str | Path | None = None,
+    exporter: str = "auto",
     verify: bool = True,
 ) -> Path:
     """Export ``checkpoint`` to ONNX once; later calls with the same file content and options reuse the file.
@@ -117,12 +123,14 @@ def cached_onnx_for_checkpoint(
         return target
     model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
     if not target.exists():
-        log.warning("exporting %s to ONNX once and checking it against PyTorch (cached in %s)", checkpoint.name,
-                    target.parent)
+        log.warning(
+            "exporting %s to ONNX once and checking it against PyTorch (cached in %s)", checkpoint.name, target.parent
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         # Export to a temporary sibling and rename: a concurrent reader never sees half a file.
-        atomic_write(target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16,
-                                                              exporter=exporter))
+        atomic_write(
+            target, lambda tmp: export_onnx(model, Path(tmp), normalize_input=True, fp16=fp16, exporter=exporter)
+        )
     if verify:
         report = verify_onnx(target, model, verbose=False)
         if not report.passed:
@@ -155,9 +163,7 @@ def cached_int8_for_checkpoint(
     return target
 
 
-def cached_engine(
-    path: str | Path, *, precision: str | None = None, cache_dir: str | Path | None = None
-) -> Path:
+def cached_engine(path: str | Path, *, precision: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """A TensorRT engine for a checkpoint or an ``.onnx`` file, built once for this GPU and TensorRT version.
 
     A checkpoint goes through its cached ONNX export first (float16 unless ``precision="float32"``); the engine is
@@ -166,8 +172,11 @@ def cached_engine(
     import_tensorrt()  # fail early, with the installation hint, before any export work
     path = Path(path)
     precision = precision or "float16"
-    onnx_path = path if path.suffix.lower() == ".onnx" else cached_onnx_for_checkpoint(
-        path, fp16=precision == "float16", cache_dir=cache_dir)
+    onnx_path = (
+        path
+        if path.suffix.lower() == ".onnx"
+        else cached_onnx_for_checkpoint(path, fp16=precision == "float16", cache_dir=cache_dir)
+    )
     plat = current_platform()
     tag = f"{plat['gpu_name'].replace(' ', '_')}-trt{plat['tensorrt_version']}-{precision}"
     engine = Path(cache_dir or default_cache_dir() / "tensorrt") / f"{onnx_path.stem}-{tag}.plan"

@@ -70,7 +70,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], dict[str, s
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            found = sorted(
+                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+            )
             if not found:
                 problems[str(p)] = "folder holds no image or video files"
             files.extend(found)
@@ -193,7 +195,9 @@ def segment_paths(
     for f in tqdm(files, desc="segment", unit="file", disable=None if len(files) > 1 else True):
         try:
             if f.suffix.lower() in VIDEO_SUFFIXES:
-                res = segment_video(predictor, f, out, alpha=alpha, max_frames=max_frames, save_labels=save_video_labels)
+                res = segment_video(
+                    predictor, f, out, alpha=alpha, max_frames=max_frames, save_labels=save_video_labels
+                )
                 report.frames += res.frames
                 report.seconds += res.seconds
                 report.written.append(str(res.overlay))
@@ -246,19 +250,31 @@ def run_synthetic_showcase(
     if unknown:
         raise ValueError(f"unknown appearance(s) {unknown}; choose from {list(APPEARANCES)}")
     out = Path(out_dir)
-    print(f"rendering a {frames}-frame synthetic clip ({size[0]}x{size[1]}) in {', '.join(appearances)}", file=sys.stderr)
-    clip = write_clip(out / "synthetic", seed=seed, num_frames=frames, height=size[0], width=size[1],
-                      appearances=tuple(appearances))
+    print(
+        f"rendering a {frames}-frame synthetic clip ({size[0]}x{size[1]}) in {', '.join(appearances)}", file=sys.stderr
+    )
+    clip = write_clip(
+        out / "synthetic", seed=seed, num_frames=frames, height=size[0], width=size[1], appearances=tuple(appearances)
+    )
     masks = [np.array(Image.open(p)) for p in clip["masks"]]
     keep = sorted({round(i * (frames - 1) / max(sheet_frames - 1, 1)) for i in range(sheet_frames)})
     results: dict = {}
     for app in appearances:
         video = Path(clip["videos"][app])
         t0 = time.perf_counter()
-        res = segment_video(predictor, video, out, alpha=alpha, masks=masks,
-                            overlay_path=out / f"synthetic_{app}_overlay.mp4", keep_frames=keep)
-        sheet = write_png(out / f"synthetic_{app}_sheet.png", contact_sheet(
-            [(*res.kept[i], masks[i]) for i in keep if i in res.kept], predictor.num_classes))
+        res = segment_video(
+            predictor,
+            video,
+            out,
+            alpha=alpha,
+            masks=masks,
+            overlay_path=out / f"synthetic_{app}_overlay.mp4",
+            keep_frames=keep,
+        )
+        sheet = write_png(
+            out / f"synthetic_{app}_sheet.png",
+            contact_sheet([(*res.kept[i], masks[i]) for i in keep if i in res.kept], predictor.num_classes),
+        )
         miou, acc = res.confusion.miou() * 100.0, res.confusion.pixel_accuracy()
         results[app] = {
             "miou": round(miou, 2),
@@ -271,8 +287,10 @@ def run_synthetic_showcase(
             "sheet": str(sheet),
             "input_video": str(video),
         }
-        print(f"{app:>8}: mIoU {miou:5.1f}  pixel acc {acc * 100:5.1f}  {results[app]['fps']:.1f} frames/s  "
-              f"-> {sheet.name}, {res.overlay.name} ({res.codec})")
+        print(
+            f"{app:>8}: mIoU {miou:5.1f}  pixel acc {acc * 100:5.1f}  {results[app]['fps']:.1f} frames/s  "
+            f"-> {sheet.name}, {res.overlay.name} ({res.codec})"
+        )
     results["mean_miou"] = round(float(np.mean([results[a]["miou"] for a in appearances])), 2)
     print(f"mean mIoU over {', '.join(appearances)}: {results['mean_miou']:.1f}")
     return results

@@ -49,9 +49,7 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
 
 
 def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--checkpoint",
         action="append",
@@ -59,8 +57,12 @@ def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentPars
         help="model to load (repeatable); default: the checkpoint shipped with blindnet",
     )
     p.add_argument("--compare", metavar="[NAME=]PATH", help="a second model to compare against (e.g. the baseline)")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="auto",
-                   help="inference backend (default: auto, the fastest correct path on this machine)")
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="auto",
+        help="inference backend (default: auto, the fastest correct path on this machine)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's default)")
     p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W first")

@@ -124,8 +124,13 @@ class DemoCallbacks:
             return None, None, None, "", None
         predictor = self.pick(model)
         result = segment_image(predictor, read_image_upload(upload), alpha)
-        return result.overlay, result.colour_map, legend_view(result.legend), result.timing_text(predictor), \
-            result.prediction
+        return (
+            result.overlay,
+            result.colour_map,
+            legend_view(result.legend),
+            result.timing_text(predictor),
+            result.prediction,
+        )
 
     @_user_errors
     def on_opacity(self, prediction: Prediction | None, alpha: float) -> Any:
@@ -139,8 +144,13 @@ class DemoCallbacks:
         _sweep(self.out_dir, OUTPUT_TTL_S)
         progress(0.0, desc="reading video")
         result = process_video(
-            self.pick(model), path, alpha=alpha, max_frames=self.max_video_frames, max_side=self.max_video_side,
-            batch_size=self.video_batch_size, out_dir=self.out_dir,
+            self.pick(model),
+            path,
+            alpha=alpha,
+            max_frames=self.max_video_frames,
+            max_side=self.max_video_side,
+            batch_size=self.video_batch_size,
+            out_dir=self.out_dir,
             progress=lambda frac, msg: progress(frac, desc=msg),
         )
         notice = "\n".join(f"- {line}" for line in result.notices)
@@ -154,8 +164,15 @@ class DemoCallbacks:
         result = compare_style(chosen, read_image_upload(upload), style, strength)
         a = result.models[0]
         b = result.models[1] if len(result.models) > 1 else None
-        return (result.shifted, a.clean.colorized(), a.shifted.colorized(), b.clean.colorized() if b else None,
-                b.shifted.colorized() if b else None, result.table(), result.summary())
+        return (
+            result.shifted,
+            a.clean.colorized(),
+            a.shifted.colorized(),
+            b.clean.colorized() if b else None,
+            b.shifted.colorized() if b else None,
+            result.table(),
+            result.summary(),
+        )
 
 
 def _model_dropdown(names: list[str], label: str = "Model", value: str | None = None) -> gr.Dropdown:
@@ -171,8 +188,13 @@ def _image_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: str | 
     """Upload -> overlay, label map, legend and timing; the opacity slider re-blends the last prediction."""
     with gr.Row():
         with gr.Column(scale=1):
-            img_in = gr.Image(value=first_example, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                              label="Driving image")
+            img_in = gr.Image(
+                value=first_example,
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="Driving image",
+            )
             img_model = _model_dropdown(cb.names)
             img_alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
             img_btn = gr.Button("Segment", variant="primary")
@@ -183,13 +205,27 @@ def _image_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: str | 
                 img_labels = gr.Image(img0[1], label="Label map", format="png", interactive=False)
                 with gr.Column():
                     img_time = gr.Markdown(img0[3])
-                    img_legend = gr.Dataframe(img0[2], label="Classes present", interactive=False,
-                                              elem_classes=["bn-legend"], column_widths=LEGEND_WIDTHS)
+                    img_legend = gr.Dataframe(
+                        img0[2],
+                        label="Classes present",
+                        interactive=False,
+                        elem_classes=["bn-legend"],
+                        column_widths=LEGEND_WIDTHS,
+                    )
     img_state = gr.State(img0[4])
-    gr.on([img_btn.click, img_in.change, img_model.change], cb.on_image, inputs=[img_in, img_alpha, img_model],
-          outputs=[img_overlay, img_labels, img_legend, img_time, img_state], api_name="segment_image", **COMMON_EVENT)
+    gr.on(
+        [img_btn.click, img_in.change, img_model.change],
+        cb.on_image,
+        inputs=[img_in, img_alpha, img_model],
+        outputs=[img_overlay, img_labels, img_legend, img_time, img_state],
+        api_name="segment_image",
+        **COMMON_EVENT,
+    )
     img_alpha.release(
-        cb.on_opacity, inputs=[img_state, img_alpha], outputs=[img_overlay], api_name="set_overlay_opacity",
+        cb.on_opacity,
+        inputs=[img_state, img_alpha],
+        outputs=[img_overlay],
+        api_name="set_overlay_opacity",
         api_visibility="undocumented",  # needs the session's last prediction; useless to API clients
         show_progress="hidden",
     )
@@ -203,18 +239,34 @@ def _video_tab(cb: DemoCallbacks, video_examples: Sequence[str], colours: dict[s
             vid_model = _model_dropdown(cb.names)
             vid_alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
             vid_btn = gr.Button("Segment video", variant="primary")
-            gr.Markdown(f"At most {cb.max_video_frames} frames are processed (longer videos are subsampled) and "
-                        f"frames are downscaled to {cb.max_video_side} px on their longer side.")
+            gr.Markdown(
+                f"At most {cb.max_video_frames} frames are processed (longer videos are subsampled) and "
+                f"frames are downscaled to {cb.max_video_side} px on their longer side."
+            )
             _examples(video_examples, vid_in, "Examples", "load_video_example")
         with gr.Column(scale=2):
             vid_out = gr.Video(label="Overlay video", interactive=False, autoplay=True, loop=True)
             vid_notice = gr.Markdown()
-            vid_plot = gr.LinePlot(x="time_s", y="share_pct", color="class", color_map=colours, x_title="time (s)",
-                                   y_title="pixels (%)", label="Class shares over time")
-            vid_legend = gr.Dataframe(label="Mean class shares", interactive=False, elem_classes=["bn-legend"],
-                                      column_widths=LEGEND_WIDTHS)
-    gr.on([vid_btn.click, vid_in.change], cb.on_video, inputs=[vid_in, vid_alpha, vid_model],
-          outputs=[vid_out, vid_notice, vid_plot, vid_legend], api_name="segment_video", **COMMON_EVENT)
+            vid_plot = gr.LinePlot(
+                x="time_s",
+                y="share_pct",
+                color="class",
+                color_map=colours,
+                x_title="time (s)",
+                y_title="pixels (%)",
+                label="Class shares over time",
+            )
+            vid_legend = gr.Dataframe(
+                label="Mean class shares", interactive=False, elem_classes=["bn-legend"], column_widths=LEGEND_WIDTHS
+            )
+    gr.on(
+        [vid_btn.click, vid_in.change],
+        cb.on_video,
+        inputs=[vid_in, vid_alpha, vid_model],
+        outputs=[vid_out, vid_notice, vid_plot, vid_legend],
+        api_name="segment_video",
+        **COMMON_EVENT,
+    )
 
 
 def _robustness_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: str | None, rb0: tuple) -> None:
@@ -223,14 +275,20 @@ def _robustness_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: s
     many = len(names) > 1
     with gr.Row():
         with gr.Column(scale=1):
-            rb_in = gr.Image(value=first_example, type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             label="Clean image")
+            rb_in = gr.Image(
+                value=first_example,
+                type="filepath",
+                image_mode=None,
+                sources=["upload", "clipboard"],
+                label="Clean image",
+            )
             rb_style = gr.Radio(list(STYLES), value="night", label="Style shift")
             rb_strength = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Strength")
             with gr.Row():
                 rb_a = _model_dropdown(names, "Model A")
-                rb_b = gr.Dropdown([NO_MODEL, *names], value=names[1] if many else NO_MODEL, label="Model B",
-                                   visible=many)
+                rb_b = gr.Dropdown(
+                    [NO_MODEL, *names], value=names[1] if many else NO_MODEL, label="Model B", visible=many
+                )
             rb_btn = gr.Button("Compare", variant="primary")
             _examples(examples, rb_in, "Examples", "load_robustness_example")
         with gr.Column(scale=2):
@@ -243,10 +301,14 @@ def _robustness_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: s
                 rb_b_clean = gr.Image(rb0[3], label="Model B: clean", format="png", interactive=False)
                 rb_b_shift = gr.Image(rb0[4], label="Model B: shifted", format="png", interactive=False)
             rb_table = gr.Dataframe(rb0[5], label="Agreement", interactive=False)
-    gr.on([rb_btn.click, rb_in.change, rb_style.change, rb_strength.release, rb_a.change, rb_b.change],
-          cb.on_compare, inputs=[rb_in, rb_style, rb_strength, rb_a, rb_b],
-          outputs=[rb_shifted, rb_a_clean, rb_a_shift, rb_b_clean, rb_b_shift, rb_table, rb_summary],
-          api_name="compare_styles", **COMMON_EVENT)
+    gr.on(
+        [rb_btn.click, rb_in.change, rb_style.change, rb_strength.release, rb_a.change, rb_b.change],
+        cb.on_compare,
+        inputs=[rb_in, rb_style, rb_strength, rb_a, rb_b],
+        outputs=[rb_shifted, rb_a_clean, rb_a_shift, rb_b_clean, rb_b_shift, rb_table, rb_summary],
+        api_name="compare_styles",
+        **COMMON_EVENT,
+    )
 
 
 def _output_dir(output_dir: str | Path | None) -> Path:

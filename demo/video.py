@@ -186,8 +186,15 @@ def _plan(path: Path, max_frames: int, max_side: int) -> _Plan:
 
 
 def _segment_frames(
-    predictor: Predictor, path: Path, plan: _Plan, out_path: Path, *, alpha: float, max_frames: int,
-    batch_size: int, progress: Callable[[float, str], None] | None,
+    predictor: Predictor,
+    path: Path,
+    plan: _Plan,
+    out_path: Path,
+    *,
+    alpha: float,
+    max_frames: int,
+    batch_size: int,
+    progress: Callable[[float, str], None] | None,
 ) -> tuple[list[np.ndarray], bool]:
     """Write the overlay video; returns the class pixel counts per processed frame and whether frames were left."""
     fourcc, _, codec_desc = available_codec()
@@ -196,8 +203,9 @@ def _segment_frames(
     truncated = False
     cap = cv2.VideoCapture(str(path))
     try:
-        for batch, more in _read_batches(cap, stride=plan.stride, max_frames=max_frames, batch_size=batch_size,
-                                         size=plan.size):
+        for batch, more in _read_batches(
+            cap, stride=plan.stride, max_frames=max_frames, batch_size=batch_size, size=plan.size
+        ):
             if more is not None:
                 truncated = more
             if not batch:
@@ -277,8 +285,9 @@ def process_video(
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="blindnet-video-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     out_path = out_dir / f"{path.stem[:40]}-overlay-{uuid.uuid4().hex[:8]}{suffix}"
-    per_frame, truncated = _segment_frames(predictor, path, plan, out_path, alpha=alpha, max_frames=max_frames,
-                                           batch_size=batch_size, progress=progress)
+    per_frame, truncated = _segment_frames(
+        predictor, path, plan, out_path, alpha=alpha, max_frames=max_frames, batch_size=batch_size, progress=progress
+    )
     frames = len(per_frame)
     if frames == 0:
         out_path.unlink(missing_ok=True)
@@ -295,6 +304,14 @@ def process_video(
     seconds = time.perf_counter() - t_start
     notices.append(f"{frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s end to end).")
     long, mean = _shares(per_frame, predictor.num_classes, plan.stride, plan.fps_in)
-    return VideoResult(path=out_path, frames=frames, source_frames=plan.info.frame_count, stride=plan.stride,
-                       fps=plan.fps_in / plan.stride, shares=long, legend=legend_frame(mean, predictor.num_classes),
-                       notices=notices, seconds=seconds)
+    return VideoResult(
+        path=out_path,
+        frames=frames,
+        source_frames=plan.info.frame_count,
+        stride=plan.stride,
+        fps=plan.fps_in / plan.stride,
+        shares=long,
+        legend=legend_frame(mean, predictor.num_classes),
+        notices=notices,
+        seconds=seconds,
+    )

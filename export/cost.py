@@ -242,10 +242,15 @@ def paper_flops_explanation(net: nn.Module, costs: dict[tuple[int, int], dict[st
             ("FLOPs = 2 x MACs (FlopCounterMode)", c["flop_counter"]["flops"]),
         ):
             g = value / 1e9
-            candidates.append({
-                "convention": label, "height": size[0], "width": size[1], "giga": round(g, 2),
-                "off_by_pct": round(100.0 * (g - PAPER_GFLOPS) / PAPER_GFLOPS, 2),
-            })
+            candidates.append(
+                {
+                    "convention": label,
+                    "height": size[0],
+                    "width": size[1],
+                    "giga": round(g, 2),
+                    "off_by_pct": round(100.0 * (g - PAPER_GFLOPS) / PAPER_GFLOPS, 2),
+                }
+            )
     best = min(candidates, key=lambda c: abs(c["off_by_pct"]))
     stated = [c for c in candidates if (c["height"], c["width"]) == PAPER_RESOLUTION]
     return {
@@ -336,8 +341,14 @@ def compare_with_baseline(cfg: ModelConfig, *, exporter: str = "auto", workdir: 
             unexplained.append(row)
     n_in = bl_stats["ops"].get("InstanceNormalization", 0)
     if n_in != len(bl_net.encoder.style_channels):
-        unexplained.append({"op": "InstanceNormalization", "blindnet": n_in,
-                            "expected": len(bl_net.encoder.style_channels), "explanation": None})
+        unexplained.append(
+            {
+                "op": "InstanceNormalization",
+                "blindnet": n_in,
+                "expected": len(bl_net.encoder.style_channels),
+                "explanation": None,
+            }
+        )
 
     bl_state, ba_state = bl_net.state_dict(), base_net.state_dict()
     only_base = {k: int(v.numel()) for k, v in ba_state.items() if k not in bl_state}
@@ -346,33 +357,46 @@ def compare_with_baseline(cfg: ModelConfig, *, exporter: str = "auto", workdir: 
     param_rows = []
     removed_params = sum(p.numel() for n, p in base_net.named_parameters() if n not in dict(bl_net.named_parameters()))
     if removed_params:
-        param_rows.append({
-            "delta": -removed_params,
-            "keys": sorted(k for k in only_base if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))),
-            "explanation": f"the stem InstanceNorm replaces the stem BatchNorm: its weight and bias "
-                           f"({removed_params} parameters) are gone; its running statistics (buffers) too",
-        })
+        param_rows.append(
+            {
+                "delta": -removed_params,
+                "keys": sorted(
+                    k for k in only_base if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                ),
+                "explanation": f"the stem InstanceNorm replaces the stem BatchNorm: its weight and bias "
+                f"({removed_params} parameters) are gone; its running statistics (buffers) too",
+            }
+        )
     unused = bl_params - parameter_counts(bl_cfg)["executed"]
     if unused:
-        param_rows.append({
-            "delta": 0, "keys": [],
-            "explanation": f"{unused} parameters are kept but never executed (ShuffleNetV2's stem BatchNorm, kept "
-                           "frozen so official checkpoints load key for key); they are absent from the ONNX graph",
-        })
+        param_rows.append(
+            {
+                "delta": 0,
+                "keys": [],
+                "explanation": f"{unused} parameters are kept but never executed (ShuffleNetV2's stem BatchNorm, kept "
+                "frozen so official checkpoints load key for key); they are absent from the ONNX graph",
+            }
+        )
     explained_delta = sum(r["delta"] for r in param_rows)
     if bl_params - ba_params != explained_delta:
         unexplained.append({"op": "parameters", "delta": bl_params - ba_params, "explained": explained_delta})
     weights_delta = (bl_stats["initializer_elements"] + bl_stats["constant_elements"]) - (
-        ba_stats["initializer_elements"] + ba_stats["constant_elements"])
+        ba_stats["initializer_elements"] + ba_stats["constant_elements"]
+    )
     return {
         "exporter": {"blindnet": bl_exporter, "baseline": ba_exporter},
         "blindnet": bl_stats,
         "baseline": ba_stats,
         "node_delta": bl_stats["nodes"] - ba_stats["nodes"],
         "op_differences": differences,
-        "parameters": {"blindnet": bl_params, "baseline": ba_params, "delta": bl_params - ba_params,
-                       "breakdown": param_rows, "state_keys_only_in_baseline": only_base,
-                       "state_keys_only_in_blindnet": only_bl},
+        "parameters": {
+            "blindnet": bl_params,
+            "baseline": ba_params,
+            "delta": bl_params - ba_params,
+            "breakdown": param_rows,
+            "state_keys_only_in_baseline": only_base,
+            "state_keys_only_in_blindnet": only_bl,
+        },
         "graph_weight_elements_delta": weights_delta,
         "graph_weight_elements_note": (
             "ONNX InstanceNormalization requires scale and bias inputs: the exporter materialises unit scales and "
@@ -426,7 +450,7 @@ def cost_report(
         "conventions": {
             "flop_counter": "torch.utils.flop_counter.FlopCounterMode: FLOPs = 2 x conv MACs; nothing else counted",
             "thop": "thop-style MACs: conv out_elements x C_in/groups x k_h x k_w, + 2/element for BN/IN, "
-                    "+ kernel/element for pooling, + 4/element for bilinear interpolation",
+            "+ kernel/element for pooling, + 4/element for bilinear interpolation",
         },
     }
     report["paper"] = paper_flops_explanation(net, costs) if cfg.backbone == "resnet50" else None
@@ -471,41 +495,67 @@ def render_markdown(report: dict[str, Any]) -> str:
     base = report.get("baseline")
     if base:
         bp = base["parameters"]
-        lines.append(f"| baseline DeepLabV3+ deployable | {bp['deployable']:,} | "
-                     f"difference {p['deployable'] - bp['deployable']:+,} |")
-        lines.append(f"| baseline paper-comparable | {bp['paper_comparable']:,} ({bp['paper_comparable'] / 1e6:.2f}M) "
-                     "| |")
-    lines += ["", "## Compute (batch 1)", "",
-              "| input (W x H) | conv MACs | thop-style MACs | FLOPs (FlopCounterMode, 2 x MACs) |"
-              + (" baseline thop MACs |" if base else ""),
-              "|---|---:|---:|---:|" + ("---:|" if base else "")]
+        lines.append(
+            f"| baseline DeepLabV3+ deployable | {bp['deployable']:,} | "
+            f"difference {p['deployable'] - bp['deployable']:+,} |"
+        )
+        lines.append(
+            f"| baseline paper-comparable | {bp['paper_comparable']:,} ({bp['paper_comparable'] / 1e6:.2f}M) | |"
+        )
+    lines += [
+        "",
+        "## Compute (batch 1)",
+        "",
+        "| input (W x H) | conv MACs | thop-style MACs | FLOPs (FlopCounterMode, 2 x MACs) |"
+        + (" baseline thop MACs |" if base else ""),
+        "|---|---:|---:|---:|" + ("---:|" if base else ""),
+    ]
     for i, c in enumerate(report["costs"]):
-        row = f"| {c['width']} x {c['height']} | {_g(c['flop_counter']['macs'])} | {_g(c['thop']['macs'])} | " \
-              f"{_g(c['flop_counter']['flops'])} |"
+        row = (
+            f"| {c['width']} x {c['height']} | {_g(c['flop_counter']['macs'])} | {_g(c['thop']['macs'])} | "
+            f"{_g(c['flop_counter']['flops'])} |"
+        )
         if base:
             row += f" {_g(base['costs'][i]['thop']['macs'])} |"
         lines.append(row)
     lines += ["", "Conventions:", ""] + [f"* `{k}`: {v}" for k, v in report["conventions"].items()]
     paper = report.get("paper")
     if paper:
-        lines += ["", "## The paper's number", "", paper["conclusion"], "",
-                  "| convention | input (W x H) | value | vs 277.78 |", "|---|---|---:|---:|"]
+        lines += [
+            "",
+            "## The paper's number",
+            "",
+            paper["conclusion"],
+            "",
+            "| convention | input (W x H) | value | vs 277.78 |",
+            "|---|---|---:|---:|",
+        ]
         for c in sorted(paper["candidates"], key=lambda c: abs(c["off_by_pct"]))[:6]:
-            lines.append(f"| {c['convention']} | {c['width']} x {c['height']} | {c['giga']} G | "
-                         f"{c['off_by_pct']:+.2f}% |")
+            lines.append(
+                f"| {c['convention']} | {c['width']} x {c['height']} | {c['giga']} G | {c['off_by_pct']:+.2f}% |"
+            )
     onnx_part = report.get("onnx")
     if onnx_part:
-        lines += ["", "## ONNX graph: BlindNet vs baseline", "",
-                  f"Exporter: {onnx_part['exporter']['blindnet']}. Nodes: BlindNet {onnx_part['blindnet']['nodes']}, "
-                  f"baseline {onnx_part['baseline']['nodes']} (delta {onnx_part['node_delta']:+d}). "
-                  f"Same size (every difference explained): **{onnx_part['same_size']}**.", "",
-                  "| op type | BlindNet | baseline | explanation |", "|---|---:|---:|---|"]
+        lines += [
+            "",
+            "## ONNX graph: BlindNet vs baseline",
+            "",
+            f"Exporter: {onnx_part['exporter']['blindnet']}. Nodes: BlindNet {onnx_part['blindnet']['nodes']}, "
+            f"baseline {onnx_part['baseline']['nodes']} (delta {onnx_part['node_delta']:+d}). "
+            f"Same size (every difference explained): **{onnx_part['same_size']}**.",
+            "",
+            "| op type | BlindNet | baseline | explanation |",
+            "|---|---:|---:|---|",
+        ]
         for d in onnx_part["op_differences"]:
             lines.append(f"| {d['op']} | {d['blindnet']} | {d['baseline']} | {d['explanation'] or 'UNEXPLAINED'} |")
         for r in onnx_part["parameters"]["breakdown"]:
             lines.append(f"| parameters | | | {r['delta']:+d}: {r['explanation']} |")
-        lines += ["", f"Graph weight elements delta: {onnx_part['graph_weight_elements_delta']:+d} "
-                      f"({onnx_part['graph_weight_elements_note']}).", "",
-                  "Nodes per op type (BlindNet): "
-                  + ", ".join(f"{k} {v}" for k, v in onnx_part["blindnet"]["ops"].items())]
+        lines += [
+            "",
+            f"Graph weight elements delta: {onnx_part['graph_weight_elements_delta']:+d} "
+            f"({onnx_part['graph_weight_elements_note']}).",
+            "",
+            "Nodes per op type (BlindNet): " + ", ".join(f"{k} {v}" for k, v in onnx_part["blindnet"]["ops"].items()),
+        ]
     return "\n".join(lines) + "\n"

@@ -191,5 +191,3 @@ def check_int8(
         text = json.dumps(report, indent=2)
         atomic_write(target, lambda tmp: Path(tmp).write_text(text))
     return report
-
-

@@ -163,7 +163,11 @@ class DeployWrapper(nn.Module):
 
 
 def example_input(
-    *, batch: int = 2, size: tuple[int, int] = (64, 96), normalize_input: bool = False, input_layout: str = "NHWC",
+    *,
+    batch: int = 2,
+    size: tuple[int, int] = (64, 96),
+    normalize_input: bool = False,
+    input_layout: str = "NHWC",
     seed: int = 0,
 ) -> torch.Tensor:
     """A random input of the graph's kind: uint8 images (``N x H x W x 3`` or ``N x 3 x H x W``) or normalised
@@ -228,26 +232,54 @@ def export_onnx(
     if fp16:
         base = base.half()
     wrapper = DeployWrapper(
-        base, normalize_input=normalize_input, input_layout=input_layout, argmax=argmax,
-        label_dtype=label_dtype, fp16=fp16,
+        base,
+        normalize_input=normalize_input,
+        input_layout=input_layout,
+        argmax=argmax,
+        label_dtype=label_dtype,
+        fp16=fp16,
     ).eval()
     x = example_input(batch=batch, size=size, normalize_input=normalize_input, input_layout=input_layout)
     output_name = LABELS_NAME if argmax else LOGITS_NAME
 
     t0 = time.perf_counter()
-    used, dynamo_error = _run_exporters(wrapper, x, path, exporter, opset, dynamic, normalize_input, input_layout,
-                                        output_name)
+    used, dynamo_error = _run_exporters(
+        wrapper, x, path, exporter, opset, dynamic, normalize_input, input_layout, output_name
+    )
     seconds = time.perf_counter() - t0
     return _check_and_describe(
-        path, used, opset, dynamic=dynamic, normalize_input=normalize_input, input_layout=input_layout, argmax=argmax,
-        label_dtype=label_dtype, fp16=fp16, output_name=output_name, config=config, num_classes=num_classes,
-        dynamo_error=dynamo_error, seconds=seconds,
+        path,
+        used,
+        opset,
+        dynamic=dynamic,
+        normalize_input=normalize_input,
+        input_layout=input_layout,
+        argmax=argmax,
+        label_dtype=label_dtype,
+        fp16=fp16,
+        output_name=output_name,
+        config=config,
+        num_classes=num_classes,
+        dynamo_error=dynamo_error,
+        seconds=seconds,
     )
 
 
 def _check_and_describe(
-    path: Path, used: str, opset: int, *, dynamic: bool, normalize_input: bool, input_layout: str, argmax: bool,
-    label_dtype: str, fp16: bool, output_name: str, config: Any, num_classes: int, dynamo_error: str | None,
+    path: Path,
+    used: str,
+    opset: int,
+    *,
+    dynamic: bool,
+    normalize_input: bool,
+    input_layout: str,
+    argmax: bool,
+    label_dtype: str,
+    fp16: bool,
+    output_name: str,
+    config: Any,
+    num_classes: int,
+    dynamo_error: str | None,
     seconds: float,
 ) -> ExportResult:
     """Run ``onnx.checker`` on the written file, then store the graph contract in its metadata."""
@@ -263,10 +295,22 @@ def _check_and_describe(
     layout = input_layout if normalize_input else "NCHW"
     opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
     result = ExportResult(
-        path=path, exporter=used, opset=int(opset_used), input_name=INPUT_NAME, input_dtype=in_dtype,
-        input_layout=layout, output_name=output_name, output_dtype=out_dtype, normalize_input=normalize_input,
-        argmax=argmax, fp16=fp16, dynamic=dynamic, num_classes=num_classes, dynamo_error=dynamo_error,
-        seconds=round(seconds, 3), model_config=config.to_dict() if hasattr(config, "to_dict") else {},
+        path=path,
+        exporter=used,
+        opset=int(opset_used),
+        input_name=INPUT_NAME,
+        input_dtype=in_dtype,
+        input_layout=layout,
+        output_name=output_name,
+        output_dtype=out_dtype,
+        normalize_input=normalize_input,
+        argmax=argmax,
+        fp16=fp16,
+        dynamic=dynamic,
+        num_classes=num_classes,
+        dynamo_error=dynamo_error,
+        seconds=round(seconds, 3),
+        model_config=config.to_dict() if hasattr(config, "to_dict") else {},
     )
     _write_metadata(proto, result)
     if not argmax:
@@ -281,8 +325,15 @@ def _check_and_describe(
 
 
 def _run_exporters(
-    wrapper: nn.Module, x: torch.Tensor, path: Path, exporter: str, opset: int, dynamic: bool, normalize_input: bool,
-    input_layout: str, output_name: str,
+    wrapper: nn.Module,
+    x: torch.Tensor,
+    path: Path,
+    exporter: str,
+    opset: int,
+    dynamic: bool,
+    normalize_input: bool,
+    input_layout: str,
+    output_name: str,
 ) -> tuple[str, str | None]:
     """Write ``path`` with the dynamo exporter, or the TorchScript one when dynamo fails (``auto``) or is not asked
     for; returns ``(exporter used, dynamo's error or None)``."""
@@ -317,8 +368,14 @@ def _dynamic_dims(normalize_input: bool, input_layout: str) -> tuple[int, int, i
 
 
 def _export_dynamo(
-    wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, normalize_input: bool,
-    input_layout: str, output_name: str,
+    wrapper: nn.Module,
+    x: torch.Tensor,
+    path: Path,
+    opset: int,
+    dynamic: bool,
+    normalize_input: bool,
+    input_layout: str,
+    output_name: str,
 ) -> None:
     from torch.export import Dim
 
@@ -335,26 +392,50 @@ def _export_dynamo(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (x,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[output_name], external_data=False, verbose=False, **kwargs,
+            wrapper,
+            (x,),
+            str(path),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            external_data=False,
+            verbose=False,
+            **kwargs,
         )
 
 
 def _export_torchscript(
-    wrapper: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: bool, normalize_input: bool,
-    input_layout: str, output_name: str,
+    wrapper: nn.Module,
+    x: torch.Tensor,
+    path: Path,
+    opset: int,
+    dynamic: bool,
+    normalize_input: bool,
+    input_layout: str,
+    output_name: str,
 ) -> None:
     kwargs: dict[str, Any] = {}
     if dynamic:
         b, h, w = _dynamic_dims(normalize_input, input_layout)
-        out_axes = {0: "batch", 1: "height", 2: "width"} if output_name == LABELS_NAME else {
-            0: "batch", 2: "height", 3: "width"}
+        out_axes = (
+            {0: "batch", 1: "height", 2: "width"}
+            if output_name == LABELS_NAME
+            else {0: "batch", 2: "height", 3: "width"}
+        )
         kwargs["dynamic_axes"] = {INPUT_NAME: {b: "batch", h: "height", w: "width"}, output_name: out_axes}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            wrapper, (x,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[output_name], do_constant_folding=True, **kwargs,
+            wrapper,
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            do_constant_folding=True,
+            **kwargs,
         )
 
 
@@ -379,7 +460,6 @@ def _write_metadata(proto: Any, result: ExportResult) -> None:
     for key, value in facts.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
-
 
 
 FP32_MAX_REL_ERROR = 1e-4
@@ -540,10 +620,17 @@ def verify_onnx(
         checks.append(ParityCheck(b, h, w, agreement, max_abs, rel, ok))
     rels = [c.rel_error for c in checks if c.rel_error is not None]
     report = ParityReport(
-        path=str(path), runtime=f"onnxruntime {ort.__version__}", providers=list(sess.get_providers()),
-        precision=spec["precision"], output_kind=spec["output_kind"], checker_ok=checker_ok,
-        max_rel_error=max(rels) if rels else None, min_label_agreement=min(c.label_agreement for c in checks),
-        thresholds=thresholds, checks=checks, passed=checker_ok and all(c.passed for c in checks),
+        path=str(path),
+        runtime=f"onnxruntime {ort.__version__}",
+        providers=list(sess.get_providers()),
+        precision=spec["precision"],
+        output_kind=spec["output_kind"],
+        checker_ok=checker_ok,
+        max_rel_error=max(rels) if rels else None,
+        min_label_agreement=min(c.label_agreement for c in checks),
+        thresholds=thresholds,
+        checks=checks,
+        passed=checker_ok and all(c.passed for c in checks),
         seconds=round(time.perf_counter() - t0, 3),
     )
     if write_report:
@@ -559,4 +646,3 @@ def write_check_report(artifact: Path, report: dict[str, Any]) -> Path:
     target = artifact.with_name(artifact.name + ".check.json")
     text = json.dumps(report, indent=2, default=str)
     return atomic_write(target, lambda tmp: Path(tmp).write_text(text))
-

@@ -77,10 +77,24 @@ def run_export(
         ExportError: an artifact failed its parity check.
     """
     opts = ExportOptions(
-        fp16=fp16, argmax=argmax, uint8_input=uint8_input, label_dtype=label_dtype, input_layout=input_layout,
-        opset=opset, exporter=exporter, cost_onnx=cost_onnx, size=tuple(size), verify_shapes=verify_shapes,
-        precision=precision, max_batch=max_batch, min_size=min_size, max_size=max_size, calibration=calibration,
-        triton_model_name=triton_model_name, triton_max_batch=triton_max_batch, name=name,
+        fp16=fp16,
+        argmax=argmax,
+        uint8_input=uint8_input,
+        label_dtype=label_dtype,
+        input_layout=input_layout,
+        opset=opset,
+        exporter=exporter,
+        cost_onnx=cost_onnx,
+        size=tuple(size),
+        verify_shapes=verify_shapes,
+        precision=precision,
+        max_batch=max_batch,
+        min_size=min_size,
+        max_size=max_size,
+        calibration=calibration,
+        triton_model_name=triton_model_name,
+        triton_max_batch=triton_max_batch,
+        name=name,
     )
     skipped: dict[str, str] = {}
     wanted = _wanted_formats(formats, skipped)
@@ -90,8 +104,12 @@ def run_export(
     model = load_model(ckpt)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"checkpoint": str(ckpt), "model_config": model.config.to_dict(), "artifacts": {},
-                               "skipped": skipped}
+    summary: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "model_config": model.config.to_dict(),
+        "artifacts": {},
+        "skipped": skipped,
+    }
     artifacts = summary["artifacts"]
     if wanted & {"onnx", "tensorrt", "triton"}:
         artifacts.update(_onnx_stage(model, out, opts))
@@ -150,11 +168,21 @@ def _wanted_formats(formats: tuple[str, ...] | list[str], skipped: dict[str, str
 
 def _onnx_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
     """``<name>.onnx`` checked against PyTorch (and, for INT8, the Q/DQ file both INT8 runtimes use)."""
-    res = export_onnx(model, out / f"{o.name}.onnx", opset=o.opset, normalize_input=o.uint8_input,
-                      input_layout=o.input_layout, argmax=o.argmax, label_dtype=o.label_dtype, fp16=o.fp16,
-                      exporter=o.exporter)
-    print(f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f} s"
-          + (f" (dynamo failed: {res.dynamo_error})" if res.dynamo_error else ""))
+    res = export_onnx(
+        model,
+        out / f"{o.name}.onnx",
+        opset=o.opset,
+        normalize_input=o.uint8_input,
+        input_layout=o.input_layout,
+        argmax=o.argmax,
+        label_dtype=o.label_dtype,
+        fp16=o.fp16,
+        exporter=o.exporter,
+    )
+    print(
+        f"exported {res.path} with the {res.exporter} exporter in {res.seconds:.1f} s"
+        + (f" (dynamo failed: {res.dynamo_error})" if res.dynamo_error else "")
+    )
     report = verify_onnx(res.path, model, shapes=o.verify_shapes)
     artifacts: dict[str, Any] = {"onnx": {"export": res.to_dict(), "check": report.to_dict()}}
     report.raise_if_failed()
@@ -163,8 +191,10 @@ def _onnx_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]
         qdq = quantize_int8(res.path, out / f"{o.name}.int8.qdq.onnx")
         int8_check = check_int8(qdq, res.path)
         artifacts["onnx_int8"] = {"path": str(qdq), "check": int8_check}
-        print(f"quantised {qdq}: label agreement {int8_check['label_agreement']:.4f}, mIoU change "
-              f"{int8_check['miou_change']:+.2f} points on held-out generated scenes")
+        print(
+            f"quantised {qdq}: label agreement {int8_check['label_agreement']:.4f}, mIoU change "
+            f"{int8_check['miou_change']:+.2f} points on held-out generated scenes"
+        )
     return artifacts
 
 
@@ -186,8 +216,9 @@ def _tensorrt_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, 
 def _triton_stage(out: Path, o: ExportOptions, *, from_engine: bool) -> dict[str, Any]:
     """A Triton model repository around the engine (or the ONNX file)."""
     source = out / f"{o.name}.plan" if from_engine else out / f"{o.name}.onnx"
-    model_dir = write_triton_repository(source, out / "triton", model_name=o.triton_model_name,
-                                        max_batch_size=o.triton_max_batch)
+    model_dir = write_triton_repository(
+        source, out / "triton", model_name=o.triton_model_name, max_batch_size=o.triton_max_batch
+    )
     print(f"wrote Triton model repository {model_dir.parent} (model {o.triton_model_name!r} from {source.name})")
     return {"triton": {"repository": str(model_dir.parent), "model": str(model_dir)}}
 

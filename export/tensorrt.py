@@ -44,8 +44,9 @@ from blindnet.io import IMAGE_SUFFIXES, atomic_write, load_image
 QUANTIZED_MIN_AGREEMENT = 0.98
 
 
-def load_calibration_images(source: str | Path, *, count: int = 256, size: tuple[int, int] = (1024, 2048),
-                            seed: int = 0) -> np.ndarray:
+def load_calibration_images(
+    source: str | Path, *, count: int = 256, size: tuple[int, int] = (1024, 2048), seed: int = 0
+) -> np.ndarray:
     """Calibration/quantisation images from a dataset the user names: a folder of images (searched recursively,
     e.g. ``cityscapes/leftImg8bit/val``) or a ``.npy`` array ``N x H x W x 3`` uint8.
 
@@ -86,13 +87,25 @@ def quantize_onnx(onnx_path: str | Path, out_path: str | Path, calibration: np.n
     data = prepare_input(calibration, spec)
     calib_file = Path(out_path).with_suffix(".calib.npy")
     np.save(calib_file, data)
-    quantize(onnx_path=str(onnx_path), quantize_mode=mode, calibration_data_path=str(calib_file),
-             output_path=str(out_path), high_precision_dtype="fp16")
+    quantize(
+        onnx_path=str(onnx_path),
+        quantize_mode=mode,
+        calibration_data_path=str(calib_file),
+        output_path=str(out_path),
+        high_precision_dtype="fp16",
+    )
     return Path(out_path)
 
 
-def verify_engine(engine_path: str | Path, model: nn.Module, *, shapes: tuple[tuple[int, int, int], ...] | None = None,
-                  seed: int = 0, write_report: bool = True, verbose: bool = True) -> dict[str, Any]:
+def verify_engine(
+    engine_path: str | Path,
+    model: nn.Module,
+    *,
+    shapes: tuple[tuple[int, int, int], ...] | None = None,
+    seed: int = 0,
+    write_report: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
     """Parity of a TensorRT engine against PyTorch float32, like :func:`export.onnx.verify_onnx`.
 
     Thresholds: float32 (built without TF32) logits rel error <= 1e-4 and labels >= 99.9%, float16 labels >= 99.5%,
@@ -103,10 +116,13 @@ def verify_engine(engine_path: str | Path, model: nn.Module, *, shapes: tuple[tu
     backend = TensorRTBackend(engine_path)
     if shapes is None:
         p = backend.profiles[0]
-        shapes = ((p.opt[0], p.opt[1], p.opt[2]), (p.min[0], max(p.min[1], (p.opt[1] // 2) | 1),
-                                                     max(p.min[2], (p.opt[2] // 2) | 1)))
-    minimum = {"float32": FP32_MIN_AGREEMENT, "float16": FP16_MIN_AGREEMENT}.get(backend.precision,
-                                                                                 QUANTIZED_MIN_AGREEMENT)
+        shapes = (
+            (p.opt[0], p.opt[1], p.opt[2]),
+            (p.min[0], max(p.min[1], (p.opt[1] // 2) | 1), max(p.min[2], (p.opt[2] // 2) | 1)),
+        )
+    minimum = {"float32": FP32_MIN_AGREEMENT, "float16": FP16_MIN_AGREEMENT}.get(
+        backend.precision, QUANTIZED_MIN_AGREEMENT
+    )
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     checks = []
@@ -115,23 +131,37 @@ def verify_engine(engine_path: str | Path, model: nn.Module, *, shapes: tuple[tu
         ref = reference_logits(model, images)
         out = backend.infer(images, return_logits=not backend.outputs_labels)
         kind = "labels" if backend.outputs_labels else "logits"
-        agreement, max_abs, rel = compare_outputs(ref, out.labels if kind == "labels" else out.logits,
-                                                  output_kind=kind)
-        checks.append({"batch": b, "height": h, "width": w, "label_agreement": agreement, "max_abs_error": max_abs,
-                       "rel_error": rel, "passed": agreement >= minimum and (
-                           backend.precision != "float32" or rel is None or rel <= FP32_MAX_REL_ERROR)})
+        agreement, max_abs, rel = compare_outputs(ref, out.labels if kind == "labels" else out.logits, output_kind=kind)
+        checks.append(
+            {
+                "batch": b,
+                "height": h,
+                "width": w,
+                "label_agreement": agreement,
+                "max_abs_error": max_abs,
+                "rel_error": rel,
+                "passed": agreement >= minimum
+                and (backend.precision != "float32" or rel is None or rel <= FP32_MAX_REL_ERROR),
+            }
+        )
     report = {
-        "path": str(engine_path), "runtime": f"tensorrt {backend.meta['tensorrt_version']}",
-        "gpu": backend.meta["gpu_name"], "precision": backend.precision,
-        "thresholds": {"min_label_agreement": minimum}, "checks": checks,
-        "passed": all(c["passed"] for c in checks), "seconds": round(time.perf_counter() - t0, 3),
+        "path": str(engine_path),
+        "runtime": f"tensorrt {backend.meta['tensorrt_version']}",
+        "gpu": backend.meta["gpu_name"],
+        "precision": backend.precision,
+        "thresholds": {"min_label_agreement": minimum},
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "seconds": round(time.perf_counter() - t0, 3),
     }
     if write_report:
         report["report_path"] = str(write_check_report(engine_path, report))
     if verbose:
         worst = min(c["label_agreement"] for c in checks)
-        print(f"[{'PASS' if report['passed'] else 'FAIL'}] {engine_path} (TensorRT, {backend.precision}): "
-              f"min label agreement {worst:.5f}, threshold {minimum}")
+        print(
+            f"[{'PASS' if report['passed'] else 'FAIL'}] {engine_path} (TensorRT, {backend.precision}): "
+            f"min label agreement {worst:.5f}, threshold {minimum}"
+        )
     return report
 
 
@@ -161,12 +191,16 @@ def build_tensorrt(
         calib_images = load_calibration_images(calibration, count=calibration_count, size=(p.opt[1], p.opt[2]))
         flags_gone = not hasattr(trt.BuilderFlag, "INT8")
         if (precision == "fp8" or flags_gone) and not onnx_has_qdq(onnx_path):
-            onnx_path = quantize_onnx(onnx_path, out_dir / f"{name}.{precision}.qdq.onnx", calib_images,
-                                      mode=precision)
+            onnx_path = quantize_onnx(onnx_path, out_dir / f"{name}.{precision}.qdq.onnx", calib_images, mode=precision)
             calib_images = None
     return build_engine(
-        onnx_path, out_dir / f"{name}.plan", precision=precision, profiles=profiles, workspace_gib=workspace_gib,
-        timing_cache=out_dir / "timing.cache", calibration=calib_images,
+        onnx_path,
+        out_dir / f"{name}.plan",
+        precision=precision,
+        profiles=profiles,
+        workspace_gib=workspace_gib,
+        timing_cache=out_dir / "timing.cache",
+        calibration=calib_images,
         calibration_cache=out_dir / f"{name}.int8.calib" if precision == "int8" else None,
     )
 
@@ -224,9 +258,18 @@ def build_engine(
     builder, network, parser = _parse_network(trt, onnx_path, strongly_typed)  # the parser owns the weights
 
     config, profiles, layout, calibrator = _builder_config(
-        trt, builder, network, onnx_meta, precision=precision, strongly_typed=strongly_typed, profiles=profiles,
-        workspace_gib=workspace_gib, optimization_level=optimization_level, timing_cache=timing_cache,
-        calibration=calibration, calibration_cache=calibration_cache,
+        trt,
+        builder,
+        network,
+        onnx_meta,
+        precision=precision,
+        strongly_typed=strongly_typed,
+        profiles=profiles,
+        workspace_gib=workspace_gib,
+        optimization_level=optimization_level,
+        timing_cache=timing_cache,
+        calibration=calibration,
+        calibration_cache=calibration_cache,
     )
 
     t0 = time.perf_counter()
@@ -242,9 +285,21 @@ def build_engine(
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
 
     meta = _engine_metadata(
-        trt, network, onnx_path, engine_path, onnx_meta, precision=precision, strongly_typed=strongly_typed, qdq=qdq,
-        calibrated=calibrator is not None, profiles=profiles, layout=layout, workspace_gib=workspace_gib,
-        optimization_level=optimization_level, timing_cache=timing_cache, build_seconds=build_seconds,
+        trt,
+        network,
+        onnx_path,
+        engine_path,
+        onnx_meta,
+        precision=precision,
+        strongly_typed=strongly_typed,
+        qdq=qdq,
+        calibrated=calibrator is not None,
+        profiles=profiles,
+        layout=layout,
+        workspace_gib=workspace_gib,
+        optimization_level=optimization_level,
+        timing_cache=timing_cache,
+        build_seconds=build_seconds,
     )
     metadata_path(engine_path).write_text(json.dumps(meta, indent=2))
     return meta
@@ -261,7 +316,7 @@ def _entropy_calibrator(
         "input_dtype": "uint8" if onnx_meta.get("normalize_input", "0") == "1" else "float32",
     }
     batch = max(1, min(profile.opt[0], len(images)))
-    batches = [prepare_input(images[i:i + batch], spec) for i in range(0, len(images) - batch + 1, batch)]
+    batches = [prepare_input(images[i : i + batch], spec) for i in range(0, len(images) - batch + 1, batch)]
     cache_path = Path(cache_file) if cache_file else None
 
     class _Calibrator(trt.IInt8EntropyCalibrator2):
@@ -315,9 +370,19 @@ def _strongly_typed(trt: Any, precision: str, onnx_precision: str, qdq: bool) ->
 
 
 def _builder_config(
-    trt: Any, builder: Any, network: Any, onnx_meta: dict[str, str], *, precision: str, strongly_typed: bool,
-    profiles: list[Profile] | None, workspace_gib: float, optimization_level: int, timing_cache: str | Path | None,
-    calibration: np.ndarray | None, calibration_cache: str | Path | None,
+    trt: Any,
+    builder: Any,
+    network: Any,
+    onnx_meta: dict[str, str],
+    *,
+    precision: str,
+    strongly_typed: bool,
+    profiles: list[Profile] | None,
+    workspace_gib: float,
+    optimization_level: int,
+    timing_cache: str | Path | None,
+    calibration: np.ndarray | None,
+    calibration_cache: str | Path | None,
 ) -> tuple[Any, list[Profile], str, Any]:
     """The builder config: memory, precision flags (weakly typed builds only), optimisation profiles, the int8
     calibrator where one is needed, and the timing cache. Returns ``(config, profiles, input layout, calibrator)``."""
@@ -387,9 +452,22 @@ def _parse_network(trt: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any
 
 
 def _engine_metadata(
-    trt: Any, network: Any, onnx_path: Path, engine_path: Path, onnx_meta: dict[str, str], *, precision: str,
-    strongly_typed: bool, qdq: bool, calibrated: bool, profiles: list[Profile], layout: str, workspace_gib: float,
-    optimization_level: int, timing_cache: str | Path | None, build_seconds: float,
+    trt: Any,
+    network: Any,
+    onnx_path: Path,
+    engine_path: Path,
+    onnx_meta: dict[str, str],
+    *,
+    precision: str,
+    strongly_typed: bool,
+    qdq: bool,
+    calibrated: bool,
+    profiles: list[Profile],
+    layout: str,
+    workspace_gib: float,
+    optimization_level: int,
+    timing_cache: str | Path | None,
+    build_seconds: float,
 ) -> dict[str, Any]:
     """What ``<engine>.json`` records: the platform it was built on (checked before loading), the graph contract
     taken over from the ONNX file, and the build settings."""

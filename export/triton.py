@@ -25,11 +25,27 @@ from blindnet.classes import class_names
 from blindnet.io import write_text
 
 #: ONNX TensorProto element type -> Triton data type.
-ONNX_TO_TRITON = {1: "TYPE_FP32", 2: "TYPE_UINT8", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64", 10: "TYPE_FP16",
-                  9: "TYPE_BOOL", 16: "TYPE_BF16"}
+ONNX_TO_TRITON = {
+    1: "TYPE_FP32",
+    2: "TYPE_UINT8",
+    3: "TYPE_INT8",
+    6: "TYPE_INT32",
+    7: "TYPE_INT64",
+    10: "TYPE_FP16",
+    9: "TYPE_BOOL",
+    16: "TYPE_BF16",
+}
 #: numpy-style dtype names (TensorRT metadata) -> Triton data type.
-NAME_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8", "int8": "TYPE_INT8",
-                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL", "bfloat16": "TYPE_BF16"}
+NAME_TO_TRITON = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "uint8": "TYPE_UINT8",
+    "int8": "TYPE_INT8",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "bool": "TYPE_BOOL",
+    "bfloat16": "TYPE_BF16",
+}
 INSTANCE_KINDS = ("KIND_AUTO", "KIND_GPU", "KIND_CPU")
 
 
@@ -65,7 +81,9 @@ def plan_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
     meta_file = metadata_path(path)
     if not meta_file.exists():
-        raise FileNotFoundError(f"{meta_file}: build metadata missing; build the engine with `python -m blindnet.export`")
+        raise FileNotFoundError(
+            f"{meta_file}: build metadata missing; build the engine with `python -m blindnet.export`"
+        )
     meta = json.loads(meta_file.read_text())
     ins, outs = [], []
     for t in meta["io"]:
@@ -183,9 +201,15 @@ def write_triton_repository(
     if target.resolve() != model_path.resolve():
         (shutil.copy2 if copy else shutil.move)(str(model_path), str(target))
     config = render_config(
-        model_name=model_name, platform=platform, inputs=inputs, outputs=outputs, max_batch_size=batch,
-        max_queue_delay_us=max_queue_delay_us, preferred_batch_sizes=preferred_batch_sizes,
-        instance_count=instance_count, instance_kind=kind,
+        model_name=model_name,
+        platform=platform,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=batch,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=preferred_batch_sizes,
+        instance_count=instance_count,
+        instance_kind=kind,
     )
     write_text(model_dir / "config.pbtxt", config)
     write_text(model_dir / "labels.txt", "\n".join(class_names(classes)) + "\n")

@@ -25,8 +25,12 @@ from blindnet.serve import ray_serve
 def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped one")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "tensorrt"],
-                   help="inference backend (default: auto, the fastest correct path on this machine)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnx", "tensorrt"],
+        help="inference backend (default: auto, the fastest correct path on this machine)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own default)")
     p.add_argument("--precision", default=None, help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -66,8 +70,12 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
     p.add_argument(
         "--drain-timeout-s", type=float, default=30.0, help="longest SIGTERM shutdown takes (in-flight, then queue)"
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log verbosity (default info)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="server log verbosity (default info)",
+    )
     p.add_argument(
         "--ray",
         action="store_true",

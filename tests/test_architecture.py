@@ -12,8 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Source folder -> the installed package it becomes.
-PACKAGES = {"blindnet": "blindnet", "train": "blindnet.train", "export": "blindnet.export",
-            "serve": "blindnet.serve", "demo": "blindnet.demo", "benchmarks": "blindnet.benchmarks"}
+PACKAGES = {
+    "blindnet": "blindnet",
+    "train": "blindnet.train",
+    "export": "blindnet.export",
+    "serve": "blindnet.serve",
+    "demo": "blindnet.demo",
+    "benchmarks": "blindnet.benchmarks",
+}
 MAX_FUNCTION_LINES = 80
 # A function-level import of a project module is allowed when this phrase is on its line or the line above.
 LAZY_REASON = re.compile(r"#.*(lazy CLI dispatch|imported lazily because)", re.IGNORECASE)
@@ -91,7 +97,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := dfs(nxt)):
                 return cycle
         stack.pop()
@@ -105,8 +111,14 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_module_list_covers_every_job_folder() -> None:
-    for must in ("blindnet.inference", "blindnet.train.loop", "blindnet.serve.app", "blindnet.export.onnx",
-                 "blindnet.demo.app", "blindnet.benchmarks.latency"):
+    for must in (
+        "blindnet.inference",
+        "blindnet.train.loop",
+        "blindnet.serve.app",
+        "blindnet.export.onnx",
+        "blindnet.demo.app",
+        "blindnet.benchmarks.latency",
+    ):
         assert must in MODULES
 
 
@@ -157,8 +169,17 @@ def test_functions_are_short_or_say_why() -> None:
     assert not long, "functions over 80 lines without 'long on purpose: <why>' in the docstring:\n" + "\n".join(long)
 
 
-@pytest.mark.parametrize("pattern", [r"facts §", r"\bissue [0-9]", r"deployment_notes", r"aligned_appearances\.md",
-                                     r"original_code_facts", r"shared/reference"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"facts §",
+        r"\bissue [0-9]",
+        r"deployment_notes",
+        r"aligned_appearances\.md",
+        r"original_code_facts",
+        r"shared/reference",
+    ],
+)
 def test_nothing_cites_outside_notes_or_work_items(pattern: str) -> None:
     hits = []
     for folder in (*PACKAGES, "docs", "tests"):

@@ -55,8 +55,9 @@ def reference_r50_blindnet(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torc
     s = {k.removeprefix("module."): v for k, v in sd.items()}
 
     def bn(t, p):
-        return F.batch_norm(t, s[p + ".running_mean"], s[p + ".running_var"], s[p + ".weight"], s[p + ".bias"],
-                            False, 0.0, 1e-5)
+        return F.batch_norm(
+            t, s[p + ".running_mean"], s[p + ".running_var"], s[p + ".weight"], s[p + ".bias"], False, 0.0, 1e-5
+        )
 
     def inorm(t):
         return F.instance_norm(t, eps=1e-5)

@@ -61,8 +61,12 @@ def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys:
     assert rc == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["inputs"]["images"] == 1
-    assert main(["segment", str(tmp_path / "nope.png"), "--checkpoint", str(tiny_checkpoint),
-                 "--out", str(tmp_path / "o2")]) == 1
+    assert (
+        main(
+            ["segment", str(tmp_path / "nope.png"), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o2")]
+        )
+        == 1
+    )
     assert main(["info", str(tiny_checkpoint)]) == 0
     assert '"backbone": "mobilenetv2"' in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2
@@ -86,8 +90,22 @@ def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys:
 
 
 def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    rc = main(["segment", "--synthetic", "fog,night", "--frames", "3", "--clip-size", "64", "128",
-               "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "show")])
+    rc = main(
+        [
+            "segment",
+            "--synthetic",
+            "fog,night",
+            "--frames",
+            "3",
+            "--clip-size",
+            "64",
+            "128",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "show"),
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "show" / "summary.json").read_text())["synthetic"]
     for app in ("fog", "night"):
@@ -97,8 +115,10 @@ def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_
         # the contact sheet: 3 frames (first, middle, last) x (input | prediction | truth), 4-pixel gutters
         sheet = np.array(Image.open(summary[app]["sheet"]))
         assert sheet.shape == (3 * 64 + 2 * 4, 3 * 128 + 2 * 4, 3)
-    assert main(["segment", "--synthetic", "snow", "--checkpoint", str(tiny_checkpoint),
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(["segment", "--synthetic", "snow", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "bad")])
+        == 2
+    )
 
 
 @pytest.mark.parametrize("size", [(1, 1), (16, 16)])

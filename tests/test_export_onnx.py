@@ -131,8 +131,9 @@ def test_fp16_dynamo(tmp_path: Path, mobilenet: torch.nn.Module) -> None:
 
 
 def test_fp16_variant_label_agreement(tmp_path: Path, mobilenet: torch.nn.Module) -> None:
-    res = export_onnx(mobilenet, tmp_path / "fp16.onnx", fp16=True, normalize_input=True, input_layout="NCHW",
-                      exporter="torchscript")
+    res = export_onnx(
+        mobilenet, tmp_path / "fp16.onnx", fp16=True, normalize_input=True, input_layout="NCHW", exporter="torchscript"
+    )
     proto = onnx.load(str(res.path))
     # float16 weights inside, but uint8 in and float32 logits out: callers do not change with the precision.
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
@@ -148,8 +149,9 @@ def test_int32_labels_and_fixed_shape(tmp_path: Path, mobilenet: torch.nn.Module
     assert onnx.load(str(res.path)).graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
     assert verify_onnx(res.path, mobilenet, shapes=SHAPES, write_report=False, verbose=False).passed
 
-    fixed = export_onnx(mobilenet, tmp_path / "fixed.onnx", dynamic=False, size=(64, 96), batch=1,
-                        exporter="torchscript")
+    fixed = export_onnx(
+        mobilenet, tmp_path / "fixed.onnx", dynamic=False, size=(64, 96), batch=1, exporter="torchscript"
+    )
     dims = [d.dim_value for d in onnx.load(str(fixed.path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 3, 64, 96]
 
@@ -165,8 +167,9 @@ def test_bad_options_are_rejected(mobilenet: torch.nn.Module, tmp_path: Path) ->
 
 def test_parity_check_catches_a_wrong_graph(uint8_labels_export: ExportResult, tmp_path: Path) -> None:
     """The check is real: the same file compared against different weights fails."""
-    report = verify_onnx(uint8_labels_export.path, _model("mobilenetv2", seed=1), shapes=SHAPES[:1],
-                         write_report=False, verbose=False)
+    report = verify_onnx(
+        uint8_labels_export.path, _model("mobilenetv2", seed=1), shapes=SHAPES[:1], write_report=False, verbose=False
+    )
     assert not report.passed and report.min_label_agreement < 0.9
 
 
@@ -233,8 +236,21 @@ def test_onnx_backend_for_a_checkpoint_exports_once(tiny_checkpoint: Path, tmp_p
 
 def test_cli_exports_onnx_and_triton(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    rc = main(["--checkpoint", str(tiny_checkpoint), "--format", "onnx", "triton", "--out", str(out),
-               "--uint8-input", "--argmax", "--exporter", "torchscript"])
+    rc = main(
+        [
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--format",
+            "onnx",
+            "triton",
+            "--out",
+            str(out),
+            "--uint8-input",
+            "--argmax",
+            "--exporter",
+            "torchscript",
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "export.json").read_text())
     assert summary["artifacts"]["onnx"]["check"]["passed"] is True
@@ -244,9 +260,7 @@ def test_cli_exports_onnx_and_triton(tiny_checkpoint: Path, tmp_path: Path) -> N
     assert (out / "triton" / "blindnet" / "config.pbtxt").exists()
 
 
-def test_missing_and_corrupt_checkpoints_give_clear_errors(
-    tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_missing_and_corrupt_checkpoints_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         run_export(tmp_path / "nope.safetensors", tmp_path / "out")
     bad = tmp_path / "corrupt.safetensors"

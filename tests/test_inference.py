@@ -29,8 +29,9 @@ def test_labels_match_the_network(predictor: Predictor, tiny_checkpoint: Path) -
 
     image = _rng_image(0)
     pred = predictor.predict_one(image, return_logits=True, return_probabilities=True)
-    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]) / \
-        torch.tensor(IMAGENET_STD)[:, None, None]
+    x = (
+        torch.from_numpy(image).permute(2, 0, 1).float() / 255 - torch.tensor(IMAGENET_MEAN)[:, None, None]
+    ) / torch.tensor(IMAGENET_STD)[:, None, None]
     with torch.no_grad():
         logits = load_model(tiny_checkpoint)(x[None])[0]
     assert np.allclose(pred.logits, logits.numpy(), atol=1e-4)

@@ -10,9 +10,20 @@ import pytest
 # The deployable side of the package, and every module of the deployment folders (walked recursively), except the
 # training-step benchmarks (train_step, and cpu_paths which also times the step), which measure training and so must
 # import the task, and the Ray replica, which needs the optional 'ray' extra (its own tests cover it).
-DEPLOY_MODULES = ["blindnet", "blindnet.inference", "blindnet.checkpoint", "blindnet.backends", "blindnet.cli",
-                  "blindnet.segment", "blindnet.info", "blindnet.resolve", "blindnet.export", "blindnet.serve",
-                  "blindnet.demo", "blindnet.benchmarks"]
+DEPLOY_MODULES = [
+    "blindnet",
+    "blindnet.inference",
+    "blindnet.checkpoint",
+    "blindnet.backends",
+    "blindnet.cli",
+    "blindnet.segment",
+    "blindnet.info",
+    "blindnet.resolve",
+    "blindnet.export",
+    "blindnet.serve",
+    "blindnet.demo",
+    "blindnet.benchmarks",
+]
 JOB_PACKAGES = ("backends", "export", "serve", "demo", "benchmarks")
 SKIPPED = ("blindnet.benchmarks.train_step", "blindnet.benchmarks.cpu_paths", "blindnet.serve.ray_replica")
 

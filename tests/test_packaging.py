@@ -22,8 +22,16 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("segment", "convert", "info", "train", "evaluate", "export", "serve", "demo", "bench")
-BASE_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "opencv-python-headless", "pyyaml", "tqdm",
-                     "safetensors")
+BASE_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "opencv-python-headless",
+    "pyyaml",
+    "tqdm",
+    "safetensors",
+)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -42,7 +50,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (whl,) = dist.glob("blindnet-*.whl")
@@ -54,8 +64,22 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel installed; its dependencies come from this interpreter's site-packages."""
     root = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root)], check=True, timeout=120)
-    out = subprocess.run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                          "--force-reinstall", str(wheel)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            str(root / "bin" / "python"),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return root
 
@@ -64,17 +88,24 @@ def test_wheel_installs_every_job_inside_the_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"blindnet", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-    for needed in ("blindnet/train/configs/paper_r50_gtav.yaml", "blindnet/train/configs/synthetic_smoke.yaml",
-                   "blindnet/data/splits/gtav_split_val.txt", "blindnet/demo/examples/01_noon.png",
-                   "blindnet/weights/default.safetensors", "blindnet/weights/MODEL_CARD.md",
-                   "blindnet/serve/__main__.py", "blindnet/benchmarks/__main__.py"):
+    for needed in (
+        "blindnet/train/configs/paper_r50_gtav.yaml",
+        "blindnet/train/configs/synthetic_smoke.yaml",
+        "blindnet/data/splits/gtav_split_val.txt",
+        "blindnet/demo/examples/01_noon.png",
+        "blindnet/weights/default.safetensors",
+        "blindnet/weights/MODEL_CARD.md",
+        "blindnet/serve/__main__.py",
+        "blindnet/benchmarks/__main__.py",
+    ):
         assert needed in names, needed
 
 
 def test_every_job_runs_from_an_installed_wheel(venv: Path, tmp_path: Path) -> None:
     bindir = venv / "bin"
-    where = _run([str(bindir / "python"), "-c", "import blindnet.train, blindnet; print(blindnet.train.__file__)"],
-                 tmp_path)
+    where = _run(
+        [str(bindir / "python"), "-c", "import blindnet.train, blindnet; print(blindnet.train.__file__)"], tmp_path
+    )
     assert str(venv) in where.stdout, where.stdout + where.stderr  # the wheel's copy, not the checkout
     for job in JOBS:
         res = _run([str(bindir / "blindnet"), job, "--help"], tmp_path, timeout=60)
@@ -86,13 +117,41 @@ def test_every_job_runs_from_an_installed_wheel(venv: Path, tmp_path: Path) -> N
     assert "shipped demo model" in res.stderr
     assert np.array(Image.open(tmp_path / "seg" / "street_labels.png")).shape == (40, 56)
 
-    res = _run([str(bindir / "blindnet"), "train", "--config", "synthetic_smoke", "--out", "run", "--set",
-                "optim.max_iter=1", "--set", "runtime.progress=false", "--set", "eval.interval=0"], tmp_path)
+    res = _run(
+        [
+            str(bindir / "blindnet"),
+            "train",
+            "--config",
+            "synthetic_smoke",
+            "--out",
+            "run",
+            "--set",
+            "optim.max_iter=1",
+            "--set",
+            "runtime.progress=false",
+            "--set",
+            "eval.interval=0",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "config.yaml").is_file()
 
-    res = _run([str(bindir / "blindnet"), "export", "--checkpoint", "run/model.safetensors", "--format", "onnx",
-                "--exporter", "torchscript", "--out", "exp"], tmp_path)
+    res = _run(
+        [
+            str(bindir / "blindnet"),
+            "export",
+            "--checkpoint",
+            "run/model.safetensors",
+            "--format",
+            "onnx",
+            "--exporter",
+            "torchscript",
+            "--out",
+            "exp",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     info = _run([str(bindir / "blindnet"), "info", "exp/model.onnx"], tmp_path)
     assert info.returncode == 0, info.stderr[-2000:]
@@ -109,8 +168,14 @@ def _free_port() -> int:
 
 def _serve_one_request(bindir: Path, cwd: Path, image: Path) -> None:
     port = _free_port()
-    proc = subprocess.Popen([str(bindir / "blindnet"), "serve", "--port", str(port), "--log-level", "warning"],
-                            cwd=cwd, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(bindir / "blindnet"), "serve", "--port", str(port), "--log-level", "warning"],
+        cwd=cwd,
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -121,8 +186,9 @@ def _serve_one_request(bindir: Path, cwd: Path, image: Path) -> None:
             except OSError:
                 assert proc.poll() is None, proc.communicate()[1][-3000:]
                 time.sleep(0.5)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/segment", data=image.read_bytes(),
-                                     headers={"Content-Type": "image/png"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/segment", data=image.read_bytes(), headers={"Content-Type": "image/png"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200
             body = r.read()
@@ -176,25 +242,47 @@ def _base_only_site(tmp: Path) -> Path:
 def test_base_install_segments_and_every_other_job_names_its_extra(wheel: Path, tmp_path: Path) -> None:
     root = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
-    purelib = Path(subprocess.run([str(root / "bin" / "python"), "-c", "import sysconfig; "
-                                   "print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True,
-                                  check=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [str(root / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (purelib / "base.pth").write_text(str(_base_only_site(tmp_path)) + "\n")
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(purelib)
     py = str(root / "bin" / "python")
-    probe = _run([py, "-c", "import importlib.util as u; print([m for m in ('fastapi', 'gradio', 'onnx', "
-                  "'onnxruntime', 'tensorboard', 'matplotlib') if u.find_spec(m)])"], tmp_path)
+    probe = _run(
+        [
+            py,
+            "-c",
+            "import importlib.util as u; print([m for m in ('fastapi', 'gradio', 'onnx', "
+            "'onnxruntime', 'tensorboard', 'matplotlib') if u.find_spec(m)])",
+        ],
+        tmp_path,
+    )
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr  # really a base-only environment
     image = tmp_path / "tiny.png"
     Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(image)
     res = _run([py, "-m", "blindnet", "segment", str(image), "--out", "seg"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "seg" / "tiny_labels.png").is_file()
-    hints = {"train": "blindnet[train]", "export": "blindnet[export,cpu]", "serve": "blindnet[serve]",
-             "demo": "blindnet[demo]", "bench": "blindnet[bench,cpu]"}
-    args = {"train": ["--config", "synthetic_smoke"], "export": ["--out", "x"], "serve": [], "demo": [],
-            "bench": ["--quick"]}
+    hints = {
+        "train": "blindnet[train]",
+        "export": "blindnet[export,cpu]",
+        "serve": "blindnet[serve]",
+        "demo": "blindnet[demo]",
+        "bench": "blindnet[bench,cpu]",
+    }
+    args = {
+        "train": ["--config", "synthetic_smoke"],
+        "export": ["--out", "x"],
+        "serve": [],
+        "demo": [],
+        "bench": ["--quick"],
+    }
     for job, hint in hints.items():
         res = _run([py, "-m", "blindnet", job, *args[job]], tmp_path, timeout=120)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

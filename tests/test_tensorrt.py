@@ -53,24 +53,33 @@ def test_format_all_without_tensorrt_exports_the_rest(tmp_path: Path, tiny_check
     assert (tmp_path / "triton" / "blindnet" / "1" / "model.onnx").exists()
 
 
-META = {"engine": "model.plan", "tensorrt_version": "10.16.1", "gpu_name": "NVIDIA H100 80GB HBM3",
-        "compute_capability": "9.0"}
+META = {
+    "engine": "model.plan",
+    "tensorrt_version": "10.16.1",
+    "gpu_name": "NVIDIA H100 80GB HBM3",
+    "compute_capability": "9.0",
+}
 
 
 def test_engine_compatibility_rules() -> None:
-    check_engine_compatibility(META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 80GB HBM3",
-                               compute_capability="9.0")
+    check_engine_compatibility(
+        META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0"
+    )
     with pytest.raises(EngineMismatchError, match=r"TensorRT 10\.16\.1 \(this machine: 11\.4\.0\.106\)"):
-        check_engine_compatibility(META, tensorrt_version="11.4.0.106", gpu_name=META["gpu_name"],
-                                   compute_capability="9.0")
+        check_engine_compatibility(
+            META, tensorrt_version="11.4.0.106", gpu_name=META["gpu_name"], compute_capability="9.0"
+        )
     with pytest.raises(EngineMismatchError, match=r"sm_90 \(this machine: sm_80\).*rebuild"):
-        check_engine_compatibility(META, tensorrt_version="10.16.1", gpu_name="NVIDIA A100-SXM4-80GB",
-                                   compute_capability="8.0")
+        check_engine_compatibility(
+            META, tensorrt_version="10.16.1", gpu_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0"
+        )
     with pytest.raises(EngineMismatchError, match="GPU 'NVIDIA H100 80GB HBM3'"):
-        check_engine_compatibility(META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 PCIe",
-                                   compute_capability="9.0")
-    check_engine_compatibility(META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 PCIe",
-                               compute_capability="9.0", strict_gpu=False)
+        check_engine_compatibility(
+            META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 PCIe", compute_capability="9.0"
+        )
+    check_engine_compatibility(
+        META, tensorrt_version="10.16.1", gpu_name="NVIDIA H100 PCIe", compute_capability="9.0", strict_gpu=False
+    )
 
 
 def test_profiles() -> None:
@@ -92,8 +101,16 @@ def test_build_engine_and_parity(fp16: bool, tiny_checkpoint: Path, tmp_path: Pa
     from blindnet.export.pipeline import run_export
     from blindnet.inference import Predictor
 
-    summary = run_export(tiny_checkpoint, tmp_path, formats=["tensorrt", "triton"], fp16=fp16, uint8_input=True,
-                         size=(128, 192), max_batch=2, min_size=(64, 64))
+    summary = run_export(
+        tiny_checkpoint,
+        tmp_path,
+        formats=["tensorrt", "triton"],
+        fp16=fp16,
+        uint8_input=True,
+        size=(128, 192),
+        max_batch=2,
+        min_size=(64, 64),
+    )
     check = summary["artifacts"]["tensorrt"]["check"]
     assert check["passed"], check
     meta = json.loads(metadata_path(tmp_path / "model.plan").read_text())
@@ -101,7 +118,8 @@ def test_build_engine_and_parity(fp16: bool, tiny_checkpoint: Path, tmp_path: Pa
     assert meta["gpu_name"] == torch.cuda.get_device_name() and meta["profiles"][0]["max"] == [2, 128, 192]
     backend = TensorRTBackend(tmp_path / "model.plan")
     preds = Predictor(backend, input_size=(128, 192)).predict(
-        [torch.randint(0, 256, (100, 150, 3), dtype=torch.uint8).numpy()])
+        [torch.randint(0, 256, (100, 150, 3), dtype=torch.uint8).numpy()]
+    )
     assert preds[0].labels.shape == (100, 150)
     assert (tmp_path / "triton" / "blindnet" / "1" / "model.plan").exists()
     # An engine whose metadata names another TensorRT version is refused with a clear message.

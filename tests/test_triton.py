@@ -16,8 +16,11 @@ from blindnet.models import ModelConfig, build_model
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32, onnx.TensorProto.UINT8: model_config_pb2.TYPE_UINT8,
-                  onnx.TensorProto.INT32: model_config_pb2.TYPE_INT32}
+ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: model_config_pb2.TYPE_FP32,
+    onnx.TensorProto.UINT8: model_config_pb2.TYPE_UINT8,
+    onnx.TensorProto.INT32: model_config_pb2.TYPE_INT32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,17 +31,22 @@ def model() -> torch.nn.Module:
 
 def _io(path: Path) -> dict[str, tuple[int, list]]:
     g = onnx.load(str(path)).graph
-    return {v.name: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1
-                                                     for d in v.type.tensor_type.shape.dim])
-            for v in list(g.input) + list(g.output)}
+    return {
+        v.name: (
+            v.type.tensor_type.elem_type,
+            [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim],
+        )
+        for v in list(g.input) + list(g.output)
+    }
 
 
 @pytest.mark.parametrize("variant", ["float_logits", "uint8_labels"])
 def test_repository_matches_onnx(variant: str, model: torch.nn.Module, tmp_path: Path) -> None:
     kw = {"normalize_input": True, "argmax": True} if variant == "uint8_labels" else {}
     res = export_onnx(model, tmp_path / "m.onnx", exporter="torchscript", **kw)
-    model_dir = write_triton_repository(res.path, tmp_path / "repo", model_name="seg", max_batch_size=4,
-                                        max_queue_delay_us=500)
+    model_dir = write_triton_repository(
+        res.path, tmp_path / "repo", model_name="seg", max_batch_size=4, max_queue_delay_us=500
+    )
     assert model_dir == tmp_path / "repo" / "seg"
     assert (model_dir / "1" / "model.onnx").read_bytes() == res.path.read_bytes()
     labels = (model_dir / "labels.txt").read_text().splitlines()

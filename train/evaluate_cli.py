@@ -24,9 +24,12 @@ PROTOCOLS = ("clean", "original")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n")[1] + "\n" + __doc__.split("\n\n")[2])
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n")[1] + "\n" + __doc__.split("\n\n")[2],
+    )
     p.add_argument("--checkpoint", nargs="+", required=True, help="deployable .safetensors or training .pt file(s)")
     p.add_argument("--label", nargs="*", default=None, help="row labels (default: run folder or file name)")
     p.add_argument("--dataset", nargs="*", default=[], help="dataset name(s), keys of blindnet.data.DATASETS")
@@ -98,8 +101,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
             s.label: build_eval_dataset(s.dataset, s.root, s.split, protocol=args.protocol, **s.options) for s in specs
         }
         results = ev.evaluate_checkpoints(
-            dict(zip(labels, args.checkpoint)), datasets, device=torch.device("cuda" if cuda else "cpu"),
-            num_workers=args.num_workers, max_images=args.max_images, progress=not args.no_progress,
+            dict(zip(labels, args.checkpoint)),
+            datasets,
+            device=torch.device("cuda" if cuda else "cpu"),
+            num_workers=args.num_workers,
+            max_images=args.max_images,
+            progress=not args.no_progress,
             consistency=consistency,
         )
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:

@@ -199,8 +199,9 @@ class _Logs:
             except ImportError:  # a missing TensorBoard must not stop training
                 warnings.warn("tensorboard not installed: TensorBoard logs disabled", stacklevel=2)
             if cfg.runtime.progress:
-                self.bar = tqdm(total=cfg.optim.max_iter, initial=start_step, desc=cfg.name, unit="it",
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=cfg.optim.max_iter, initial=start_step, desc=cfg.name, unit="it", dynamic_ncols=True
+                )
 
     def say(self, message: str) -> None:
         (self.bar.write if self.bar is not None else print)(message)
@@ -246,8 +247,9 @@ def _resolve_resume(cfg: TrainConfig, resume: str | Path | dict | None) -> tuple
     stored = config_from_dict(ckpt["config"])
     stored.runtime, stored.eval = cfg.runtime, cfg.eval
     if to_dict(stored) != to_dict(cfg):
-        warnings.warn("resuming: model/loss/data/optim settings come from the checkpoint, not the given config",
-                      stacklevel=3)
+        warnings.warn(
+            "resuming: model/loss/data/optim settings come from the checkpoint, not the given config", stacklevel=3
+        )
     return stored, ckpt
 
 
@@ -278,8 +280,9 @@ def _build_run(cfg: TrainConfig, out_dir: str | Path) -> _Run:
     if channels_last:
         task.to(memory_format=torch.channels_last)
     o = cfg.optim
-    optimizer = torch.optim.SGD(task.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                nesterov=o.nesterov)
+    optimizer = torch.optim.SGD(
+        task.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(o.max_iter, o.poly_power))
     use_amp = rt.use_amp(device.type)
     return _Run(cfg, info, device, use_amp, channels_last, run_dir, task, task, optimizer, scheduler, source, targets)
@@ -301,8 +304,11 @@ def _restore(run: _Run, ckpt: dict | None) -> None:
     if len(states) == info.world_size:
         set_rng_state(states[info.rank], run.device)
     else:
-        warnings.warn(f"checkpoint has random states for {len(states)} ranks, running {info.world_size}: loss "
-                      "sampling will differ from the original run", stacklevel=3)
+        warnings.warn(
+            f"checkpoint has random states for {len(states)} ranks, running {info.world_size}: loss "
+            "sampling will differ from the original run",
+            stacklevel=3,
+        )
         seed_everything(seed + 7919 * info.rank + run.start_step)
 
 
@@ -318,8 +324,15 @@ def _wrap(run: _Run) -> None:
 def _loader(run: _Run) -> tuple[DataLoader, StepBatchSampler]:
     """The batches of this rank from ``run.start_step`` on: a pure function of (data seed, step)."""
     cfg, info = run.cfg, run.info
-    sampler = StepBatchSampler(run.source, cfg.optim.batch_size, rank=info.rank, world_size=info.world_size,
-                               start_step=run.start_step, max_iter=cfg.optim.max_iter, seed=cfg.data.seed)
+    sampler = StepBatchSampler(
+        run.source,
+        cfg.optim.batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        start_step=run.start_step,
+        max_iter=cfg.optim.max_iter,
+        seed=cfg.data.seed,
+    )
     loader = DataLoader(
         SeededItems(run.source.dataset),
         batch_sampler=sampler,
@@ -394,10 +407,17 @@ def run_eval(run: _Run, logs: _Logs, step: int, final: bool) -> dict[str, SegSco
     """Score the current weights on every target (the whole set when ``final``, else ``eval.max_images``)."""
     out = {}
     for label, ds in run.targets.items():
-        scores = evaluate(run.task.get_eval_model(), ds, device=run.device, amp=run.use_amp,
-                          channels_last=run.channels_last, num_workers=run.cfg.eval.num_workers,
-                          max_images=0 if final else run.cfg.eval.max_images, progress=run.cfg.runtime.progress,
-                          desc=f"eval {label}")
+        scores = evaluate(
+            run.task.get_eval_model(),
+            ds,
+            device=run.device,
+            amp=run.use_amp,
+            channels_last=run.channels_last,
+            num_workers=run.cfg.eval.num_workers,
+            max_images=0 if final else run.cfg.eval.max_images,
+            progress=run.cfg.runtime.progress,
+            desc=f"eval {label}",
+        )
         out[label] = scores
         if run.info.is_main:
             logs.eval_csv.write({"step": step, "target": label, "final": int(final), **scores.as_row()})
@@ -427,8 +447,15 @@ def _loop(run: _Run, logs: _Logs) -> tuple[int, list[dict[str, float]], float]:
         if run.info.is_main and (step % rt.log_interval == 0 or step == cfg.optim.max_iter):
             now = time.perf_counter()
             mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            logs.train_csv.write({"step": step, "epoch": sampler.epoch_of(step - 1), **mean,
-                                  "it_per_s": len(window) / max(now - t_window, 1e-9), "elapsed_s": now - t0})
+            logs.train_csv.write(
+                {
+                    "step": step,
+                    "epoch": sampler.epoch_of(step - 1),
+                    **mean,
+                    "it_per_s": len(window) / max(now - t_window, 1e-9),
+                    "elapsed_s": now - t0,
+                }
+            )
             logs.scalars("train", mean, step)
             window, t_window = [], now
         elif not run.info.is_main:

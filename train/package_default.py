@@ -46,8 +46,9 @@ def _run_facts(run: Path) -> dict:
 def _evaluate(checkpoints: dict[str, Path], config_path: Path) -> dict[str, dict[str, float]]:
     targets = load_config(config_path).eval.targets
     names = {spec.label: spec.options.get("appearance", spec.label) for spec in targets}
-    results = evaluate_checkpoints(checkpoints, {spec.label: build_eval_dataset(spec) for spec in targets},
-                                   progress=False)
+    results = evaluate_checkpoints(
+        checkpoints, {spec.label: build_eval_dataset(spec) for spec in targets}, progress=False
+    )
     return {label: {names[t]: round(s.miou * 100.0, 2) for t, s in row.items()} for label, row in results.items()}
 
 
@@ -64,7 +65,9 @@ def package_default(
     run = Path(run)
     facts = _run_facts(run)
     cfg = facts["config"]
-    device = device or f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
+    device = (
+        device or f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
+    )
     meta = {
         "training_command": command or f"python -m blindnet.train --config {cfg['name']} --out {run}",
         "config_name": cfg["name"],
@@ -121,27 +124,27 @@ The checkpoint shipped in `blindnet/weights/default.safetensors` ({size_mb:.1f} 
 restores float32). Every entry point (segment, serve, demo, export, benchmarks) uses it when no `--checkpoint` is given.
 
 ## What it is
-- DeepLabV3+ with a **{cfg['model']['backbone']}** encoder, output stride {cfg['model']['output_stride']}, BlindNet
-  variant (three InstanceNorm layers), {cfg['model']['num_classes']} Cityscapes classes, {n_params:,} parameters. Random initialisation (no ImageNet weights: nothing is
+- DeepLabV3+ with a **{cfg["model"]["backbone"]}** encoder, output stride {cfg["model"]["output_stride"]}, BlindNet
+  variant (three InstanceNorm layers), {cfg["model"]["num_classes"]} Cityscapes classes, {n_params:,} parameters. Random initialisation (no ImageNet weights: nothing is
   downloaded).
 - Trained with all four BlindNet losses (CML 0.2, CCL 0.2, CWCL 0.3, SDCL 0.3) plus two-view cross-entropy and the
   aux head (0.4), x_a = the paper's strong colour jitter + blur of x.
-- Data: procedural street scenes from `blindnet.data.synthetic` (synthetic seed {meta['synthetic_seed']}, data-order
-  seed {meta['data_seed']}), {cfg['data']['synthetic']['train_scenes']} training layouts at
-  {cfg['data']['synthetic']['height']}x{cfg['data']['synthetic']['width']}, **only the noon and sunset appearances**;
-  night, fog and rain are never seen in training. Crops {cfg['data']['crop_size'][0]}x{cfg['data']['crop_size'][1]},
-  scale {cfg['data']['scale_min']}-{cfg['data']['scale_max']}, batch {cfg['optim']['batch_size']}, SGD lr
-  {cfg['optim']['lr']} poly 0.9.
+- Data: procedural street scenes from `blindnet.data.synthetic` (synthetic seed {meta["synthetic_seed"]}, data-order
+  seed {meta["data_seed"]}), {cfg["data"]["synthetic"]["train_scenes"]} training layouts at
+  {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]}, **only the noon and sunset appearances**;
+  night, fog and rain are never seen in training. Crops {cfg["data"]["crop_size"][0]}x{cfg["data"]["crop_size"][1]},
+  scale {cfg["data"]["scale_min"]}-{cfg["data"]["scale_max"]}, batch {cfg["optim"]["batch_size"]}, SGD lr
+  {cfg["optim"]["lr"]} poly 0.9.
 
 ## Training
-- Command: `{meta['training_command']}`
-- Config: `train/configs/{cfg['name']}.yaml` (the resolved config is in the run folder's `config.yaml`).
-- {meta['iterations']} iterations in {float(meta['train_seconds']) / 60:.0f} minutes on {meta['device']}, final loss
-  {facts['final_loss']:.3f}. This is a small CPU budget (about an hour); the model is a demonstrator, not a
+- Command: `{meta["training_command"]}`
+- Config: `train/configs/{cfg["name"]}.yaml` (the resolved config is in the run folder's `config.yaml`).
+- {meta["iterations"]} iterations in {float(meta["train_seconds"]) / 60:.0f} minutes on {meta["device"]}, final loss
+  {facts["final_loss"]:.3f}. This is a small CPU budget (about an hour); the model is a demonstrator, not a
   converged result.
 {b_line}
 ## Held-out scenes: mIoU (%) per appearance
-{cfg['data']['synthetic']['val_scenes']} held-out layouts at full {cfg['data']['synthetic']['height']}x{cfg['data']['synthetic']['width']} resolution, last weights, single scale.
+{cfg["data"]["synthetic"]["val_scenes"]} held-out layouts at full {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]} resolution, last weights, single scale.
 Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on the shipped float16 file):
 
 {_table(scores, apps)}

@@ -45,9 +45,12 @@ def read_onnx_metadata(path_or_proto: str | Path | Any) -> dict[str, str]:
     """The ``blindnet.*`` facts of an exported file, prefix stripped (empty for a foreign ONNX file)."""
     import onnx
 
-    proto = onnx.load(str(path_or_proto), load_external_data=False) if isinstance(path_or_proto, (str, Path)) \
+    proto = (
+        onnx.load(str(path_or_proto), load_external_data=False)
+        if isinstance(path_or_proto, (str, Path))
         else path_or_proto
-    return {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+    )
+    return {p.key[len(META_PREFIX) :]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
 
 
 def _json_or_empty(text: str | None) -> dict[str, Any]:
@@ -71,7 +74,7 @@ def io_spec_from_session(sess: Any, meta: dict[str, str] | None = None) -> dict[
     ``normalize_input``, ``output_name``, ``output_kind`` (``logits``/``labels``), ``precision``, ``num_classes``.
     """
     meta = meta if meta is not None else dict(sess.get_modelmeta().custom_metadata_map or {})
-    meta = {k[len(META_PREFIX):] if k.startswith(META_PREFIX) else k: v for k, v in meta.items()}
+    meta = {k[len(META_PREFIX) :] if k.startswith(META_PREFIX) else k: v for k, v in meta.items()}
     inp = sess.get_inputs()[0]
     out = sess.get_outputs()[0]
     in_dtype = _ort_type(inp.type)
@@ -99,7 +102,10 @@ def io_spec_from_session(sess: Any, meta: dict[str, str] | None = None) -> dict[
 
 
 _ORT_TYPES = {
-    "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(float)": "float32",
+    "tensor(uint8)": "uint8",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(float)": "float32",
     "tensor(float16)": "float16",
 }
 
@@ -231,7 +237,9 @@ class OnnxBackend(Backend):
         self._labels_dtype = labels_dtype(self.num_classes)
 
     @classmethod
-    def from_path(cls, path: str | Path, *, device: str = "cpu", precision: str | None = None, **kwargs: Any) -> OnnxBackend:
+    def from_path(
+        cls, path: str | Path, *, device: str = "cpu", precision: str | None = None, **kwargs: Any
+    ) -> OnnxBackend:
         """Backend for an ``.onnx`` file (:func:`blindnet.resolve.cached_onnx_for_checkpoint` exports a checkpoint
         once). It runs in the precision it was exported in; a given ``precision`` must match it."""
         path = Path(path)
@@ -279,8 +287,14 @@ class OnnxBackend(Backend):
         x = normalize(x, channels_last=False).to(dtype).contiguous()
         torch.cuda.synchronize(dev)  # ORT runs on its own stream: the buffer must be ready
         binding = self.session.io_binding()
-        binding.bind_input(self.spec["input_name"], "cuda", self.device_id,
-                           np.float16 if dtype == torch.float16 else np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_input(
+            self.spec["input_name"],
+            "cuda",
+            self.device_id,
+            np.float16 if dtype == torch.float16 else np.float32,
+            tuple(x.shape),
+            x.data_ptr(),
+        )
         binding.bind_output(self.spec["output_name"], "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

@@ -78,14 +78,16 @@ class Profile:
         self.min, self.opt, self.max = (tuple(int(v) for v in t) for t in (self.min, self.opt, self.max))
         for i, name in enumerate(("batch", "height", "width")):
             if not 1 <= self.min[i] <= self.opt[i] <= self.max[i]:
-                raise ValueError(f"profile {name}: need 1 <= min <= opt <= max, got {self.min[i]}, {self.opt[i]}, "
-                                 f"{self.max[i]}")
+                raise ValueError(
+                    f"profile {name}: need 1 <= min <= opt <= max, got {self.min[i]}, {self.opt[i]}, {self.max[i]}"
+                )
 
     def contains(self, batch: int, height: int, width: int) -> bool:
         return all(lo <= v <= hi for lo, v, hi in zip(self.min, (batch, height, width), self.max))
 
     def shapes(self, layout: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """``(min, opt, max)`` full input shapes in ``layout`` (``NHWC`` or ``NCHW``)."""
+
         def full(t: tuple[int, int, int]) -> tuple[int, ...]:
             b, h, w = t
             return (b, h, w, 3) if layout == "NHWC" else (b, 3, h, w)
@@ -122,8 +124,11 @@ def current_platform() -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise RuntimeError("TensorRT needs an NVIDIA GPU, and torch sees no CUDA device on this machine")
     major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt_version": str(trt.__version__), "gpu_name": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}"}
+    return {
+        "tensorrt_version": str(trt.__version__),
+        "gpu_name": torch.cuda.get_device_name(),
+        "compute_capability": f"{major}.{minor}",
+    }
 
 
 def check_engine_compatibility(
@@ -150,7 +155,8 @@ def check_engine_compatibility(
         problems.append(f"GPU {meta.get('gpu_name')!r} (this machine: {gpu_name!r})")
     if problems:
         raise EngineMismatchError(
-            f"refusing to load {meta.get('engine', 'the engine')}: it was built for " + " and ".join(problems)
+            f"refusing to load {meta.get('engine', 'the engine')}: it was built for "
+            + " and ".join(problems)
             + ". Engines are specific to the TensorRT version and GPU; rebuild it here with "
             "`python -m blindnet.export --format tensorrt --checkpoint CKPT --out DIR` (or pass strict_gpu=False to accept "
             "another GPU model of the same architecture)."
@@ -158,16 +164,33 @@ def check_engine_compatibility(
 
 
 def _dtype_name(trt: Any, dt: Any) -> str:
-    names = {"FLOAT": "float32", "HALF": "float16", "INT8": "int8", "INT32": "int32", "INT64": "int64",
-             "UINT8": "uint8", "BOOL": "bool", "BF16": "bfloat16", "FP8": "fp8"}
+    names = {
+        "FLOAT": "float32",
+        "HALF": "float16",
+        "INT8": "int8",
+        "INT32": "int32",
+        "INT64": "int64",
+        "UINT8": "uint8",
+        "BOOL": "bool",
+        "BF16": "bfloat16",
+        "FP8": "fp8",
+    }
     for attr, name in names.items():
         if hasattr(trt.DataType, attr) and dt == getattr(trt.DataType, attr):
             return name
     return str(dt)
 
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8, "int32": torch.int32,
-                 "int64": torch.int64, "uint8": torch.uint8, "bool": torch.bool, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int8": torch.int8,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+    "bfloat16": torch.bfloat16,
+}
 
 
 class TensorRTBackend(Backend):
@@ -239,10 +262,13 @@ class TensorRTBackend(Backend):
                     self.context.set_optimization_profile_async(i, stream.cuda_stream)
                     self._profile_index = i
                 return
-        ranges = "; ".join(f"batch {p.min[0]}..{p.max[0]}, {p.min[1]}x{p.min[2]}..{p.max[1]}x{p.max[2]}"
-                           for p in self.profiles)
-        raise ValueError(f"batch of {b} x {h}x{w} is outside the engine's profiles ({ranges}); resize the input "
-                         "(Predictor input_size) or rebuild with a wider profile")
+        ranges = "; ".join(
+            f"batch {p.min[0]}..{p.max[0]}, {p.min[1]}x{p.min[2]}..{p.max[1]}x{p.max[2]}" for p in self.profiles
+        )
+        raise ValueError(
+            f"batch of {b} x {h}x{w} is outside the engine's profiles ({ranges}); resize the input "
+            "(Predictor input_size) or rebuild with a wider profile"
+        )
 
     @torch.inference_mode()
     def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
@@ -261,8 +287,9 @@ class TensorRTBackend(Backend):
             x = normalize(x.permute(0, 3, 1, 2), channels_last=False).to(self.input_dtype)
         x = x.contiguous()
         self.context.set_input_shape(self.input_name, tuple(x.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
-                          device=self.device)
+        out = torch.empty(
+            tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype, device=self.device
+        )
         self.context.set_tensor_address(self.input_name, int(x.data_ptr()))
         self.context.set_tensor_address(self.output_name, int(out.data_ptr()))
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -274,6 +301,11 @@ class TensorRTBackend(Backend):
         return BackendOutput(labels=labels, logits=out.float().cpu().numpy() if return_logits else None)
 
     def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
-                "tensorrt": str(self.meta.get("tensorrt_version")), "gpu": str(self.meta.get("gpu_name")),
-                "engine": str(self.path)}
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "precision": self.precision,
+            "tensorrt": str(self.meta.get("tensorrt_version")),
+            "gpu": str(self.meta.get("gpu_name")),
+            "engine": str(self.path),
+        }

@@ -628,16 +628,29 @@ def _road(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
     """Terrain, the carriageway and its markings (markings are road, as in Cityscapes)."""
     left, right, z_back = st.left, st.right, st.z_back
     st.terrain_col = b.jitter((0.35, 0.45, 0.2), 0.15)
-    b.add(b.ground(-600, 600, z_back, 3000), TERRAIN, st.terrain_col, layer=_L_GROUND, fine=0.2, coarse=0.3,
-          **_GROUND_KW)
+    b.add(
+        b.ground(-600, 600, z_back, 3000), TERRAIN, st.terrain_col, layer=_L_GROUND, fine=0.2, coarse=0.3, **_GROUND_KW
+    )
     road_col = b.jitter((0.3, 0.3, 0.32), 0.2)
-    b.add(b.ground(left, right, z_back, 3000), ROAD, road_col, layer=_L_STRIP, fine=0.12, coarse=0.06, wet=True,
-          **_GROUND_KW)
+    b.add(
+        b.ground(left, right, z_back, 3000),
+        ROAD,
+        road_col,
+        layer=_L_STRIP,
+        fine=0.12,
+        coarse=0.06,
+        wet=True,
+        **_GROUND_KW,
+    )
     mark = (0.85, 0.85, 0.8)
     mk = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
     # solid edges, dashed lane dividers, centre line maybe yellow
-    b.add([b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
-          ROAD, mark, **mk)
+    b.add(
+        [b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
+        ROAD,
+        mark,
+        **mk,
+    )
     dash, gap = rng.uniform(2.5, 4.0), rng.uniform(5.0, 9.0)
     zs = np.arange(z_back, st.z_far + 60, dash + gap)
     centre_col = (0.85, 0.7, 0.1) if rng.random() < 0.3 else mark
@@ -659,8 +672,12 @@ def _crossing_and_tram(b: _Builder, rng: np.random.Generator, st: _Street) -> No
             b.person(rng.uniform(left + 1, right - 1), zc + rng.uniform(0.5, 3.0))
     if rng.random() < 0.35:  # rails are road class
         xt = st.xc - st.lane / 2
-        b.add([b.ground(xt - 0.75, xt - 0.68, st.z_back, 3000), b.ground(xt + 0.68, xt + 0.75, st.z_back, 3000)],
-              ROAD, (0.55, 0.55, 0.58), **mk)
+        b.add(
+            [b.ground(xt - 0.75, xt - 0.68, st.z_back, 3000), b.ground(xt + 0.68, xt + 0.75, st.z_back, 3000)],
+            ROAD,
+            (0.55, 0.55, 0.58),
+            **mk,
+        )
         b.vehicle(xt, rng.uniform(15, 60), TRAIN, oncoming=bool(rng.random() < 0.5))
 
 
@@ -671,16 +688,38 @@ def _roadside(b: _Builder, rng: np.random.Generator, st: _Street, side: float, l
     z_back, z_far = st.z_back, st.z_far
     sw = rng.uniform(2.2, 5.0)
     outer = edge + side * sw
-    b.add(b.ground(min(edge, outer), max(edge, outer), z_back, 3000), SIDEWALK, b.jitter((0.6, 0.58, 0.55), 0.15),
-          layer=_L_STRIP, fine=0.1, coarse=0.08, wet=True, **_GROUND_KW)
-    b.add(b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000), SIDEWALK,
-          (0.72, 0.72, 0.7), layer=_L_MARK, fine=0.05, coarse=0.1, **_GROUND_KW)  # kerb stones
+    b.add(
+        b.ground(min(edge, outer), max(edge, outer), z_back, 3000),
+        SIDEWALK,
+        b.jitter((0.6, 0.58, 0.55), 0.15),
+        layer=_L_STRIP,
+        fine=0.1,
+        coarse=0.08,
+        wet=True,
+        **_GROUND_KW,
+    )
+    b.add(
+        b.ground(min(edge, edge + side * 0.25), max(edge, edge + side * 0.25), z_back, 3000),
+        SIDEWALK,
+        (0.72, 0.72, 0.7),
+        layer=_L_MARK,
+        fine=0.05,
+        coarse=0.1,
+        **_GROUND_KW,
+    )  # kerb stones
     park = rng.random() < 0.3
     setback = 0.0 if (park or rng.random() < 0.5) else rng.uniform(1.0, 3.0)
     front = outer + side * setback
     if setback > 0:  # terrain strip, maybe behind a hedge or a low wall
-        b.add(b.ground(min(outer, front), max(outer, front), z_back, 3000), TERRAIN, st.terrain_col,
-              layer=_L_STRIP, fine=0.2, coarse=0.3, **_GROUND_KW)
+        b.add(
+            b.ground(min(outer, front), max(outer, front), z_back, 3000),
+            TERRAIN,
+            st.terrain_col,
+            layer=_L_STRIP,
+            fine=0.2,
+            coarse=0.3,
+            **_GROUND_KW,
+        )
     if park:
         _park_side(b, outer, side, z_back, z_far)
     else:
@@ -699,8 +738,13 @@ def _roadside(b: _Builder, rng: np.random.Generator, st: _Street, side: float, l
         b.person(edge + side * rng.uniform(0.8, sw - 0.3), rng.uniform(4, 60 + length))
     for _ in range(int(rng.integers(0, 3))):  # parked bicycles / motorcycles on the sidewalk, in profile
         cls = BICYCLE if rng.random() < 0.6 else MOTORCYCLE
-        b.two_wheeler(edge + side * rng.uniform(1.0, sw - 0.5), rng.uniform(5, 50), cls,
-                      facing=float(rng.choice([-1, 1])), with_rider=bool(rng.random() < 0.3))
+        b.two_wheeler(
+            edge + side * rng.uniform(1.0, sw - 0.5),
+            rng.uniform(5, 50),
+            cls,
+            facing=float(rng.choice([-1, 1])),
+            with_rider=bool(rng.random() < 0.3),
+        )
     for zp in rng.uniform(5, 80 + length, int(rng.integers(0, 4))):  # parked cars along the kerb
         if abs(edge - side * 1.2) > 2.2:  # not when the kerb lane is the camera's own lane
             b.vehicle(edge - side * 1.2, zp, CAR)
@@ -726,9 +770,13 @@ def _traffic(b: _Builder, rng: np.random.Generator, st: _Street, length: float, 
     if rng.random() < 0.8:
         right = st.right
         for _ in range(int(rng.integers(1, 3))):
-            b.two_wheeler(right - 0.9, rng.uniform(8, 50), BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
-                          facing=float(rng.choice([-1, 1])),
-                          vz=max(0.3, 1.1 * ego_speed) if abs(right - 0.9) < 2.2 else 0.3)
+            b.two_wheeler(
+                right - 0.9,
+                rng.uniform(8, 50),
+                BICYCLE if rng.random() < 0.6 else MOTORCYCLE,
+                facing=float(rng.choice([-1, 1])),
+                vz=max(0.3, 1.1 * ego_speed) if abs(right - 0.9) < 2.2 else 0.3,
+            )
 
 
 def _skyline(b: _Builder, rng: np.random.Generator, st: _Street) -> None:

@@ -191,7 +191,12 @@ def _class_slots(cls: torch.Tensor, k: int, s: int, min_pixels: int) -> tuple[to
 
 
 def _fill_empty_slots(
-    index: torch.Tensor, valid: torch.Tensor, cls: torch.Tensor, selected: torch.Tensor, scores: torch.Tensor, k: int,
+    index: torch.Tensor,
+    valid: torch.Tensor,
+    cls: torch.Tensor,
+    selected: torch.Tensor,
+    scores: torch.Tensor,
+    k: int,
     v: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Filler slots (those after the last class slot) take labelled pixels not chosen yet, in ``scores`` order.
