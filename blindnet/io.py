@@ -254,11 +254,7 @@ def decode_image(
         raise ImageError(f"{name}: empty file")
     try:
         with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageTooLargeError(
-                    f"{name}: image of {img.width}x{img.height} = {img.width * img.height} pixels exceeds the "
-                    f"limit of {max_pixels}"
-                )
+            check_pixel_limit(img.width, img.height, max_pixels, name=name)
             img.load()  # the current (first) frame only, of the size checked above
             arr = _pil_to_array(img)
     except ImageError:
@@ -272,6 +268,14 @@ def decode_image(
         # all of them mean the file is unusable.
         raise ImageError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
     return to_rgb_uint8(arr, name=name)
+
+
+def check_pixel_limit(width: int, height: int, max_pixels: int | None, *, name: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when ``width x height`` exceeds ``max_pixels`` (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: image of {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )
 
 
 def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:

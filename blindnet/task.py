@@ -35,7 +35,7 @@ from blindnet.losses.contrastive import (
     sdcl_from_embeddings,
 )
 from blindnet.losses.covariance import covariance_matching_loss, cross_covariance_loss
-from blindnet.models.deeplabv3plus import DeepLabV3Plus, SegFeatures
+from blindnet.models.deeplabv3plus import DeepLabV3Plus, SegFeatures, init_weights
 
 #: Contrastive levels (``SegFeatures`` field names), in the original's order ``ProjectionHead_cls_0/1/2``.
 CONTRASTIVE_LEVELS: tuple[str, ...] = ("layer4", "dec0", "dec1")
@@ -181,13 +181,7 @@ def build_aux_head(in_channels: int, num_classes: int) -> nn.Sequential:
         nn.Dropout2d(0.1),
         nn.Conv2d(512, num_classes, kernel_size=1, bias=True),
     )
-    for m in head.modules():  # the original's initialize_weights
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    init_weights(head)
     return head
 
 

@@ -20,7 +20,7 @@ from fastapi import Request
 from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect
 
-from blindnet.io import ImageError, ImageTooLargeError, decode_image
+from blindnet.io import ImageError, ImageTooLargeError, check_pixel_limit, decode_image
 from blindnet.serve.errors import CLIENT_CLOSED_REQUEST, HTTPError
 
 log = logging.getLogger("blindnet.serve")
@@ -108,8 +108,10 @@ def probe_upload(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int]:
         raise HTTPError(413, f"{name}: {exc}") from None
     except Exception as exc:  # UnidentifiedImageError, or whatever Pillow raises on a hostile header
         raise _unaccepted_image(data, name, exc) from None
-    if w * h > max_pixels:
-        raise HTTPError(413, f"{name}: image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    try:
+        check_pixel_limit(w, h, max_pixels, name=name)
+    except ImageTooLargeError as exc:
+        raise HTTPError(413, str(exc)) from None
     return w, h
 
 

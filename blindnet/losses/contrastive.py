@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blindnet.models.deeplabv3plus import init_weights
+
 #: Stability term in the L2 normalisation of the projection heads (the original's ``+ 1e-7``).
 NORM_EPS = 1e-7
 
@@ -41,10 +43,7 @@ class ProjectionHead(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=1, bias=True)
         self.conv2 = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
-        # The original's initialize_weights: Kaiming-normal (fan_in, relu), zero bias.
-        for conv in (self.conv1, self.conv2):
-            nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+        init_weights(self.conv1, self.conv2)  # the original's initialize_weights
 
     @staticmethod
     def _normalise(x: torch.Tensor, dim: int) -> torch.Tensor:

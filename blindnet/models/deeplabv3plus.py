@@ -138,7 +138,7 @@ class DeepLabV3Plus(nn.Module):
         self.bot_fine = _conv_bn_relu(self.encoder.low_level_channels, 48, 1)
         self.final1 = nn.Sequential(*_conv_bn_relu(304, 256, 3), *_conv_bn_relu(256, 256, 3))
         self.final2 = nn.Sequential(nn.Conv2d(256, config.num_classes, kernel_size=1, bias=True))
-        _init_head(self.aspp, self.bot_aspp, self.bot_fine, self.final1, self.final2)
+        init_weights(self.aspp, self.bot_aspp, self.bot_fine, self.final1, self.final2)
 
     # Decoder feature widths, used by training-only heads.
     dec0_channels = 304
@@ -166,7 +166,7 @@ class DeepLabV3Plus(nn.Module):
     _ENCODER_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
-def _init_head(*modules: nn.Module) -> None:
+def init_weights(*modules: nn.Module) -> None:
     """The original's ``initialize_weights``: Kaiming-normal convs (fan_in, relu), zero bias, BN gamma 1 / beta 0."""
     for module in modules:
         for m in module.modules():
