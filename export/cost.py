@@ -313,6 +313,62 @@ def export_for_count(model: nn.Module, path: Path, *, exporter: str = "auto", si
     return export_onnx(model, path, exporter=exporter, size=size).exporter
 
 
+def _op_differences(bl_stats: dict, ba_stats: dict, n_style: int) -> tuple[list[dict], list[dict]]:
+    """Op-type count differences between the two graphs, each with its known explanation (None when unknown), and
+    the unexplained ones (including a wrong number of InstanceNormalization nodes)."""
+    differences, unexplained = [], []
+    for op in sorted(set(bl_stats["ops"]) | set(ba_stats["ops"])):
+        a, b = bl_stats["ops"].get(op, 0), ba_stats["ops"].get(op, 0)
+        if a == b:
+            continue
+        why = _KNOWN_OP_DIFFERENCES.get(op)
+        row = {"op": op, "blindnet": a, "baseline": b, "delta": a - b, "explanation": why}
+        differences.append(row)
+        if why is None:
+            unexplained.append(row)
+    n_in = bl_stats["ops"].get("InstanceNormalization", 0)
+    if n_in != n_style:
+        unexplained.append(
+            {
+                "op": "InstanceNormalization",
+                "blindnet": n_in,
+                "expected": n_style,
+                "explanation": None,
+            }
+        )
+
+    return differences, unexplained
+
+
+def _parameter_differences(
+    bl_net: nn.Module, base_net: nn.Module, only_base: dict[str, int], unused: int
+) -> list[dict]:
+    """The parameter difference to the baseline, explained row by row (``unused``: parameters kept, never run)."""
+    param_rows = []
+    removed_params = sum(p.numel() for n, p in base_net.named_parameters() if n not in dict(bl_net.named_parameters()))
+    if removed_params:
+        param_rows.append(
+            {
+                "delta": -removed_params,
+                "keys": sorted(
+                    k for k in only_base if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                ),
+                "explanation": f"the stem InstanceNorm replaces the stem BatchNorm: its weight and bias "
+                f"({removed_params} parameters) are gone; its running statistics (buffers) too",
+            }
+        )
+    if unused:
+        param_rows.append(
+            {
+                "delta": 0,
+                "keys": [],
+                "explanation": f"{unused} parameters are kept but never executed (ShuffleNetV2's stem BatchNorm, kept "
+                "frozen so official checkpoints load key for key); they are absent from the ONNX graph",
+            }
+        )
+    return param_rows
+
+
 def compare_with_baseline(cfg: ModelConfig, *, exporter: str = "auto", workdir: str | Path | None = None) -> dict:
     """Export the network and its baseline (same backbone, no InstanceNorm) and explain every difference.
 
@@ -329,54 +385,12 @@ def compare_with_baseline(cfg: ModelConfig, *, exporter: str = "auto", workdir: 
         bl_stats = onnx_graph_stats(Path(tmp) / "blindnet.onnx")
         ba_stats = onnx_graph_stats(Path(tmp) / "baseline.onnx")
 
-    differences, unexplained = [], []
-    for op in sorted(set(bl_stats["ops"]) | set(ba_stats["ops"])):
-        a, b = bl_stats["ops"].get(op, 0), ba_stats["ops"].get(op, 0)
-        if a == b:
-            continue
-        why = _KNOWN_OP_DIFFERENCES.get(op)
-        row = {"op": op, "blindnet": a, "baseline": b, "delta": a - b, "explanation": why}
-        differences.append(row)
-        if why is None:
-            unexplained.append(row)
-    n_in = bl_stats["ops"].get("InstanceNormalization", 0)
-    if n_in != len(bl_net.encoder.style_channels):
-        unexplained.append(
-            {
-                "op": "InstanceNormalization",
-                "blindnet": n_in,
-                "expected": len(bl_net.encoder.style_channels),
-                "explanation": None,
-            }
-        )
-
+    differences, unexplained = _op_differences(bl_stats, ba_stats, len(bl_net.encoder.style_channels))
     bl_state, ba_state = bl_net.state_dict(), base_net.state_dict()
     only_base = {k: int(v.numel()) for k, v in ba_state.items() if k not in bl_state}
     only_bl = {k: int(v.numel()) for k, v in bl_state.items() if k not in ba_state}
     bl_params, ba_params = count_parameters(bl_net), count_parameters(base_net)
-    param_rows = []
-    removed_params = sum(p.numel() for n, p in base_net.named_parameters() if n not in dict(bl_net.named_parameters()))
-    if removed_params:
-        param_rows.append(
-            {
-                "delta": -removed_params,
-                "keys": sorted(
-                    k for k in only_base if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
-                ),
-                "explanation": f"the stem InstanceNorm replaces the stem BatchNorm: its weight and bias "
-                f"({removed_params} parameters) are gone; its running statistics (buffers) too",
-            }
-        )
-    unused = bl_params - parameter_counts(bl_cfg)["executed"]
-    if unused:
-        param_rows.append(
-            {
-                "delta": 0,
-                "keys": [],
-                "explanation": f"{unused} parameters are kept but never executed (ShuffleNetV2's stem BatchNorm, kept "
-                "frozen so official checkpoints load key for key); they are absent from the ONNX graph",
-            }
-        )
+    param_rows = _parameter_differences(bl_net, base_net, only_base, bl_params - parameter_counts(bl_cfg)["executed"])
     explained_delta = sum(r["delta"] for r in param_rows)
     if bl_params - ba_params != explained_delta:
         unexplained.append({"op": "parameters", "delta": bl_params - ba_params, "explained": explained_delta})
@@ -474,6 +488,55 @@ def _g(v: float) -> str:
     return f"{v / 1e9:,.2f} G"
 
 
+def _paper_section(paper: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: which counting convention reproduces the paper's number (none without ``paper``)."""
+    lines: list[str] = []
+    if paper:
+        lines += [
+            "",
+            "## The paper's number",
+            "",
+            paper["conclusion"],
+            "",
+            "| convention | input (W x H) | value | vs 277.78 |",
+            "|---|---|---:|---:|",
+        ]
+        for c in sorted(paper["candidates"], key=lambda c: abs(c["off_by_pct"]))[:6]:
+            lines.append(
+                f"| {c['convention']} | {c['width']} x {c['height']} | {c['giga']} G | {c['off_by_pct']:+.2f}% |"
+            )
+    return lines
+
+
+def _onnx_section(onnx_part: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: the BlindNet-vs-baseline ONNX graph comparison (none without ``onnx_part``)."""
+    lines: list[str] = []
+    if onnx_part:
+        lines += [
+            "",
+            "## ONNX graph: BlindNet vs baseline",
+            "",
+            f"Exporter: {onnx_part['exporter']['blindnet']}. Nodes: BlindNet {onnx_part['blindnet']['nodes']}, "
+            f"baseline {onnx_part['baseline']['nodes']} (delta {onnx_part['node_delta']:+d}). "
+            f"Same size (every difference explained): **{onnx_part['same_size']}**.",
+            "",
+            "| op type | BlindNet | baseline | explanation |",
+            "|---|---:|---:|---|",
+        ]
+        for d in onnx_part["op_differences"]:
+            lines.append(f"| {d['op']} | {d['blindnet']} | {d['baseline']} | {d['explanation'] or 'UNEXPLAINED'} |")
+        for r in onnx_part["parameters"]["breakdown"]:
+            lines.append(f"| parameters | | | {r['delta']:+d}: {r['explanation']} |")
+        lines += [
+            "",
+            f"Graph weight elements delta: {onnx_part['graph_weight_elements_delta']:+d} "
+            f"({onnx_part['graph_weight_elements_note']}).",
+            "",
+            "Nodes per op type (BlindNet): " + ", ".join(f"{k} {v}" for k, v in onnx_part["blindnet"]["ops"].items()),
+        ]
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable Markdown rendering of :func:`cost_report`'s dict."""
     cfg, p = report["config"], report["parameters"]
@@ -519,43 +582,5 @@ def render_markdown(report: dict[str, Any]) -> str:
             row += f" {_g(base['costs'][i]['thop']['macs'])} |"
         lines.append(row)
     lines += ["", "Conventions:", ""] + [f"* `{k}`: {v}" for k, v in report["conventions"].items()]
-    paper = report.get("paper")
-    if paper:
-        lines += [
-            "",
-            "## The paper's number",
-            "",
-            paper["conclusion"],
-            "",
-            "| convention | input (W x H) | value | vs 277.78 |",
-            "|---|---|---:|---:|",
-        ]
-        for c in sorted(paper["candidates"], key=lambda c: abs(c["off_by_pct"]))[:6]:
-            lines.append(
-                f"| {c['convention']} | {c['width']} x {c['height']} | {c['giga']} G | {c['off_by_pct']:+.2f}% |"
-            )
-    onnx_part = report.get("onnx")
-    if onnx_part:
-        lines += [
-            "",
-            "## ONNX graph: BlindNet vs baseline",
-            "",
-            f"Exporter: {onnx_part['exporter']['blindnet']}. Nodes: BlindNet {onnx_part['blindnet']['nodes']}, "
-            f"baseline {onnx_part['baseline']['nodes']} (delta {onnx_part['node_delta']:+d}). "
-            f"Same size (every difference explained): **{onnx_part['same_size']}**.",
-            "",
-            "| op type | BlindNet | baseline | explanation |",
-            "|---|---:|---:|---|",
-        ]
-        for d in onnx_part["op_differences"]:
-            lines.append(f"| {d['op']} | {d['blindnet']} | {d['baseline']} | {d['explanation'] or 'UNEXPLAINED'} |")
-        for r in onnx_part["parameters"]["breakdown"]:
-            lines.append(f"| parameters | | | {r['delta']:+d}: {r['explanation']} |")
-        lines += [
-            "",
-            f"Graph weight elements delta: {onnx_part['graph_weight_elements_delta']:+d} "
-            f"({onnx_part['graph_weight_elements_note']}).",
-            "",
-            "Nodes per op type (BlindNet): " + ", ".join(f"{k} {v}" for k, v in onnx_part["blindnet"]["ops"].items()),
-        ]
+    lines += _paper_section(report.get("paper")) + _onnx_section(report.get("onnx"))
     return "\n".join(lines) + "\n"
