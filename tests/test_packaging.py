@@ -84,8 +84,27 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _source_modules() -> set[str]:
+    """Every module of the source tree as the wheel must hold it (``train/x.py`` -> ``blindnet/train/x.py``)."""
+    folders = {
+        "blindnet": "blindnet",
+        "train": "blindnet/train",
+        "export": "blindnet/export",
+        "serve": "blindnet/serve",
+        "demo": "blindnet/demo",
+        "benchmarks": "blindnet/benchmarks",
+    }
+    found = set()
+    for folder, target in folders.items():
+        for path in (REPO / folder).rglob("*.py"):
+            found.add(f"{target}/{path.relative_to(REPO / folder).as_posix()}")
+    return found
+
+
 def test_wheel_installs_every_job_inside_the_package(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
+    missing = _source_modules() - set(names)
+    assert not missing, f"modules missing from the wheel (add their package to pyproject.toml): {sorted(missing)}"
     tops = {n.split("/")[0] for n in names}
     assert tops == {"blindnet", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
     for needed in (
@@ -107,6 +126,16 @@ def test_every_job_runs_from_an_installed_wheel(venv: Path, tmp_path: Path) -> N
         [str(bindir / "python"), "-c", "import blindnet.train, blindnet; print(blindnet.train.__file__)"], tmp_path
     )
     assert str(venv) in where.stdout, where.stdout + where.stderr  # the wheel's copy, not the checkout
+    walk = _run(
+        [
+            str(bindir / "python"),
+            "-c",
+            "import blindnet, pkgutil\n"
+            "for m in pkgutil.walk_packages(blindnet.__path__, 'blindnet.'):\n    print(m.name)",
+        ],
+        tmp_path,
+    )
+    assert "blindnet.backends.select" in walk.stdout.split(), walk.stdout + walk.stderr
     for job in JOBS:
         res = _run([str(bindir / "blindnet"), job, "--help"], tmp_path, timeout=60)
         assert res.returncode == 0 and "usage: blindnet" in res.stdout, (job, res.stderr[-2000:])
