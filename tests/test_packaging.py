@@ -7,6 +7,7 @@ import importlib.metadata as md
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,9 +48,20 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 300, **env: str) -> subproc
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Built from a copy of the tree: setuptools writes a build/ folder next to the sources it builds.
+    src = tmp_path_factory.mktemp("src") / "blindnet"
+    anywhere = shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "*.onnx"
+    )
+
+    def junk(folder: str, names: list[str]) -> set[str]:
+        top = {"runs", "outputs", "data"} if Path(folder) == REPO else set()  # the user's own folders at the top
+        return set(anywhere(folder, names)) | (top & set(names))
+
+    shutil.copytree(REPO, src, ignore=junk)
     dist = tmp_path_factory.mktemp("dist")
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
         capture_output=True,
         text=True,
         timeout=300,
