@@ -146,10 +146,24 @@ def _raw_http(url: str, payload: bytes, *, read: bool = True, timeout: float = 3
         s.sendall(payload)
         if not read:
             return b""
-        chunks = []
+        data = b""
         while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+            data += chunk
+            if _response_complete(data):  # the server may keep the connection open after answering
+                break
+    return data
+
+
+def _response_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole HTTP response (headers and a Content-Length body)."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -490,7 +504,19 @@ def _start_serve(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(checkpoint), "--port", str(port), *extra]
+    # --backend torch: these tests are about the HTTP layer; the auto default would first export the model to ONNX.
+    cmd = [
+        sys.executable,
+        "-m",
+        "blindnet.serve",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--backend",
+        "torch",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
