@@ -17,6 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
 
 # job -> (module holding ``main(argv)``, one line of help). A plain dict: adding a job is one line here.
@@ -31,7 +32,6 @@ JOBS: dict[str, tuple[str, str]] = {
     "demo": ("blindnet.demo.__main__", "Gradio app for driving images and videos"),
     "bench": ("blindnet.benchmarks.__main__", "latency, throughput and cost tables"),
 }
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
 def _usage() -> str:
@@ -73,7 +73,7 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=BACKENDS,
+        choices=BACKEND_NAMES,
         help="inference backend (default: auto, the fastest correct path here: torch on CUDA; on CPU "
         "ONNX Runtime on a cached, parity-checked export, torch when onnxruntime is missing)",
     )

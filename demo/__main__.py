@@ -13,10 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
 from blindnet.resolve import resolve_checkpoint
-
-BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 
 
 def _named(spec: str) -> tuple[str | None, Path]:
@@ -59,7 +58,7 @@ def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentPars
     p.add_argument("--compare", metavar="[NAME=]PATH", help="a second model to compare against (e.g. the baseline)")
     p.add_argument(
         "--backend",
-        choices=sorted(BACKENDS),
+        choices=sorted(BACKEND_NAMES),
         default="auto",
         help="inference backend (default: auto, the fastest correct path on this machine)",
     )

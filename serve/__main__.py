@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
 from blindnet.serve import ray_serve
 
@@ -28,7 +29,7 @@ def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentPar
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "torch", "onnx", "tensorrt"],
+        choices=BACKEND_NAMES,
         help="inference backend (default: auto, the fastest correct path on this machine)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: the backend's own default)")

@@ -94,3 +94,9 @@ def test_choice_rules(tmp_path: Path) -> None:
     assert choose_backend("m.plan", device="cuda").name == "tensorrt"
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert choose_backend("m.safetensors").device == expected
+
+
+def test_the_clis_offer_exactly_the_backends_select_builds() -> None:
+    from blindnet.backends import BACKEND_NAMES
+
+    assert set(BACKEND_NAMES) == set(select.BACKENDS)

@@ -7,5 +7,10 @@
   :mod:`blindnet.export`);
 * :mod:`~blindnet.backends.select`: backend names -> constructors, and ``auto``, the fastest correct path here.
 
-This file imports nothing, so importing one runtime never pulls in the others or the exporter.
+This file imports nothing, so importing one runtime never pulls in the others or the exporter, and the command-line
+parsers can offer the backend names without loading any of them.
 """
+
+#: The names :data:`blindnet.backends.select.BACKENDS` builds, in the order the CLIs offer them (``auto`` first: the
+#: default).
+BACKEND_NAMES: tuple[str, ...] = ("auto", "torch", "onnx", "tensorrt")
