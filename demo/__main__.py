@@ -15,7 +15,6 @@ from pathlib import Path
 
 from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
-from blindnet.resolve import resolve_checkpoint
 
 
 def _named(spec: str) -> tuple[str | None, Path]:
@@ -32,6 +31,9 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
 
     Names default to the file stem (``default``, ``blindnet_r50`` ...); duplicates get ``-2``, ``-3`` suffixes.
     """
+    # Lazy CLI dispatch: blindnet.resolve loads the exporter and PyTorch, which `blindnet demo --help` must not wait for.
+    from blindnet.resolve import resolve_checkpoint
+
     specs = [_named(s) for s in (checkpoints or [])] or [(None, resolve_checkpoint(None))]
     if compare:
         specs.append(_named(compare))

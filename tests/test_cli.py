@@ -154,3 +154,20 @@ def test_every_option_of_every_job_has_help_text(job: str, monkeypatch: pytest.M
     missing = [a.dest for a in seen[0]._actions if a.dest != "help" and not (a.help or "").strip()]
     assert not missing, f"blindnet {job}: options without help: {missing}"
     assert not any(word in seen[0].format_help() for word in ("shared" + "/reference", "issue " + "#"))
+
+
+def test_help_of_every_job_answers_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from blindnet.cli import JOBS, main\n"
+        "for job in JOBS:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main([job, '--help'])\n"
+        "print(sorted(m for m in ('torch', 'gradio', 'fastapi', 'onnxruntime') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
