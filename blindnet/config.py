@@ -151,8 +151,17 @@ def merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML preset; an empty file is ``{}``; anything but a mapping is an error."""
+#: Top-level preset key naming another preset (a file name without ``.yaml``, in the same folder) that this one
+#: changes: a family of presets then holds its shared recipe once and each member only its differences.
+EXTENDS_KEY = "extends"
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML preset; an empty file is ``{}``; anything but a mapping is an error.
+
+    ``extends: other`` loads ``other.yaml`` from the same folder first and merges this file over it (mappings merge
+    key by key, lists and scalars are replaced); chains are followed and a cycle is an error.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -162,7 +171,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: {EXTENDS_KEY!r} must name a preset, got {parent!r}")
+    parent_path = path.parent / (parent if parent.endswith((".yaml", ".yml")) else f"{parent}.yaml")
+    if not parent_path.exists():
+        raise ConfigError(f"{path}: {EXTENDS_KEY}: {parent!r} not found (looked for {parent_path})")
+    chain = (*_seen, path.resolve())
+    if parent_path.resolve() in chain:
+        raise ConfigError(f"{path}: {EXTENDS_KEY} chain loops back to {parent_path}")
+    return merge(load_yaml(parent_path, chain), data)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class LossConfig:
         align_detach_original: stop the alignment gradient through the original view (default symmetric).
         align_mmd_samples: pixels per image for MMD.
         ignore_index: label ignored everywhere (255).
+        views: ``2`` (the paper): cross-entropy on x and x_a, averaged. ``1``: cross-entropy on x only and x_a is not
+            forwarded, the common single-view baseline; every term that compares the two views must then be 0.
         style_features: what CML/CCL (and ``style*`` alignment levels) read. ``"original"`` (default): each
             InstanceNorm output as the original's losses saw it, which for ShuffleNetV2's stem is the feature *after*
             the following ReLU (the original's in-place ReLU overwrote it; the published numbers come from that).
@@ -95,6 +97,7 @@ class LossConfig:
     align_mmd_samples: int = 256
     ignore_index: int = 255
     style_features: Literal["original", "pre_activation"] = "original"
+    views: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,6 +140,11 @@ class LossConfig:
             raise ValueError(f"unknown align level(s) {bad}; choose from {list(ALIGN_LEVELS)}")
         if self.align > 0 and not self.align_levels:
             raise ValueError("align > 0 needs at least one align level")
+        if self.views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {self.views}")
+        two_view = [name for name in ("cml", "ccl", "cwcl", "sdcl", "align") if getattr(self, name) > 0]
+        if self.views == 1 and two_view:
+            raise ValueError(f"views=1 forwards x only, but {two_view} compare x with x_a: set them to 0 or views=2")
 
     @property
     def uses_alignment(self) -> bool:
@@ -285,11 +293,10 @@ class BlindNetTask(nn.Module):
         target = target.long()
         # Two separate forwards, as the original: BN normalises each view with its own batch statistics.
         f = self.model.forward_features(x)
-        fa = self.model.forward_features(x_a)
-
-        ce = 0.5 * (
-            _cross_entropy(f.logits, target, cfg.ignore_index) + _cross_entropy(fa.logits, target, cfg.ignore_index)
-        )
+        ce = _cross_entropy(f.logits, target, cfg.ignore_index)
+        fa = self.model.forward_features(x_a) if cfg.views == 2 else None
+        if fa is not None:
+            ce = 0.5 * (ce + _cross_entropy(fa.logits, target, cfg.ignore_index))
         total = ce
         zero = torch.zeros((), device=ce.device, dtype=torch.float32)
         terms: dict[str, torch.Tensor] = {"ce": ce}
@@ -298,6 +305,20 @@ class BlindNetTask(nn.Module):
             aux_target = resize_labels(target, f.layer3.shape[-2:])
             terms["aux"] = _cross_entropy(self.dsn(f.layer3), aux_target, cfg.ignore_index)
             total = total + cfg.aux * terms["aux"]
+        if fa is not None:
+            total = self._two_view_terms(f, fa, target, total, terms)
+        out = {"loss": total}
+        for key in LOSS_KEYS[1:]:
+            out[key] = terms[key].detach() if key in terms else zero
+        if "align" in terms:
+            out["align"] = terms["align"].detach()
+        return out
+
+    def _two_view_terms(
+        self, f: SegFeatures, fa: SegFeatures, target: torch.Tensor, total: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Add the switched-on terms comparing the views (CML, CCL, CWCL, SDCL, alignment) to ``total`` and ``terms``."""
+        cfg = self.loss_config
         style, style_a = self.style_features(f), self.style_features(fa)
         if cfg.cml > 0:
             terms["cml"] = covariance_matching_loss(style, style_a)
@@ -316,13 +337,7 @@ class BlindNetTask(nn.Module):
         if cfg.uses_alignment:
             terms["align"] = self._alignment(f, fa, style, style_a)
             total = total + cfg.align * terms["align"]
-
-        out = {"loss": total}
-        for key in LOSS_KEYS[1:]:
-            out[key] = terms[key].detach() if key in terms else zero
-        if "align" in terms:
-            out["align"] = terms["align"].detach()
-        return out
+        return total
 
     def style_features(self, feats: SegFeatures) -> tuple[torch.Tensor, ...]:
         """The style features CML/CCL read, per :attr:`LossConfig.style_features` (shapes as ``feats.style``).

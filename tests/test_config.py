@@ -62,3 +62,28 @@ def test_errors_name_the_problem(tmp_path: Path, text: str, overrides: list[str]
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         resolve(Outer, "/nonexistent/preset.yaml")
+
+
+def test_extends_merges_over_the_parent_preset(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("steps: 20\ninner:\n  lr: 0.1\n  kind: adamw\ntargets: [a, b]\n")
+    (tmp_path / "mid.yaml").write_text("extends: base\ninner:\n  lr: 0.5\n")
+    (tmp_path / "leaf.yaml").write_text("extends: mid.yaml\nname: leaf\ntargets: [c]\n")
+    cfg = resolve(Outer, tmp_path / "leaf.yaml", ["steps=7"])
+    # mappings merge key by key through the chain, lists are replaced, overrides still win
+    assert cfg == Outer(name="leaf", steps=7, inner=Inner(lr=0.5, kind="adamw"), targets=["c"])
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"leaf.yaml": "extends: nowhere\n"}, r"'nowhere' not found"),
+        ({"leaf.yaml": "extends: [base]\n"}, "must name a preset"),
+        ({"leaf.yaml": "extends: a\n", "a.yaml": "extends: leaf\n"}, "loops back"),
+        ({"leaf.yaml": "extends: a\n", "a.yaml": "stepz: 1\n"}, r"unknown config key\(s\) \['stepz'\]"),
+    ],
+)
+def test_extends_errors_name_the_file(tmp_path: Path, files: dict[str, str], message: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve(Outer, tmp_path / "leaf.yaml")

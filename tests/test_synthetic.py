@@ -111,6 +111,15 @@ def test_write_aligned_dataset_round_trips(tmp_path):
     assert it["appearance"] != it["appearance_aug"] and {it["appearance"], it["appearance_aug"]} <= {"noon", "fog"}
     assert it["image"].shape == it["image_aug"].shape == (3, 32, 48) and it["label"].shape == (32, 48)
     assert not torch.equal(it["image"], it["image_aug"])
+    # the pair mode does not move the crop: jittered and aligned x_a runs see the same geometry and appearance of x
+    three = ["noon", "fog", "night"]  # x_a then has two candidates, so choosing it takes a random draw
+    aligned, jittered = (
+        build_train_dataset("aligned", tmp_path, crop_size=(32, 48), pair=p, appearances=three, class_uniform_pct=0.0)
+        for p in ("aligned", "augment")
+    )
+    for index, seed in [(0, 3), (1, 11), (2, 5), (3, 8)]:
+        a, b = aligned.get_seeded(index, seed=seed), jittered.get_seeded(index, seed=seed)
+        assert torch.equal(a["label"], b["label"]) and a["appearance"] == b["appearance"]
 
 
 def test_aligned_dataset_reports_missing_files(tmp_path):

@@ -241,6 +241,36 @@ def test_config_errors(tiny_model: DeepLabV3Plus) -> None:
         BlindNetTask(copy.deepcopy(tiny_model), LossConfig())(*_batch(0)[:2], torch.zeros(2, 32, 32, dtype=torch.long))
 
 
+def test_one_view_baseline_is_cross_entropy_on_x_alone(tiny_model: DeepLabV3Plus) -> None:
+    base = build_model(ModelConfig(backbone="mobilenetv2", instance_norm=False))
+    task = BlindNetTask(base, LossConfig(cml=0, ccl=0, cwcl=0, sdcl=0, views=1)).train()
+    x, x_a, target = _batch(7)
+    torch.manual_seed(0)  # the aux head's dropout draws the same mask in both calls
+    out = task(x, x_a, target)
+    logits = task.model(x)  # same weights, train mode: the same batch statistics as the task's forward
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert out["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((out["ce"] + 0.4 * out["aux"]).item(), rel=1e-5)
+    # x_a plays no part: any other x_a gives the same loss
+    torch.manual_seed(0)
+    assert task(x, torch.zeros_like(x_a), target)["loss"].item() == pytest.approx(out["loss"].item(), rel=1e-6)
+    two_view = BlindNetTask(base, LossConfig(cml=0, ccl=0, cwcl=0, sdcl=0)).train()
+    assert two_view(x, torch.zeros_like(x_a), target)["ce"].item() != pytest.approx(out["ce"].item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("views", [0, 3])
+def test_views_must_be_one_or_two(views: int) -> None:
+    with pytest.raises(ValueError, match="views must be 1 or 2"):
+        LossConfig.from_dict({"views": views})
+
+
+def test_one_view_refuses_losses_that_compare_the_views() -> None:
+    with pytest.raises(ValueError, match=r"views=1 .*\['cml', 'ccl', 'cwcl', 'sdcl'\]"):
+        LossConfig.from_dict({"views": 1})
+    with pytest.raises(ValueError, match=r"\['align'\]"):
+        LossConfig.from_dict({"views": 1, "cml": 0, "ccl": 0, "cwcl": 0, "sdcl": 0, "align": 1, "align_kind": "l2"})
+
+
 def test_ablation_copies_are_private() -> None:
     a = ablation("blindnet")
     a.cml = 0.0

@@ -837,6 +837,9 @@ class AlignedAppearanceDataset(SegmentationDataset):
         s = self.samples[index]
         label = self.decode_label(s.label)
         app = self.appearances[int(rng.integers(len(self.appearances)))]
+        # Drawn in both pair modes, so that the crop, scale and flip drawn next are the same with jittered or with
+        # aligned x_a: runs that differ only in the pair mode then see identical geometry (paired comparisons).
+        pair_draw = float(rng.random())
         image = _read_rgb(self.scene_images[s.name][app])
         image_aug = None
         app_aug = None
@@ -844,7 +847,7 @@ class AlignedAppearanceDataset(SegmentationDataset):
             choices = [a for a in self.pair_appearances if a != app]
             if not choices:  # x drew the only pair appearance: swap roles so the pair stays two real appearances
                 choices = [a for a in self.appearances if a != app]
-            app_aug = choices[int(rng.integers(len(choices)))]
+            app_aug = choices[min(int(pair_draw * len(choices)), len(choices) - 1)]
             image_aug = _read_rgb(self.scene_images[s.name][app_aug])
             if image_aug.shape != image.shape:
                 raise DatasetError(
