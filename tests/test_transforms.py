@@ -242,3 +242,5 @@ def test_original_mapillary_protocol_crop_and_portrait_padding():
     for proto, ds in (("original", "bdd100k"), ("clean", "mapillary"), ("clean", "cityscapes")):
         assert build_eval_transform(proto, ds) == build_eval_transform()
     assert not build_eval_transform("original", "cityscapes").normalize
+    for ds in ("cityscapes", "mapillary", "aligned", None):  # the Cityscapes input quirk alone, on any dataset
+        assert build_eval_transform("unnormalised", ds) == build_eval_transform("original", "cityscapes")

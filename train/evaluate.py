@@ -1,11 +1,12 @@
 """Score networks on segmentation datasets: single scale, no flip, batch 1.
 
-Two input protocols (see ``docs/original_implementation.md``):
+Input protocols (see ``docs/original_implementation.md``):
 
 * ``clean`` (default): every dataset at full resolution with ImageNet normalisation, as the network was trained;
 * ``original`` (``--protocol original``): the original evaluation's per-dataset quirks, for like-for-like comparison
   with published numbers: Cityscapes on un-normalised [0, 1] inputs, Mapillary resized to height 1024 and
-  centre-cropped to 1024 x 1024 (portrait images padded with label 0); other datasets as ``clean``.
+  centre-cropped to 1024 x 1024 (portrait images padded with label 0); other datasets as ``clean``;
+* ``unnormalised`` (``--protocol unnormalised``): the Cityscapes quirk alone on every dataset, to measure it anywhere.
 
 Library: :func:`evaluate` (one model, one dataset -> :class:`~blindnet.metrics.SegScores`), the table writers
 :func:`miou_table` (rows = checkpoints, columns = target datasets; the paper's Table 1) and :func:`class_table`

@@ -20,7 +20,7 @@ from pathlib import Path
 from blindnet.extras import require_extra
 
 # The evaluation protocols of blindnet.data.transforms.EVAL_PROTOCOLS (kept as names here: no PyTorch for --help).
-PROTOCOLS = ("clean", "original")
+PROTOCOLS = ("clean", "original", "unnormalised")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -46,7 +46,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         default="clean",
         choices=list(PROTOCOLS),
         help="clean: full resolution, ImageNet-normalised everywhere (default); original: the original evaluation "
-        "(Cityscapes un-normalised, Mapillary resized to height 1024 and centre-cropped 1024x1024)",
+        "(Cityscapes un-normalised, Mapillary resized to height 1024 and centre-cropped 1024x1024); unnormalised: "
+        "every dataset on [0, 1] inputs without ImageNet normalisation (what the original's Cityscapes input does)",
     )
     p.add_argument("--out", default=None, help="folder for the Markdown/CSV tables (and consistency heatmaps)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

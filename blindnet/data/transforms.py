@@ -241,7 +241,7 @@ class TrainTransform:
 
 
 EvalProtocol = Literal["clean", "original"]
-EVAL_PROTOCOLS: tuple[str, ...] = ("clean", "original")
+EVAL_PROTOCOLS: tuple[str, ...] = ("clean", "original", "unnormalised")
 
 
 @dataclass(frozen=True)
@@ -338,10 +338,13 @@ def build_eval_transform(protocol: EvalProtocol = "clean", dataset: str | None =
       Cityscapes un-normalised ([0, 1] inputs: its Cityscapes dataset class had the normalisation commented out);
       Mapillary resized to height 1024 and centre-cropped to 1024 x 1024 (portrait images padded with label 0);
       every other dataset as ``clean``.
+    * ``unnormalised``: the original's Cityscapes input quirk ([0, 1] values, no ImageNet normalisation) on every
+      dataset, to measure on any data what that quirk does to a model (a network with an InstanceNorm right after
+      its first convolution is nearly blind to a per-channel affine change of its input; a plain one is not).
     """
     if protocol not in EVAL_PROTOCOLS:
         raise ValueError(f"unknown evaluation protocol {protocol!r}; choose one of {list(EVAL_PROTOCOLS)}")
-    if protocol == "original" and dataset == "cityscapes":
+    if protocol == "unnormalised" or (protocol == "original" and dataset == "cityscapes"):
         return EvalTransform(normalize=False)
     if protocol == "original" and dataset == "mapillary":
         return EvalTransform(resize_height=1024, center_crop=1024, pad_label=0)
