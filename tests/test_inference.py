@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from blindnet.backends.base import argmax_channels, labels_dtype
 from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model
 from blindnet.inference import Predictor
@@ -193,3 +194,16 @@ def test_small_input_size_is_padded_too(tiny_checkpoint: Path) -> None:
     small = Predictor(TorchBackend(load_model(tiny_checkpoint)), input_size=(8, 12))
     pred = small.predict_one(_rng_image(6), return_logits=True)
     assert pred.labels.shape == (48, 64) and pred.logits.shape == (19, 48, 64)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 19, 300])
+def test_argmax_channels_equals_numpy_argmax_including_ties(channels: int) -> None:
+    rng = np.random.default_rng(channels)
+    # small integer scores: many ties, where the first maximal channel must win as in argmax
+    logits = rng.integers(-3, 4, size=(2, channels, 9, 13)).astype(np.float32)
+    dtype = labels_dtype(channels)
+    got = argmax_channels(logits, dtype)
+    assert got.dtype == dtype and got.shape == (2, 9, 13)
+    np.testing.assert_array_equal(got, logits.argmax(axis=1))
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        argmax_channels(logits[0])

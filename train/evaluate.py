@@ -102,7 +102,7 @@ def evaluate(
                 logits = model(image)
             if logits.shape[-2:] != label.shape[-2:]:
                 raise RuntimeError(f"{desc}: logits {tuple(logits.shape)} do not match label {tuple(label.shape)}")
-            pred = logits.argmax(1)
+            pred = logits.max(1).indices  # = argmax(1), ~4x faster on a CPU
             cm.update(pred, label)
             if consistency is not None and "appearance" in batch:
                 consistency.update(str(batch["name"][0]), str(batch["appearance"][0]), pred[0])

@@ -17,6 +17,7 @@ import torch
 from blindnet.backends.base import (
     Backend,
     BackendOutput,
+    argmax_channels,
     labels_dtype,
     norm_stride_of,
     normalize,
@@ -262,7 +263,7 @@ class OnnxBackend(Backend):
         if self.spec["output_kind"] == "labels":
             return BackendOutput(labels=out.astype(self._labels_dtype, copy=False))
         logits = out.astype(np.float32, copy=False)
-        labels = logits.argmax(axis=1).astype(self._labels_dtype)
+        labels = argmax_channels(logits, self._labels_dtype)
         return BackendOutput(labels=labels, logits=logits if return_logits else None)
 
     def _run(self, x: np.ndarray) -> np.ndarray:

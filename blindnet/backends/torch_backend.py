@@ -61,9 +61,10 @@ class TorchBackend(Backend):
         """``N x H x W x 3`` uint8 -> normalised ``N x 3 x H x W`` tensor on the device (channels_last if set)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device, non_blocking=True)
         x = normalize(x.permute(0, 3, 1, 2), channels_last=False)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        # The permuted view keeps NHWC strides, and convolutions follow their input's layout: without an explicit
+        # layout a float32 "contiguous" model would silently run channels_last (slower on CPUs without bf16).
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
 
     @torch.inference_mode()
     def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
@@ -71,7 +72,9 @@ class TorchBackend(Backend):
         use_autocast = self.dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=use_autocast):
             logits = self._run(x)
-        labels = logits.argmax(1).to(torch_labels_dtype(self.num_classes)).cpu().numpy()
+        # max(1).indices equals argmax(1) (first maximum on ties) and is ~4x faster on a CPU (49 vs 204 ms for
+        # 19 x 512 x 1024 on one core): argmax reduces across the strided channel axis element by element.
+        labels = logits.max(1).indices.to(torch_labels_dtype(self.num_classes)).cpu().numpy()
         out = BackendOutput(labels=labels)
         if return_logits:
             out.logits = logits.float().cpu().numpy()
