@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
 from blindnet.train.config import load_config
@@ -332,12 +334,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--in-domain", nargs="+", default=["noon", "sunset"], help="appearances seen in training")
     p.add_argument("--unseen", nargs="+", default=["night", "fog", "rain"], help="appearances never seen in training")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for scoring (0: PyTorch's default; 1 beside training runs)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     """CLI entry: parse and call :func:`summarise_experiment`; prints the summary table."""
     args = _parse(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     arms = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.arm)
     paths = summarise_experiment(
         args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
