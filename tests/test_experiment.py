@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -94,6 +95,12 @@ def test_summarise_experiment_scores_real_runs_once(tmp_path: Path, tiny_checkpo
     stamp = cache.stat().st_mtime_ns
     summarise_experiment(runs, preset, out, arms={"base": "Base", "same": "Same"}, reference="base")
     assert cache.stat().st_mtime_ns == stamp
+    # un-normalised inputs scored only for the arms asked for
+    (runs / "other_s1").mkdir()
+    shutil.copyfile(tiny_checkpoint, runs / "other_s1" / "model.safetensors")
+    paths = summarise_experiment(runs, preset, out, reference="base", unnormalised_arms=["base"])
+    assert set(json.loads((runs / "other_s1" / "experiment_eval.json").read_text())) == {"clean"}
+    assert "| other |" not in paths["protocols.md"].read_text() and "| base |" in paths["protocols.md"].read_text()
     with pytest.raises(ValueError, match="reference arm 'nope'"):
         summarise_experiment(runs, preset, out, reference="nope")
     with pytest.raises(FileNotFoundError, match="no finished"):

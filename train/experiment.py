@@ -288,11 +288,13 @@ def summarise_experiment(
     reference: str = "",
     in_domain: Sequence[str] = ("noon", "sunset"),
     unseen: Sequence[str] = ("night", "fog", "rain"),
-    protocols: Sequence[str] = PROTOCOLS,
+    unnormalised_arms: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> dict[str, Path]:
     """Score every finished run under ``runs_root`` (cached) and write the tables, the plot and each run's small files
-    into ``out``. ``arms``: arm -> label, in table order (default: every arm found, by name). Returns the paths."""
+    into ``out``. ``arms``: arm -> label, in table order (default: every arm found, by name). ``unnormalised_arms``:
+    the arms also scored on un-normalised inputs (default: all; scoring costs a pass over every target). Returns the
+    paths."""
     labels = dict(arms or {})
     runs = find_runs(runs_root, list(labels) or None)
     if not runs:
@@ -300,11 +302,12 @@ def summarise_experiment(
     if reference and reference not in {r.arm for r in runs}:
         raise ValueError(f"reference arm {reference!r} has no finished run under {runs_root}")
     for run in runs:
-        score_run(run, config, protocols, device)
+        extra = unnormalised_arms is None or run.arm in unnormalised_arms
+        score_run(run, config, PROTOCOLS if extra else ("clean",), device)
     out = Path(out)
     tables = summary_tables(runs, labels, reference, unseen)
     tables["trend"] = trend_table(runs, labels, in_domain)
-    if "unnormalised" in protocols:
+    if any("unnormalised" in r.scores for r in runs):
         tables["protocols"] = protocol_table(runs, labels, unseen)
     paths = {}
     for stem, (md, cs) in tables.items():
@@ -333,6 +336,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default="", help="arm the paired differences are taken against")
     p.add_argument("--in-domain", nargs="+", default=["noon", "sunset"], help="appearances seen in training")
     p.add_argument("--unseen", nargs="+", default=["night", "fog", "rain"], help="appearances never seen in training")
+    p.add_argument(
+        "--unnormalised-arms", nargs="*", default=None, help="arms also scored on un-normalised inputs (default: all)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for scoring (0: PyTorch's default; 1 beside training runs)"
@@ -348,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     arms = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.arm)
     paths = summarise_experiment(
         args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
-        unseen=args.unseen, device=args.device,
+        unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, device=args.device,
     )  # fmt: skip
     print(paths["summary.md"].read_text())
     return paths
