@@ -62,8 +62,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--compare-eager",
         action="store_true",
-        help="CPU: time the eager float32 step against the best CPU step (channels_last, bf16 where native), "
-        "interleaved in one process, at --batch pairs of --hw H W; prints and appends one JSON row",
+        help="CPU: time the eager float32 step against the best CPU step (channels_last unless --no-channels-last, "
+        "bf16 where native, torch.compile of the network with --compile model|task), interleaved in one process, at "
+        "--batch pairs of --hw H W; prints and appends one JSON row",
     )
     p.add_argument("--hw", type=int, nargs=2, default=(256, 512), metavar=("H", "W"), help="--compare-eager size")
     return p.parse_args(argv)
@@ -142,11 +143,24 @@ def time_step(args: argparse.Namespace, config_name: str, device: torch.device) 
     return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_gib": peak, "losses": losses}
 
 
-def _cpu_setup(backbone: str, config_name: str, best: bool, pairs: int, size: tuple[int, int], seed: int):
-    """A fresh task + SGD + one fixed batch (``pairs x 3 x H x W`` twice, labels ``pairs x H x W``), eager or best."""
+def _cpu_setup(
+    backbone: str,
+    config_name: str,
+    best: bool,
+    pairs: int,
+    size: tuple[int, int],
+    seed: int,
+    channels_last: bool = True,
+    compile: bool = False,
+):
+    """A fresh task + SGD + one fixed batch (``pairs x 3 x H x W`` twice, labels ``pairs x H x W``), eager or best
+    (``channels_last`` layout, bf16 autocast where the CPU has it natively, and ``torch.compile`` of the network's
+    ``forward_features`` when ``compile``)."""
     torch.manual_seed(seed)
     task = BlindNetTask(build_model(ModelConfig(backbone=backbone)), ablation(config_name)).train()
-    fmt = torch.channels_last if best else torch.contiguous_format
+    if best and compile:
+        task.model.forward_features = torch.compile(task.model.forward_features)  # the losses stay eager
+    fmt = torch.channels_last if best and channels_last else torch.contiguous_format
     task = task.to(memory_format=fmt)
     # Each setup samples its loss pixels from its own generator: the interleaved steps do not shift each other's draws,
     # so the two loss trajectories differ only by what the best path changes in the maths.
@@ -184,15 +198,20 @@ def compare_cpu_step(
     size: tuple[int, int] = (256, 512),
     config_name: str = "blindnet",
     seed: int = 0,
+    channels_last: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """The package's eager CPU step (float32, contiguous) vs its best (channels_last, plus bfloat16 autocast where the
-    CPU has native bfloat16), same weights and batch, steps interleaved in one process so that a shared machine's
-    load hits both alike.
+    """The package's eager CPU step (float32, contiguous) vs its best (``channels_last`` layout, bfloat16 autocast where
+    the CPU has native bfloat16, ``torch.compile`` of the network when ``compile``), same weights and batch, steps
+    interleaved in one process so that a shared machine's load hits both alike (compilation happens in ``warmup``).
 
     Returns medians (ms), ``speedup`` (eager / best), images per second (2 images per pair) and both loss
     trajectories (the same batch each step, so they track each other unless the best path changes the maths).
     """
-    runs = {name: _cpu_setup(backbone, config_name, name == "best", pairs, size, seed) for name in ("eager", "best")}
+    runs = {
+        name: _cpu_setup(backbone, config_name, name == "best", pairs, size, seed, channels_last, compile)
+        for name in ("eager", "best")
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     losses: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + steps):
@@ -209,7 +228,7 @@ def compare_cpu_step(
         "pairs": pairs,
         "size": list(size),
         "steps": steps,
-        "best": {"channels_last": True, "bf16_autocast": runs["best"][1]},
+        "best": {"channels_last": channels_last, "bf16_autocast": runs["best"][1], "compile": compile},
         "eager_median_ms": round(med["eager"], 1),
         "best_median_ms": round(med["best"], 1),
         "speedup": round(med["eager"] / med["best"], 3),
@@ -226,7 +245,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.compare_eager:
         row = compare_cpu_step(
-            args.backbone, steps=args.steps, warmup=args.warmup, pairs=args.batch, size=tuple(args.hw), seed=args.seed
+            args.backbone,
+            steps=args.steps,
+            warmup=args.warmup,
+            pairs=args.batch,
+            size=tuple(args.hw),
+            seed=args.seed,
+            channels_last=args.channels_last,
+            compile=args.compile != "none",
         )
         row.update(
             benchmark="train_step_cpu_compare",
