@@ -64,6 +64,15 @@ def test_find_runs_keeps_finished_seeded_runs_in_arm_order(tmp_path: Path) -> No
     assert [(r.arm, r.seed) for r in find_runs(tmp_path, ["b", "a"])] == [("b", 1), ("b", 2), ("a", 1)]
     assert [(r.arm, r.seed) for r in find_runs(tmp_path)] == [("a", 1), ("b", 1), ("b", 2)]
     assert find_runs(tmp_path / "missing") == []
+    # a results folder that kept only the cached scores counts as finished; the first root wins a name clash
+    kept = tmp_path / "kept"
+    for name in ("a_s3", "b_s1"):
+        (kept / name).mkdir(parents=True)
+        (kept / name / "experiment_eval.json").write_text("{}")
+    runs = find_runs([tmp_path, kept], ["a", "b"])
+    assert [(r.arm, r.seed, r.path.parent.name) for r in runs] == [
+        ("a", 1, tmp_path.name), ("a", 3, "kept"), ("b", 1, tmp_path.name), ("b", 2, tmp_path.name)
+    ]  # fmt: skip
 
 
 def test_summarise_experiment_scores_real_runs_once(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -103,5 +112,12 @@ def test_summarise_experiment_scores_real_runs_once(tmp_path: Path, tiny_checkpo
     assert "| other |" not in paths["protocols.md"].read_text() and "| base |" in paths["protocols.md"].read_text()
     with pytest.raises(ValueError, match="reference arm 'nope'"):
         summarise_experiment(runs, preset, out, reference="nope")
+    # summarising the copies alone (no weights) works from their cached scores, and needs weights for a new protocol
+    again = summarise_experiment(out, preset, tmp_path / "again", reference="base", unnormalised_arms=["base"])
+    assert again["summary.md"].read_text() == paths["summary.md"].read_text()
+    (out / "gone_s1").mkdir()  # neither weights nor scores: not a finished run
+    assert [r.path.name for r in find_runs(out)] == ["base_s1", "other_s1", "same_s1"]
+    with pytest.raises(FileNotFoundError, match="other_s1: no model.safetensors to score the 'unnormalised'"):
+        summarise_experiment(out, preset, tmp_path / "again", unnormalised_arms=["other", "base", "same"])
     with pytest.raises(FileNotFoundError, match="no finished"):
         summarise_experiment(tmp_path / "empty", preset, out)

@@ -71,16 +71,21 @@ class Run:
         return {k: sum(v) / len(v) for k, v in sorted(by_step.items()) if len(v) == len(targets)}
 
 
-def find_runs(root: str | Path, arms: Sequence[str] | None = None) -> list[Run]:
-    """The finished ``<arm>_s<seed>`` run folders under ``root`` (those with ``model.safetensors``), sorted by arm
-    order (``arms``, else by name) and seed. Folders of other arms, and unfinished runs, are left out."""
-    found = []
-    for path in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
-        m = RUN_NAME.match(path.name)
-        if m and path.is_dir() and (path / "model.safetensors").is_file() and (arms is None or m["arm"] in arms):
-            found.append(Run(m["arm"], int(m["seed"]), path))
-    order = {a: i for i, a in enumerate(arms or sorted({r.arm for r in found}))}
-    return sorted(found, key=lambda r: (order[r.arm], r.seed))
+def find_runs(roots: str | Path | Sequence[str | Path], arms: Sequence[str] | None = None) -> list[Run]:
+    """The finished ``<arm>_s<seed>`` run folders under ``roots`` (one folder or several), sorted by arm order
+    (``arms``, else by name) and seed. Finished = it has ``model.safetensors``, or scores cached by an earlier summary
+    (a results folder that kept only the small files). A run name found under several roots is taken from the first.
+    Folders of other arms, and unfinished runs, are left out."""
+    found: dict[str, Run] = {}
+    for root in [roots] if isinstance(roots, (str, Path)) else roots:
+        for path in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+            m = RUN_NAME.match(path.name)
+            if not m or not path.is_dir() or path.name in found or (arms is not None and m["arm"] not in arms):
+                continue
+            if (path / "model.safetensors").is_file() or (path / CACHE_NAME).is_file():
+                found[path.name] = Run(m["arm"], int(m["seed"]), path)
+    order = {a: i for i, a in enumerate(arms or sorted({r.arm for r in found.values()}))}
+    return sorted(found.values(), key=lambda r: (order[r.arm], r.seed))
 
 
 def score_run(run: Run, config: str | Path, protocols: Sequence[str] = PROTOCOLS, device: str = "cpu") -> dict:
@@ -93,6 +98,8 @@ def score_run(run: Run, config: str | Path, protocols: Sequence[str] = PROTOCOLS
     for protocol in protocols:
         if protocol in scores:
             continue
+        if not (run.path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{run.path}: no model.safetensors to score the {protocol!r} protocol with")
         datasets = {
             s.label: build_eval_dataset(s.dataset, s.root, s.split, protocol=protocol, **s.options) for s in targets
         }
@@ -280,7 +287,7 @@ def plot_summary(runs: Sequence[Run], labels: Mapping[str, str], path: str | Pat
 
 
 def summarise_experiment(
-    runs_root: str | Path,
+    runs_root: str | Path | Sequence[str | Path],
     config: str | Path,
     out: str | Path,
     *,
@@ -291,14 +298,14 @@ def summarise_experiment(
     unnormalised_arms: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> dict[str, Path]:
-    """Score every finished run under ``runs_root`` (cached) and write the tables, the plot and each run's small files
+    """Score every finished run under ``runs_root`` (one folder or several, see :func:`find_runs`; cached) and write the tables, the plot and each run's small files
     into ``out``. ``arms``: arm -> label, in table order (default: every arm found, by name). ``unnormalised_arms``:
     the arms also scored on un-normalised inputs (default: all; scoring costs a pass over every target). Returns the
     paths."""
     labels = dict(arms or {})
     runs = find_runs(runs_root, list(labels) or None)
     if not runs:
-        raise FileNotFoundError(f"no finished <arm>_s<seed> runs (with model.safetensors) under {runs_root}")
+        raise FileNotFoundError(f"no finished <arm>_s<seed> runs (weights or cached scores) under {runs_root}")
     if reference and reference not in {r.arm for r in runs}:
         raise ValueError(f"reference arm {reference!r} has no finished run under {runs_root}")
     for run in runs:
@@ -329,7 +336,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[-1],
     )
-    p.add_argument("--runs", required=True, help="folder holding the <arm>_s<seed> run folders")
+    p.add_argument("--runs", nargs="+", required=True, help="folder(s) holding <arm>_s<seed> run folders")
     p.add_argument("--config", required=True, help="preset whose eval.targets every run is scored on")
     p.add_argument("--out", required=True, help="folder for the tables, the plot and the runs' small files")
     p.add_argument("--arm", nargs="*", default=[], metavar="ARM=LABEL", help="arms in table order, with labels")
