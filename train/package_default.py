@@ -78,14 +78,14 @@ def package_default(
         "device": device,
     }
     save_model(load_model(run / "model.safetensors"), dest, half=True, extra_metadata=meta)
-    checkpoints = {"BlindNet (shipped)": Path(dest)}
+    checkpoints = {f"{recipe_name(cfg)} (shipped)": Path(dest)}
     baseline_facts = None
     if baseline_run is not None:
         baseline_run = Path(baseline_run)
         baseline_facts = _run_facts(baseline_run)
         half = baseline_run / "model_fp16.safetensors"
         save_model(load_model(baseline_run / "model.safetensors"), half, half=True)
-        checkpoints["Baseline DeepLabV3+"] = half
+        checkpoints[recipe_name(baseline_facts["config"])] = half
     scores = _evaluate(checkpoints, run / "config.yaml")
     clip: dict[str, dict] = {}
     for label, path in checkpoints.items():
@@ -98,6 +98,41 @@ def package_default(
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
     atomic_write(card_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def recipe_name(cfg: dict) -> str:
+    """A short name of a run's recipe from its resolved config: ``BlindNet``, ``Aligned appearances + MMD``, ..."""
+    loss, aligned = cfg["loss"], cfg["data"]["pair"] == "aligned"
+    blindnet = cfg["model"].get("instance_norm", True) and any(loss[k] > 0 for k in ("cml", "ccl", "cwcl", "sdcl"))
+    name = "BlindNet" if blindnet else "DeepLabV3+"
+    if aligned:
+        name += " on aligned appearances"
+    if loss.get("align", 0) > 0:
+        name += f" + {loss['align_kind'].upper() if loss['align_kind'] != 'cosine' else 'cosine'} alignment"
+    if not blindnet and not aligned and loss.get("align", 0) == 0:
+        name += " baseline" + (", one view" if loss.get("views", 2) == 1 else "")
+    return name
+
+
+def recipe_lines(cfg: dict) -> str:
+    """Markdown bullets saying what a run trained: the network variant, the loss terms and where x_a came from."""
+    loss, model = cfg["loss"], cfg["model"]
+    variant = (
+        "BlindNet variant (InstanceNorm layers)" if model.get("instance_norm", True) else "Plain (no InstanceNorm)"
+    )
+    terms = [f"{k.upper()} {loss[k]}" for k in ("cml", "ccl", "cwcl", "sdcl") if loss[k] > 0]
+    ce = "cross-entropy on x only" if loss.get("views", 2) == 1 else "two-view cross-entropy (x and x_a)"
+    if loss.get("align", 0) > 0:
+        terms.append(f"{loss['align_kind']} feature alignment {loss['align']} on {', '.join(loss['align_levels'])}")
+    pair = (
+        "x_a is not used"
+        if loss.get("views", 2) == 1
+        else "x_a = another real appearance of the same layout (one shared mask)"
+        if cfg["data"]["pair"] == "aligned"
+        else "x_a = the paper's strong colour jitter + blur of x"
+    )
+    losses = f"{', '.join(terms)} plus {ce}" if terms else ce.capitalize()
+    return f"- {variant}.\n- {losses} and the aux head ({loss['aux']}); {pair}."
 
 
 def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
@@ -113,10 +148,10 @@ def _card(cfg, facts, baseline_facts, meta, scores, clip, dest: Path) -> str:
     n_params = sum(p.numel() for p in load_model(dest).parameters())
     b_line = ""
     if baseline_facts is not None:
+        b_cfg = baseline_facts["config"]
         b_line = (
-            f"- Baseline: the same recipe with `--config {cfg['name']}_baseline` (plain DeepLabV3+, no InstanceNorm, "
-            f"two-view cross-entropy + aux only): {baseline_facts['iterations']} iterations, "
-            f"{baseline_facts['train_seconds'] / 60:.0f} min on the same CPU.\n"
+            f"- Compared with: {recipe_name(b_cfg)} (`--config {b_cfg['name']}`, same data and iterations): "
+            f"{baseline_facts['iterations']} iterations, {baseline_facts['train_seconds'] / 60:.0f} min on the same CPU.\n"
         )
     return f"""# Model card: blindnet default model
 
@@ -124,11 +159,10 @@ The checkpoint shipped in `blindnet/weights/default.safetensors` ({size_mb:.1f} 
 restores float32). Every entry point (segment, serve, demo, export, benchmarks) uses it when no `--checkpoint` is given.
 
 ## What it is
-- DeepLabV3+ with a **{cfg["model"]["backbone"]}** encoder, output stride {cfg["model"]["output_stride"]}, BlindNet
-  variant (three InstanceNorm layers), {cfg["model"]["num_classes"]} Cityscapes classes, {n_params:,} parameters. Random initialisation (no ImageNet weights: nothing is
-  downloaded).
-- Trained with all four BlindNet losses (CML 0.2, CCL 0.2, CWCL 0.3, SDCL 0.3) plus two-view cross-entropy and the
-  aux head (0.4), x_a = the paper's strong colour jitter + blur of x.
+- DeepLabV3+ with a **{cfg["model"]["backbone"]}** encoder, output stride {cfg["model"]["output_stride"]},
+  {cfg["model"]["num_classes"]} Cityscapes classes, {n_params:,} parameters, random initialisation (no ImageNet weights:
+  nothing is downloaded). Recipe: **{recipe_name(cfg)}**.
+{recipe_lines(cfg)}
 - Data: procedural street scenes from `blindnet.data.synthetic` (synthetic seed {meta["synthetic_seed"]}, data-order
   seed {meta["data_seed"]}), {cfg["data"]["synthetic"]["train_scenes"]} training layouts at
   {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]}, **only the noon and sunset appearances**;
