@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from blindnet.data.synthetic import write_aligned_dataset
-from blindnet.train.experiment import Run, find_runs, mean_std, summarise_experiment, summary_tables, trend_table
+from blindnet.train.experiment import (
+    Run,
+    class_table,
+    find_runs,
+    mean_std,
+    summarise_experiment,
+    summary_tables,
+    trend_table,
+)
 
 APPS = ("noon", "fog")
 
@@ -48,6 +56,21 @@ def test_summary_means_and_paired_differences_have_the_known_values(tmp_path: Pa
     extra = _scored(tmp_path, "new", 9, 50.0, 50.0, 50.0)
     md, _ = summary_tables(base + new + [extra], {}, "base", unseen=["fog"])["summary"]
     assert "| new | 4 |" in md and "| new − base | 3 |" in md
+
+
+def test_class_table_averages_over_targets_and_seeds(tmp_path: Path) -> None:
+    runs = []
+    for seed, (road, car) in enumerate([(10.0, 30.0), (20.0, 50.0)], start=1):
+        run = _scored(tmp_path, "a", seed, 0, 0, 0)
+        nan = float("nan")
+        run.scores["clean"]["class_iou"] = {
+            "aligned:fog": {"road": road, "car": car, "bus": nan},
+            "aligned:night": {"road": road + 2, "car": car, "bus": nan},
+            "aligned:noon": {"road": 99.0, "car": 99.0, "bus": 99.0},  # not a requested target
+        }
+        runs.append(run)
+    md, cs = class_table(runs, {"a": "A"}, ["fog", "night"])
+    assert "| arm | road | car |" in md and "| A | 16.0 | 40.0 |" in md and "bus" not in cs
 
 
 def test_trend_table_reads_every_evaluated_step(tmp_path: Path) -> None:

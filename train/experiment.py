@@ -239,6 +239,23 @@ def trend_table(runs: Sequence[Run], labels: Mapping[str, str], in_domain: Seque
     return _markdown(header, rows) + "\n", _csv(header, rows)
 
 
+def class_table(runs: Sequence[Run], labels: Mapping[str, str], targets: Sequence[str]) -> tuple[str, str]:
+    """Per-class IoU (clean inputs) averaged over ``targets`` (short names) and seeds: arms x classes. Classes no run
+    ever predicted or saw there (NaN everywhere) are left out. Says which classes an arm wins or loses on."""
+    arms = list(dict.fromkeys(r.arm for r in runs))
+    per_arm: dict[str, dict[str, list[float]]] = {a: {} for a in arms}
+    for r in runs:
+        for t, per_class in r.scores["clean"].get("class_iou", {}).items():
+            if _short(t) in targets:
+                for name, v in per_class.items():
+                    per_arm[r.arm].setdefault(name, []).append(v)
+    classes = [c for c in dict.fromkeys(n for a in arms for n in per_arm[a]) if any(
+        not math.isnan(mean_std(per_arm[a].get(c, []))[0]) for a in arms)]  # fmt: skip
+    header = ["arm", *classes]
+    rows = [[labels.get(a, a), *[f"{mean_std(per_arm[a].get(c, []))[0]:.1f}" for c in classes]] for a in arms]
+    return _markdown(header, rows) + "\n", _csv(header, rows)
+
+
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [
         "| " + " | ".join(header) + " |",
@@ -314,6 +331,8 @@ def summarise_experiment(
     out = Path(out)
     tables = summary_tables(runs, labels, reference, unseen)
     tables["trend"] = trend_table(runs, labels, in_domain)
+    tables["classes_unseen"] = class_table(runs, labels, unseen)
+    tables["classes_in_domain"] = class_table(runs, labels, in_domain)
     if any("unnormalised" in r.scores for r in runs):
         tables["protocols"] = protocol_table(runs, labels, unseen)
     paths = {}
