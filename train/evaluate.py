@@ -187,13 +187,15 @@ def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (first column left-aligned, the others right-aligned), ending in a newline."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def csv_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """CSV text with a header row."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -221,7 +223,7 @@ def miou_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "mI
         finite = [v for v in vals if not math.isnan(v)]
         mean = sum(finite) / len(finite) if finite else float("nan")
         rows.append([label, *map(_fmt, vals), _fmt(mean)])
-    return _markdown(header, rows), _csv(header, rows)
+    return markdown_table(header, rows), csv_table(header, rows)
 
 
 def class_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "iou") -> tuple[str, str]:
@@ -233,7 +235,7 @@ def class_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "i
             vals = getattr(s, metric)
             rows.append([f"{label} / {target}", *[_fmt(v * 100) for v in vals], _fmt(s.miou * 100), _fmt(s.macc * 100)])
     header = ["method / target", *(names or []), "mIoU", "mAcc"]
-    return _markdown(header, rows), _csv(header, rows)
+    return markdown_table(header, rows), csv_table(header, rows)
 
 
 def consistency_table(consistency: Mapping[str, Mapping[str, ConsistencyScores]]) -> tuple[str, str]:
@@ -255,7 +257,7 @@ def consistency_table(consistency: Mapping[str, Mapping[str, ConsistencyScores]]
                 [c.appearances[i], *[f"{_fmt(c.agreement[i][j] * 100)} / {_fmt(c.miou[i][j] * 100)}" for j in range(n)]]
                 for i in range(n)
             ]
-            blocks.append(_markdown(["appearance", *c.appearances], cells))
+            blocks.append(markdown_table(["appearance", *c.appearances], cells))
             for i in range(n):
                 for j in range(n):
                     if i != j:
@@ -264,7 +266,7 @@ def consistency_table(consistency: Mapping[str, Mapping[str, ConsistencyScores]]
                              _fmt(c.miou[i][j] * 100), str(c.scenes[i][j])]
                         )  # fmt: skip
     header = ["method", "target", "appearance_a", "appearance_b", "agreement", "mIoU", "scenes"]
-    return "\n".join(blocks), _csv(header, rows)
+    return "\n".join(blocks), csv_table(header, rows)
 
 
 def plot_consistency(scores: ConsistencyScores, path: str | Path, title: str = "") -> Path:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import re
@@ -35,7 +34,7 @@ import torch
 from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
 from blindnet.train.config import load_config
-from blindnet.train.evaluate import evaluate_checkpoints
+from blindnet.train.evaluate import csv_table, evaluate_checkpoints, markdown_table
 
 RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 CACHE_NAME = "experiment_eval.json"
@@ -190,15 +189,15 @@ def summary_tables(
             cells.append("n/a" if math.isnan(m) else f"{m:+.1f} ± {s:.1f} ({wins}/{len(d)})")
             csv_rows.append([a, f"minus {reference}", k, f"{m:.3f}", f"{s:.3f}", str(len(d))])
         diff_rows.append([f"{labels.get(a, a)} − {labels.get(reference, reference)}", str(len(paired)), *cells])
-    md = _markdown(header, md_rows)
+    md = markdown_table(header, md_rows)
     if diff_rows:
-        md += "\n\nPaired differences (same seed), mean ± std over seeds (seeds where the arm is higher):\n\n"
-        md += _markdown(header[:-1], diff_rows)
+        md += "\nPaired differences (same seed), mean ± std over seeds (seeds where the arm is higher):\n\n"
+        md += markdown_table(header[:-1], diff_rows)
     run_header = ["arm", "seed", *keys]
     run_rows = [[r.arm, str(r.seed), *[f"{metrics[id(r)][k]:.2f}" for k in keys]] for r in runs]
     return {
-        "summary": (md + "\n", _csv(["arm", "kind", "metric", "mean", "std", "n"], csv_rows)),
-        "runs": (_markdown(run_header, run_rows) + "\n", _csv(run_header, run_rows)),
+        "summary": (md, csv_table(["arm", "kind", "metric", "mean", "std", "n"], csv_rows)),
+        "runs": (markdown_table(run_header, run_rows), csv_table(run_header, run_rows)),
     }
 
 
@@ -217,7 +216,7 @@ def protocol_table(runs: Sequence[Run], labels: Mapping[str, str], unseen: Seque
             d = [u - c for c, u in zip(per["clean"], per["unnormalised"])]
             cells += [_pm(per["clean"]), _pm(per["unnormalised"]), _pm(d)]
         rows.append([labels.get(a, a), *cells])
-    return _markdown(header, rows) + "\n", _csv(["arm", *header[1:]], rows)
+    return markdown_table(header, rows), csv_table(["arm", *header[1:]], rows)
 
 
 def _mean_of(run: Run, protocol: str, only: Sequence[str] | None) -> float:
@@ -236,7 +235,7 @@ def trend_table(runs: Sequence[Run], labels: Mapping[str, str], in_domain: Seque
         [labels.get(a, a), *[_pm([trends[id(r)].get(s, math.nan) for r in runs if r.arm == a]) for s in steps]]
         for a in arms
     ]
-    return _markdown(header, rows) + "\n", _csv(header, rows)
+    return markdown_table(header, rows), csv_table(header, rows)
 
 
 def class_table(runs: Sequence[Run], labels: Mapping[str, str], targets: Sequence[str]) -> tuple[str, str]:
@@ -253,23 +252,7 @@ def class_table(runs: Sequence[Run], labels: Mapping[str, str], targets: Sequenc
         not math.isnan(mean_std(per_arm[a].get(c, []))[0]) for a in arms)]  # fmt: skip
     header = ["arm", *classes]
     rows = [[labels.get(a, a), *[f"{mean_std(per_arm[a].get(c, []))[0]:.1f}" for c in classes]] for a in arms]
-    return _markdown(header, rows) + "\n", _csv(header, rows)
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
-    ]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _csv(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
+    return markdown_table(header, rows), csv_table(header, rows)
 
 
 def plot_summary(runs: Sequence[Run], labels: Mapping[str, str], path: str | Path, protocol: str = "clean") -> Path:
