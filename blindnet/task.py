@@ -291,7 +291,7 @@ class BlindNetTask(nn.Module):
             raise ValueError(f"target must be N x H x W = {(x.shape[0], *x.shape[2:])}, got {tuple(target.shape)}")
         cfg = self.loss_config
         target = target.long()
-        # Two separate forwards, as the original: BN normalises each view with its own batch statistics.
+        # Two views: two separate forwards, as the original (BN normalises each view with its own batch statistics).
         f = self.model.forward_features(x)
         ce = _cross_entropy(f.logits, target, cfg.ignore_index)
         fa = self.model.forward_features(x_a) if cfg.views == 2 else None

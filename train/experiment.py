@@ -298,9 +298,10 @@ def summarise_experiment(
     unnormalised_arms: Sequence[str] | None = None,
     device: str = "cpu",
 ) -> dict[str, Path]:
-    """Score every finished run under ``runs_root`` (one folder or several, see :func:`find_runs`; cached) and write the tables, the plot and each run's small files
-    into ``out``. ``arms``: arm -> label, in table order (default: every arm found, by name). ``unnormalised_arms``:
-    the arms also scored on un-normalised inputs (default: all; scoring costs a pass over every target). Returns the
+    """Score every finished run under ``runs_root`` (one folder or several, see :func:`find_runs`; cached) and write
+    the tables, the plot and each run's small files into ``out`` (runs already in ``out`` are not copied onto
+    themselves). ``arms``: arm -> label, in table order (default: every arm found, by name). ``unnormalised_arms``: the
+    arms also scored on un-normalised inputs (default: all; scoring costs a pass over every target). Returns the
     paths."""
     labels = dict(arms or {})
     runs = find_runs(runs_root, list(labels) or None)
@@ -324,6 +325,8 @@ def summarise_experiment(
         paths[f"{stem}.csv"] = write_text(out / f"{stem}.csv", cs)
     paths["summary.png"] = plot_summary(runs, labels, out / "summary.png")
     for run in runs:
+        if run.path.resolve() == (out / run.path.name).resolve():
+            continue
         for name in RUN_FILES:
             if (run.path / name).exists():
                 src = run.path / name

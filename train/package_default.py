@@ -100,16 +100,21 @@ def package_default(
     return summary
 
 
+#: How the alignment losses are written in recipe names.
+ALIGN_NAMES = {"l2": "L2", "mmd": "MMD", "cosine": "cosine"}
+
+
 def recipe_name(cfg: dict) -> str:
-    """A short name of a run's recipe from its resolved config: ``BlindNet``, ``Aligned appearances + MMD``, ..."""
-    loss, aligned = cfg["loss"], cfg["data"]["pair"] == "aligned"
+    """A short name of a run's recipe from its resolved config: ``BlindNet``, ``DeepLabV3+ baseline, one view``,
+    ``DeepLabV3+ on aligned appearances + MMD alignment``, ..."""
+    loss, aligned, aligning = cfg["loss"], cfg["data"]["pair"] == "aligned", cfg["loss"].get("align", 0) > 0
     blindnet = cfg["model"].get("instance_norm", True) and any(loss[k] > 0 for k in ("cml", "ccl", "cwcl", "sdcl"))
     name = "BlindNet" if blindnet else "DeepLabV3+"
     if aligned:
         name += " on aligned appearances"
-    if loss.get("align", 0) > 0:
-        name += f" + {loss['align_kind'].upper() if loss['align_kind'] != 'cosine' else 'cosine'} alignment"
-    if not blindnet and not aligned and loss.get("align", 0) == 0:
+    if aligning:
+        name += f" + {ALIGN_NAMES.get(loss['align_kind'], loss['align_kind'])} alignment"
+    if not (blindnet or aligned or aligning):
         name += " baseline" + (", one view" if loss.get("views", 2) == 1 else "")
     return name
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
@@ -240,8 +240,8 @@ class TrainTransform:
         return {"image": to_tensor(x), "image_aug": to_tensor(xa), "label": label_to_tensor(y)}
 
 
-EvalProtocol = Literal["clean", "original"]
-EVAL_PROTOCOLS: tuple[str, ...] = ("clean", "original", "unnormalised")
+EvalProtocol = Literal["clean", "original", "unnormalised"]
+EVAL_PROTOCOLS: tuple[str, ...] = get_args(EvalProtocol)
 
 
 @dataclass(frozen=True)
