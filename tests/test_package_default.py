@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from blindnet.checkpoint import load_model, save_model
 from blindnet.config import to_dict
 from blindnet.train.config import load_config
-from blindnet.train.package_default import recipe_lines, recipe_name
+from blindnet.train.package_default import _compare_lines, main, recipe_lines, recipe_name
 
 
 @pytest.mark.parametrize(
@@ -21,6 +24,9 @@ from blindnet.train.package_default import recipe_lines, recipe_name
             ["mmd feature alignment 1.0 on layer3, layer4", "another real appearance"],
         ),
         ("dg_cpu_shufflenetv2_blindnet_aligned", "BlindNet on aligned appearances", ["SDCL 0.3", "real appearance"]),
+        ("default_shufflenetv2", "DeepLabV3+ on aligned appearances + MMD alignment", ["another real appearance"]),
+        ("default_shufflenetv2_blindnet", "BlindNet", ["CML 0.2, CCL 0.2, CWCL 0.3, SDCL 0.3", "jitter"]),
+        ("default_shufflenetv2_baseline", "DeepLabV3+ baseline", ["no InstanceNorm", "jitter"]),
     ],
 )
 def test_recipe_is_described_from_the_config(preset: str, name: str, facts: list[str]) -> None:
@@ -28,3 +34,21 @@ def test_recipe_is_described_from_the_config(preset: str, name: str, facts: list
     assert recipe_name(cfg) == name
     text = recipe_lines(cfg)
     assert all(f in text for f in facts), text
+
+
+def test_compared_checkpoints_are_described_from_their_headers(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An extra checkpoint (the previously shipped file, say) is listed with the training facts its header holds."""
+    old = tmp_path / "old.safetensors"
+    facts = {"config_name": "default_shufflenetv2_blindnet", "iterations": "800", "train_seconds": "2994"}
+    save_model(load_model(tiny_checkpoint), old, half=True, extra_metadata=facts)
+    text = _compare_lines({"previous default": old, "bare": tiny_checkpoint})
+    assert "previous default" in text and "`--config default_shufflenetv2_blindnet`, 800 iterations, 50 min" in text
+    assert f"bare (`{tiny_checkpoint}`)." in text
+
+
+def test_compare_needs_label_and_existing_file(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--run", str(tmp_path), "--compare", str(tiny_checkpoint)])
+    assert "LABEL=CHECKPOINT" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
+        main(["--run", str(tmp_path), "--compare", f"old={tmp_path / 'missing.safetensors'}"])

@@ -1,6 +1,7 @@
 """Package a finished run as the checkpoint shipped inside ``blindnet`` and write its model card.
 
     python -m blindnet.train.package_default --run runs/default_shufflenetv2 --baseline-run runs/default_shufflenetv2_baseline
+    python -m blindnet.train.package_default --run runs/default_shufflenetv2 --compare "previous default=old.safetensors"
 
 Steps: store the run's weights in float16 (``blindnet/weights/default.safetensors``, < 30 MB) with the training facts in
 the header; score the shipped file and the baseline on the run's held-out targets (all five appearances); run the main
@@ -13,13 +14,13 @@ import argparse
 import csv
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import load_model, save_model
+from blindnet.checkpoint import load_model, read_metadata, save_model
 from blindnet.inference import Predictor
 from blindnet.io import atomic_write
 from blindnet.resolve import DEFAULT_CHECKPOINT
@@ -60,9 +61,15 @@ def package_default(
     command: str = "",
     device: str = "",
     clip_out: str | Path = "outputs/package_showcase",
+    compare: Mapping[str, str | Path] | None = None,
 ) -> dict:
-    """Ship ``run``'s model as the package default and write the model card; returns the card's numbers."""
+    """Ship ``run``'s model as the package default and write the model card; returns the card's numbers.
+
+    ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
+    ``dest`` is overwritten) scored on the same held-out scenes and clip; their header facts go into the card.
+    """
     run = Path(run)
+    compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
     facts = _run_facts(run)
     cfg = facts["config"]
     device = (
@@ -86,13 +93,14 @@ def package_default(
         half = baseline_run / "model_fp16.safetensors"
         save_model(load_model(baseline_run / "model.safetensors"), half, half=True)
         checkpoints[recipe_name(baseline_facts["config"])] = half
+    checkpoints.update(compare)
     scores = _evaluate(checkpoints, run / "config.yaml")
     clip: dict[str, dict] = {}
     for label, path in checkpoints.items():
         predictor = Predictor(TorchBackend(load_model(path)), batch_size=4)
         res = run_synthetic_showcase(predictor, Path(clip_out) / label.split()[0].lower())
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
-    card = _card(cfg, facts, baseline_facts, meta, scores, clip, Path(dest))
+    card = _card(cfg, facts, baseline_facts, meta, scores, clip, Path(dest), _compare_lines(compare))
     card_path = Path(dest).parent / CARD.name
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
@@ -140,6 +148,26 @@ def recipe_lines(cfg: dict) -> str:
     return f"- {variant}.\n- {losses} and the aux head ({loss['aux']}); {pair}."
 
 
+def _existing_checkpoint(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--compare checkpoint {path} does not exist")
+    return path
+
+
+def _compare_lines(compare: Mapping[str, Path]) -> str:
+    """One bullet per extra checkpoint, from the training facts stored in its header (when it has them)."""
+    lines = []
+    for label, path in compare.items():
+        meta = read_metadata(path)
+        facts = ""
+        if "config_name" in meta:
+            minutes = float(meta.get("train_seconds", "nan")) / 60
+            facts = f": `--config {meta['config_name']}`, {meta.get('iterations', '?')} iterations, {minutes:.0f} min"
+        lines.append(f"- Also scored: {label} (`{path}`){facts}.\n")
+    return "".join(lines)
+
+
 def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, vals in rows.items():
@@ -147,7 +175,7 @@ def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _card(cfg, facts, baseline_facts, meta, scores, clip, dest: Path) -> str:
+def _card(cfg, facts, baseline_facts, meta, scores, clip, dest: Path, extra: str = "") -> str:
     apps = ["noon", "sunset", "night", "fog", "rain"]
     size_mb = dest.stat().st_size / 2**20
     n_params = sum(p.numel() for p in load_model(dest).parameters())
@@ -181,7 +209,7 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 - {meta["iterations"]} iterations in {float(meta["train_seconds"]) / 60:.0f} minutes on {meta["device"]}, final loss
   {facts["final_loss"]:.3f}. This is a small CPU budget (about an hour); the model is a demonstrator, not a
   converged result.
-{b_line}
+{b_line}{extra}
 ## Held-out scenes: mIoU (%) per appearance
 {cfg["data"]["synthetic"]["val_scenes"]} held-out layouts at full {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]} resolution, last weights, single scale.
 Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on the shipped float16 file):
@@ -204,11 +232,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--baseline-run")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="LABEL=CHECKPOINT",
+        help="further checkpoints to score beside the shipped model (copy the old default away first)",
+    )
     p.add_argument("--dest", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--command", default="")
     p.add_argument("--device", default="")
     args = p.parse_args(argv)
-    summary = package_default(args.run, args.baseline_run, dest=args.dest, command=args.command, device=args.device)
+    bad = [item for item in args.compare if "=" not in item]
+    if bad:
+        p.error(f"--compare takes LABEL=CHECKPOINT, got {bad}")
+    compare = dict(item.split("=", 1) for item in args.compare)
+    summary = package_default(
+        args.run, args.baseline_run, dest=args.dest, command=args.command, device=args.device, compare=compare
+    )
     print(json.dumps(summary, indent=2))
     return 0
 
