@@ -24,7 +24,11 @@ from blindnet.train.package_default import _compare_lines, main, recipe_lines, r
             ["mmd feature alignment 1.0 on layer3, layer4", "another real appearance"],
         ),
         ("dg_cpu_shufflenetv2_blindnet_aligned", "BlindNet on aligned appearances", ["SDCL 0.3", "real appearance"]),
-        ("default_shufflenetv2_aligned_mmd", "DeepLabV3+ on aligned appearances + MMD alignment", ["another real appearance"]),
+        (
+            "default_shufflenetv2_aligned_mmd",
+            "DeepLabV3+ on aligned appearances + MMD alignment",
+            ["another real appearance"],
+        ),
         ("default_shufflenetv2", "BlindNet", ["CML 0.2, CCL 0.2, CWCL 0.3, SDCL 0.3", "jitter"]),
         ("default_shufflenetv2_baseline", "DeepLabV3+ baseline", ["no InstanceNorm", "jitter"]),
     ],
