@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -138,6 +139,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: cannot parse value ({exc})") from exc
     return key.split("."), value
+
+
+def key_value_pairs(
+    items: Sequence[str], flag: str, *, form: str = "KEY=VALUE", value_optional: bool = False
+) -> dict[str, str]:
+    """``["a=1", "b=x=y"]`` -> ``{"a": "1", "b": "x=y"}``: command-line ``KEY=VALUE`` lists, split at the first '='.
+
+    With ``value_optional`` a bare ``KEY`` maps to itself. Raises ConfigError naming ``flag`` for an item without '='
+    (or with an empty key or value) and for a key given twice, so a typo never silently drops or replaces an entry.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep and value_optional:
+            value = key
+        if not key or not value:
+            raise ConfigError(f"{flag} takes {form}, got {item!r}")
+        if key in out:
+            raise ConfigError(f"{flag}: {key!r} is given twice")
+        out[key] = value
+    return out
 
 
 def merge(base: dict[str, Any], diff: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from blindnet.config import ConfigError, resolve, save_yaml, to_dict
+from blindnet.config import ConfigError, key_value_pairs, resolve, save_yaml, to_dict
 
 
 @dataclass
@@ -87,3 +87,14 @@ def test_extends_errors_name_the_file(tmp_path: Path, files: dict[str, str], mes
         (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=message):
         resolve(Outer, tmp_path / "leaf.yaml")
+
+
+def test_key_value_pairs_split_at_the_first_equals_and_name_the_flag() -> None:
+    assert key_value_pairs(["a=1", "b=x=y"], "--opt") == {"a": "1", "b": "x=y"}
+    assert key_value_pairs(["blindnet", "b2=Two views"], "--arm", value_optional=True) == {
+        "blindnet": "blindnet",
+        "b2": "Two views",
+    }
+    for bad, match in ((["a"], "--opt takes KEY=VALUE, got 'a'"), (["=1"], "got '=1'"), (["a=1", "a=2"], "twice")):
+        with pytest.raises(ConfigError, match=match):
+            key_value_pairs(bad, "--opt")

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from blindnet.config import ConfigError, key_value_pairs
 from blindnet.extras import require_extra
 
 # The evaluation protocols of blindnet.data.transforms.EVAL_PROTOCOLS (kept as names here: no PyTorch for --help).
@@ -57,13 +58,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _parse_options(items: Sequence[str]) -> dict:
     import yaml  # light, but only needed here
 
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--option {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
+    try:
+        pairs = key_value_pairs(items, "--option")
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return {k: yaml.safe_load(v) for k, v in pairs.items()}
 
 
 def _row_label(path: Path) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from blindnet.config import ConfigError, key_value_pairs
 from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
 from blindnet.train.config import load_config
@@ -363,7 +364,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     args = _parse(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    arms = dict(item.split("=", 1) if "=" in item else (item, item) for item in args.arm)
+    try:
+        arms = key_value_pairs(args.arm, "--arm", form="ARM=LABEL", value_optional=True)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     paths = summarise_experiment(
         args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
         unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, device=args.device,
