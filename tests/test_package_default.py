@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
+from PIL import Image
 
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, save_model
 from blindnet.config import to_dict
+from blindnet.inference import Predictor
+from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
-from blindnet.train.package_default import _compare_lines, main, recipe_lines, recipe_name
+from blindnet.train.package_default import _compare_lines, main, recipe_lines, recipe_name, write_showcase_image
 
 
 @pytest.mark.parametrize(
@@ -56,3 +62,20 @@ def test_compare_needs_label_and_existing_file(tiny_checkpoint: Path, tmp_path: 
     assert "LABEL=CHECKPOINT" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="missing.safetensors does not exist"):
         main(["--run", str(tmp_path), "--compare", f"old={tmp_path / 'missing.safetensors'}"])
+
+
+def test_showcase_image_pairs_each_appearance_input_with_its_overlay(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The README picture: one row per appearance, the clip's input frame left and the model's overlay right."""
+    predictor = Predictor(TorchBackend(load_model(tiny_checkpoint)), batch_size=2)
+    res = run_synthetic_showcase(predictor, tmp_path, appearances=("night", "fog"), frames=3, size=(64, 128))
+    image = np.array(Image.open(write_showcase_image(res, tmp_path / "show.png", frame=1, width=96)))
+    assert image.shape == (2 * 48, 2 * 96, 3)
+    for row, app in enumerate(("night", "fog")):
+        cap = cv2.VideoCapture(res[app]["input_video"])
+        for _ in range(2):
+            ok, frame = cap.read()
+        cap.release()
+        expected = cv2.resize(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB), (96, 48), interpolation=cv2.INTER_AREA)
+        left, right = image[row * 48 : (row + 1) * 48, :96], image[row * 48 : (row + 1) * 48, 96:]
+        assert ok and np.abs(left.astype(int) - expected).mean() < 1.0
+        assert np.abs(right.astype(int) - left).mean() > 5.0  # the overlay is not the input

@@ -14,15 +14,19 @@ import argparse
 import csv
 import json
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import cv2
+import numpy as np
 import yaml
 
 from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, read_metadata, save_model
+from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
-from blindnet.io import atomic_write
+from blindnet.io import atomic_write, write_png
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
@@ -62,19 +66,20 @@ def package_default(
     device: str = "",
     clip_out: str | Path = "outputs/package_showcase",
     compare: Mapping[str, str | Path] | None = None,
+    showcase_image: str | Path | None = None,
 ) -> dict:
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers.
 
     ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
     ``dest`` is overwritten) scored on the same held-out scenes and clip; their header facts go into the card.
+    ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`).
     """
     run = Path(run)
     compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
     facts = _run_facts(run)
     cfg = facts["config"]
-    device = (
-        device or f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
-    )
+    cpu = f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
+    device = device or ("a CUDA GPU" if cfg["runtime"].get("device") == "cuda" else cpu)
     meta = {
         "training_command": command or f"python -m blindnet.train --config {cfg['name']} --out {run}",
         "config_name": cfg["name"],
@@ -98,14 +103,44 @@ def package_default(
     clip: dict[str, dict] = {}
     for label, path in checkpoints.items():
         predictor = Predictor(TorchBackend(load_model(path)), batch_size=4)
-        res = run_synthetic_showcase(predictor, Path(clip_out) / label.split()[0].lower())
+        # One folder per full label: two labels that start alike ("BlindNet (shipped)", "BlindNet (old)") must not share one.
+        res = run_synthetic_showcase(predictor, Path(clip_out) / (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")))
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
+        if showcase_image is not None and label == next(iter(checkpoints)):
+            write_showcase_image(res, showcase_image)
     card = _card(cfg, facts, baseline_facts, meta, scores, clip, Path(dest), _compare_lines(compare))
     card_path = Path(dest).parent / CARD.name
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
     atomic_write(card_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
     return summary
+
+
+def _video_frame(path: str | Path, index: int) -> np.ndarray:
+    cap = cv2.VideoCapture(str(path))
+    try:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, index)
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    if not ok:
+        raise RuntimeError(f"could not read frame {index} of {path}")
+    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+
+def write_showcase_image(results: Mapping, path: str | Path, frame: int = 12, width: int = 256) -> Path:
+    """One row per appearance of a ``run_synthetic_showcase`` result: input frame | overlay, each ``width`` wide.
+
+    Returns the PNG's path (the README's picture of what the main job shows).
+    """
+    rows = []
+    for res in results.values():
+        if not isinstance(res, Mapping):
+            continue
+        pair = [_video_frame(res[key], frame) for key in ("input_video", "overlay")]
+        height = round(pair[0].shape[0] * width / pair[0].shape[1])
+        rows.append(np.concatenate([cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in pair], 1))
+    return write_png(path, np.concatenate(rows, 0))
 
 
 #: How the alignment losses are written in recipe names.
@@ -184,7 +219,7 @@ def _card(cfg, facts, baseline_facts, meta, scores, clip, dest: Path, extra: str
         b_cfg = baseline_facts["config"]
         b_line = (
             f"- Compared with: {recipe_name(b_cfg)} (`--config {b_cfg['name']}`, same data and iterations): "
-            f"{baseline_facts['iterations']} iterations, {baseline_facts['train_seconds'] / 60:.0f} min on the same CPU.\n"
+            f"{baseline_facts['iterations']} iterations, {baseline_facts['train_seconds'] / 60:.0f} min on the same device.\n"
         )
     return f"""# Model card: blindnet default model
 
@@ -207,8 +242,7 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 - Command: `{meta["training_command"]}`
 - Config: `train/configs/{cfg["name"]}.yaml` (the resolved config is in the run folder's `config.yaml`).
 - {meta["iterations"]} iterations in {float(meta["train_seconds"]) / 60:.0f} minutes on {meta["device"]}, final loss
-  {facts["final_loss"]:.3f}. This is a small CPU budget (about an hour); the model is a demonstrator, not a
-  converged result.
+  {facts["final_loss"]:.3f}. This is a short budget; the model is a demonstrator, not a converged result.
 {b_line}{extra}
 ## Held-out scenes: mIoU (%) per appearance
 {cfg["data"]["synthetic"]["val_scenes"]} held-out layouts at full {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]} resolution, last weights, single scale.
@@ -242,13 +276,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dest", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--command", default="")
     p.add_argument("--device", default="")
+    p.add_argument("--showcase-image", default=None, help="also write the shipped model's clip as one PNG here")
     args = p.parse_args(argv)
-    bad = [item for item in args.compare if "=" not in item]
-    if bad:
-        p.error(f"--compare takes LABEL=CHECKPOINT, got {bad}")
-    compare = dict(item.split("=", 1) for item in args.compare)
+    try:
+        compare = key_value_pairs(args.compare, "--compare", form="LABEL=CHECKPOINT")
+    except ConfigError as exc:
+        p.error(str(exc))
     summary = package_default(
-        args.run, args.baseline_run, dest=args.dest, command=args.command, device=args.device, compare=compare
+        args.run,
+        args.baseline_run,
+        dest=args.dest,
+        command=args.command,
+        device=args.device,
+        compare=compare,
+        showcase_image=args.showcase_image,
     )
     print(json.dumps(summary, indent=2))
     return 0
