@@ -107,18 +107,10 @@ P2=$!
 wait $P1; echo "   blindnet rc=$?" | tee -a "$LOG"
 wait $P2; echo "   baseline rc=$?" | tee -a "$LOG"
 tail -n 5 "$WORK/blindnet.log" "$WORK/baseline.log" | tee -a "$LOG"
-$PY - <<'EOF' "$WORK/runs" 2>&1 | tee -a "$LOG"
-import sys, pathlib
-from safetensors import safe_open
-from safetensors.torch import save_file
-for f in pathlib.Path(sys.argv[1]).glob("*/model.safetensors"):
-    with safe_open(str(f), "pt") as fh:
-        meta = fh.metadata()
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    save_file(tensors, str(f), metadata=meta)
-    print("float16:", f, f.stat().st_size)
-EOF
+# Float16 weights (half the size; load_model restores float32), through the package's own checkpoint writer.
+$PY -c "import sys, pathlib; from blindnet.checkpoint import load_model, save_model
+for f in pathlib.Path(sys.argv[1]).glob('*/model.safetensors'): print('float16:', save_model(load_model(f), f, half=True))" \
+    "$WORK/runs" 2>&1 | tee -a "$LOG"
 cp "$WORK"/blindnet.log "$WORK"/baseline.log "$WORK/runs/" 2>/dev/null
 rm -rf "$WORK"/runs/*/checkpoints "$WORK"/runs/*/tensorboard
 tar cf - -C "$WORK" runs | split -b 15M - "$OUT/train.tar.part_"

@@ -26,7 +26,7 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, read_metadata, save_model
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
-from blindnet.io import atomic_write, write_png
+from blindnet.io import MediaError, atomic_write, iter_video_frames, write_png
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
@@ -117,15 +117,10 @@ def package_default(
 
 
 def _video_frame(path: str | Path, index: int) -> np.ndarray:
-    cap = cv2.VideoCapture(str(path))
-    try:
-        cap.set(cv2.CAP_PROP_POS_FRAMES, index)
-        ok, frame = cap.read()
-    finally:
-        cap.release()
-    if not ok:
-        raise RuntimeError(f"could not read frame {index} of {path}")
-    return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    frames = list(iter_video_frames(path, max_frames=index + 1))
+    if len(frames) <= index:
+        raise MediaError(f"{path}: has {len(frames)} frames, frame {index} was asked for")
+    return frames[index]
 
 
 def write_showcase_image(results: Mapping, path: str | Path, frame: int = 12, width: int = 256) -> Path:
