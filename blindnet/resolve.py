@@ -22,7 +22,7 @@ import torch
 
 from blindnet.backends.tensorrt_backend import current_platform, import_tensorrt
 from blindnet.checkpoint import load_model
-from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, SCENE_SIZE, check_int8, quantize_int8
+from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, INT8_RECIPE, SCENE_SIZE, check_int8, quantize_int8
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_engine
 from blindnet.io import atomic_write
@@ -148,7 +148,7 @@ def cached_int8_for_checkpoint(
     since INT8 was asked for explicitly and the report says by how much it differs.
     """
     float_onnx = cached_onnx_for_checkpoint(checkpoint, cache_dir=cache_dir, exporter=exporter)
-    target = float_onnx.with_name(float_onnx.name.replace("-fp32-", "-int8qdq-"))
+    target = float_onnx.with_name(float_onnx.name.replace("-fp32-", f"-int8{INT8_RECIPE}-"))
     if target.exists() and target.with_name(target.name + ".check.json").exists():
         return target
     log.warning("quantising %s to INT8 once, calibrated and checked on generated scenes", float_onnx.name)

@@ -17,10 +17,17 @@ import pytest
 from onnx import numpy_helper
 
 from blindnet import resolve
-from blindnet.backends.onnxruntime_backend import OnnxBackend, io_spec_from_session, prepare_input, read_onnx_metadata
+from blindnet.backends.onnxruntime_backend import (
+    OnnxBackend,
+    io_spec_from_session,
+    ort_session,
+    prepare_input,
+    read_onnx_metadata,
+    unsigned_activations,
+)
 from blindnet.backends.select import make_backend
 from blindnet.checkpoint import load_model
-from blindnet.export.int8 import HELD_OUT_SEED, check_int8, generated_scenes, quantize_int8
+from blindnet.export.int8 import HELD_OUT_SEED, check_int8, float_islands, generated_scenes, quantize_int8
 from blindnet.export.onnx import export_onnx
 
 SIZE = (64, 128)
@@ -44,6 +51,11 @@ def test_quantized_graph_is_qdq_per_channel_symmetric(float_onnx: Path, tmp_path
     per_channel = [n for n in dequant if n.input[1] in inits and inits[n.input[1]].size > 1]
     assert per_channel, "weights must carry one scale per output channel"
     assert read_onnx_metadata(qdq)["precision"] == "int8"
+    # InstanceNorm and the node feeding it stay float: what an InstanceNorm reads is never quantised.
+    islands = float_islands(onnx.load(str(float_onnx)))
+    norms = [n for n in proto.graph.node if n.op_type == "InstanceNormalization"]
+    assert norms and all(n.name in islands for n in norms)
+    assert not {n.input[0] for n in norms} & {n.output[0] for n in dequant}
 
     backend = OnnxBackend(qdq, precision="int8")
     images, _ = generated_scenes(2, SIZE, seed=5)
@@ -52,11 +64,11 @@ def test_quantized_graph_is_qdq_per_channel_symmetric(float_onnx: Path, tmp_path
 
     report = check_int8(qdq, float_onnx, scenes=2, size=SIZE)
     assert json.loads(qdq.with_name(qdq.name + ".check.json").read_text()) == report
-    # Recompute the agreement from the two graphs directly: the report holds the real number.
+    # Recompute the agreement from the two graphs as the CPU runs them: the report holds the real number.
     held_out, masks = generated_scenes(2, SIZE, seed=HELD_OUT_SEED)
     outs = []
     for path in (float_onnx, qdq):
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        sess = ort_session(path)
         spec = io_spec_from_session(sess)
         outs.append(sess.run(None, {spec["input_name"]: prepare_input(held_out, spec)})[0].argmax(1))
     assert report["label_agreement"] == pytest.approx(float((outs[0] == outs[1]).mean()), abs=1e-6)
@@ -83,3 +95,39 @@ def test_int8_precision_for_a_checkpoint_is_cached(
     mtime = backend.path.stat().st_mtime_ns
     again = make_backend("auto", tiny_checkpoint, device="cpu", precision="int8")
     assert again.path == backend.path and backend.path.stat().st_mtime_ns == mtime
+
+
+def _qdq_roundtrip(zero_point: np.ndarray, scale: float = 0.05) -> onnx.ModelProto:
+    """x -> QuantizeLinear(scale, zero_point) -> DequantizeLinear -> y: one activation Q/DQ pair."""
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+            onnx.helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"]),
+        ],
+        "qdq",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None])],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(zero_point, "zp")],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def test_unsigned_activations_hold_the_same_numbers() -> None:
+    signed = _qdq_roundtrip(np.array(0, np.int8))
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(signed)
+    assert unsigned_activations(shifted) == 2
+    inits = {i.name: numpy_helper.to_array(i) for i in shifted.graph.initializer}
+    assert [z.dtype for z in inits.values()].count(np.uint8) == 1 and "zp" not in inits  # the old zero point is gone
+    x = np.concatenate([np.linspace(-9, 9, 2001, dtype=np.float32), [-100.0, 100.0, 0.025, -0.025]]).astype(np.float32)
+    y = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for m in (signed, shifted)
+    ]
+    # Known answer: round-half-to-even of x / 0.05, clamped to [-128, 127], times 0.05, in both forms.
+    expected = np.clip(np.round(x / np.float32(0.05)), -128, 127) * np.float32(0.05)
+    np.testing.assert_array_equal(y[0], y[1])
+    np.testing.assert_allclose(y[1], expected, rtol=0, atol=1e-6)
+    # An asymmetric or already unsigned pair is not touched.
+    assert unsigned_activations(_qdq_roundtrip(np.array(3, np.int8))) == 0
+    assert unsigned_activations(_qdq_roundtrip(np.array(128, np.uint8))) == 0

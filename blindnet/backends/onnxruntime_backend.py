@@ -145,6 +145,61 @@ def ort_providers(device: str, *, conv_algo_search: str = "HEURISTIC") -> list[A
     return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
 
 
+def unsigned_activations(proto: Any) -> int:
+    """Rewrite, in place, symmetric int8 activation Q/DQ pairs (zero point 0) as uint8 with zero point 128.
+
+    The two forms hold the same numbers: ``QuantizeLinear`` to int8 with zero point 0 clamps ``round(x / s)`` to
+    [-128, 127]; to uint8 with zero point 128 it clamps ``round(x / s) + 128`` to [0, 255], and dequantising
+    subtracts the 128 again. The file keeps the signed form because TensorRT's explicit INT8 accepts only that;
+    ONNX Runtime's x86 CPU kernels are built around uint8 activations x int8 weights and run the signed form
+    markedly slower on CPUs without VNNI. Weights (int8 initialisers feeding ``DequantizeLinear``) and biases are
+    left alone. Returns the number of nodes rewritten.
+    """
+    from onnx import numpy_helper  # the 'cpu'/'gpu' extras install onnx next to onnxruntime
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    added: dict[str, Any] = {}
+    rewritten = 0
+    for node in graph.node:
+        is_activation = node.op_type == "QuantizeLinear" or (
+            node.op_type == "DequantizeLinear" and node.input[0] in quantized
+        )
+        if not is_activation or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        zero_point = numpy_helper.to_array(inits[node.input[2]])
+        if zero_point.dtype != np.int8 or zero_point.any():
+            continue
+        name = node.input[2] + "_uint8"
+        if name not in added:
+            added[name] = numpy_helper.from_array(np.full(zero_point.shape, 128, np.uint8), name)
+        node.input[2] = name
+        rewritten += 1
+    graph.initializer.extend(added.values())
+    still_used = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in still_used]
+    for init in unused:  # the signed zero points nobody reads any more (ONNX Runtime warns about each otherwise)
+        graph.initializer.remove(init)
+    return rewritten
+
+
+def _cpu_int8_bytes(path: Path, session: Any, providers: Sequence[Any]) -> bytes | None:
+    """The serialised graph with unsigned activations when ``session`` runs an INT8 file on the CPU provider."""
+    first = providers[0] if providers else "CPUExecutionProvider"
+    if (first[0] if isinstance(first, tuple) else first) != "CPUExecutionProvider":
+        return None
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    if meta.get(META_PREFIX + "precision") != "int8":
+        return None
+    try:
+        import onnx
+    except ImportError:  # a runtime-only install still runs the file as it is, only slower
+        return None
+    proto = onnx.load(str(path))
+    return proto.SerializeToString() if unsigned_activations(proto) else None
+
+
 def ort_session(
     path: str | Path,
     *,
@@ -156,7 +211,8 @@ def ort_session(
     """An ONNX Runtime session with every graph optimisation on: the one place sessions are configured.
 
     ``threads`` sets the intra-op threads (None: ONNX Runtime's default); ``profile_prefix`` turns on its node
-    profiler. A file ONNX Runtime cannot load raises ``RuntimeError`` naming it.
+    profiler. An INT8 file on the CPU provider runs with unsigned activations (:func:`unsigned_activations`: the
+    same numbers, faster kernels). A file ONNX Runtime cannot load raises ``RuntimeError`` naming it.
     """
     import onnxruntime as ort  # optional dependency (the 'cpu' or 'gpu' extra)
 
@@ -170,7 +226,11 @@ def ort_session(
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+        cpu_int8 = _cpu_int8_bytes(Path(path), session, providers)
+        if cpu_int8 is not None:
+            session = ort.InferenceSession(cpu_int8, sess_options=opts, providers=list(providers))
+        return session
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
         raise RuntimeError(f"{path}: ONNX Runtime cannot load this file ({type(exc).__name__}: {exc})") from exc
 
