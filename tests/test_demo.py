@@ -6,6 +6,7 @@ real network (MobileNetV2 DeepLabV3+, random weights) loaded from a checkpoint w
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -30,6 +31,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from blindnet.demo import styles  # noqa: E402
 from blindnet.demo.__main__ import main, model_specs  # noqa: E402
 from blindnet.demo.app import build_demo, launch_kwargs  # noqa: E402
+from blindnet.demo.robustness import main as robustness_main  # noqa: E402
+from blindnet.demo.robustness import markdown, robustness_table  # noqa: E402
 from blindnet.demo.video import VideoError, process_video, sampling_stride  # noqa: E402
 from blindnet.demo.views import agreement, compare_style, read_image_upload, segment_image  # noqa: E402
 
@@ -253,6 +256,36 @@ def test_compare_style_two_models(predictors) -> None:
     assert "blindnet" in res.summary() and len(res.table()) == 2
 
 
+def test_robustness_table_holds_each_models_own_agreement(predictors) -> None:
+    images = {"a.png": _scene(0), "b.png": _scene(1)}
+    table = robustness_table(predictors, images, styles=["night", "blur"], strength=0.6)
+    assert table["images"] == ["a.png", "b.png"] and table["styles"] == ["night", "blur"]
+    for name, predictor in predictors.items():
+        for style in ("night", "blur"):
+            per_image = table["agreement"][name][style]
+            for image_name, image in images.items():
+                clean, shifted = predictor.predict_arrays([image, styles.apply_style(image, style, 0.6)])
+                assert per_image[image_name] == pytest.approx(agreement(clean.labels, shifted.labels))
+            assert table["mean"][name][style] == pytest.approx(np.mean(list(per_image.values())))
+    # Known answer: a blur of strength 0 changes nothing, so every label agrees.
+    unchanged = robustness_table(predictors, images, styles=["blur"], strength=0.0)
+    assert all(unchanged["mean"][name]["blur"] == 1.0 for name in predictors)
+    assert "| blindnet | 100.0 |" in markdown(unchanged)
+
+
+def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, capsys) -> None:
+    image = tmp_path / "scene.png"
+    cv2.imwrite(str(image), cv2.cvtColor(_scene(2), cv2.COLOR_RGB2BGR))
+    args = ["--checkpoint", f"A={checkpoints['blindnet']}", "--images", str(image), "--strength", "0.5"]
+    assert robustness_main([*args, "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert written["images"] == ["scene.png"] and set(written["mean"]) == {"A"}
+    assert (tmp_path / "out" / "table.md").read_text() == capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        robustness_main(["--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "out2")])
+    assert "missing.png: file not found" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # the running app, through gradio_client and explicit api_names
 # --------------------------------------------------------------------------------------------------------------------
@@ -332,7 +365,8 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
 
 def test_demo_never_imports_training_code() -> None:
     code = (
-        "import sys, blindnet.demo.app, blindnet.demo.__main__, blindnet.demo.styles, blindnet.demo.screenshot, blindnet.demo.make_examples; "
+        "import sys, blindnet.demo.app, blindnet.demo.__main__, blindnet.demo.styles, blindnet.demo.screenshot, blindnet.demo.make_examples, "
+        "blindnet.demo.robustness; "
         "bad = [m for m in sys.modules if m.startswith(('blindnet.task', 'blindnet.losses'))]; "
         "assert not bad, bad"
     )

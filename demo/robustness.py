@@ -1,0 +1,99 @@
+"""The robustness tab's numbers for every example and style, as a table: ``python -m blindnet.demo.robustness``.
+
+The tab shows one image at a time; this runs the same comparison (:func:`blindnet.demo.views.compare_style`: the
+label agreement between a model's prediction for the clean image and for its style-shifted version) over a set of
+images and every style shift, and writes the per-image numbers and their mean as JSON and a Markdown table. No
+browser is needed, so the README's robustness numbers can be re-made on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blindnet.demo.__main__ import model_specs
+from blindnet.demo.app import default_examples
+from blindnet.demo.styles import STYLES
+from blindnet.demo.views import compare_style
+from blindnet.inference import Predictor
+from blindnet.io import ImageError, load_image, write_text
+
+#: The strength the demo's slider starts at.
+DEFAULT_STRENGTH = 0.8
+
+
+def robustness_table(
+    predictors: Mapping[str, Predictor],
+    images: Mapping[str, np.ndarray],
+    *,
+    styles: Sequence[str] = tuple(STYLES),
+    strength: float = DEFAULT_STRENGTH,
+) -> dict[str, Any]:
+    """Clean-vs-shifted label agreement for each model, style and image (``H x W x 3`` uint8 RGB).
+
+    Returns ``{"strength", "styles", "images", "agreement": {model: {style: {image: fraction}}}, "mean": {model:
+    {style: fraction}}}``; fractions are of pixels, in [0, 1].
+    """
+    agreement: dict[str, dict[str, dict[str, float]]] = {name: {s: {} for s in styles} for name in predictors}
+    for image_name, image in images.items():
+        for style in styles:
+            # One model at a time: compare_style's cross-model agreement is not part of this table.
+            for name, predictor in predictors.items():
+                result = compare_style({name: predictor}, image, style, strength)
+                agreement[name][style][image_name] = result.models[0].agreement
+    mean = {name: {s: float(np.mean(list(v.values()))) for s, v in per.items()} for name, per in agreement.items()}
+    return {"strength": strength, "styles": list(styles), "images": list(images), "agreement": agreement, "mean": mean}
+
+
+def markdown(table: Mapping[str, Any]) -> str:
+    """The mean agreement per model (rows) and style (columns), in percent."""
+    styles = table["styles"]
+    lines = [
+        f"Label agreement between clean and shifted image, %, strength {table['strength']}, mean over "
+        f"{len(table['images'])} images",
+        "",
+        "| model | " + " | ".join(styles) + " |",
+        "|---|" + "---:|" * len(styles),
+    ]
+    for name, per in table["mean"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100.0 * per[s]:.1f}" for s in styles) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m blindnet.demo.robustness", description=__doc__)
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="model to compare (repeatable; default: the shipped model)",
+    )
+    p.add_argument("--images", type=Path, nargs="*", help="images to shift (default: the demo's examples)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="style-shift strength in [0, 1]")
+    p.add_argument("--out", type=Path, default=Path("outputs/robustness"), help="folder for table.json and table.md")
+    args = p.parse_args(argv)
+    paths = args.images or default_examples()
+    if not paths:
+        p.error("no images: pass --images (the demo's examples are not installed)")
+    try:
+        images = {path.name: load_image(path) for path in paths}
+    except ImageError as exc:
+        p.error(str(exc))
+    predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}
+    table = robustness_table(predictors, images, strength=args.strength)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / "table.json", json.dumps(table, indent=2))
+    text = markdown(table)
+    write_text(args.out / "table.md", text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
