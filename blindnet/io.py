@@ -59,6 +59,11 @@ def atomic_write(path: str | Path, write_fn: Callable[[str], object]) -> Path:
     return path
 
 
+def file_slug(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``-`` and ``_`` kept, anything else turned into ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_") or "x"
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Atomically write a text file."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from blindnet.checkpoint import load_model
 from blindnet.classes import class_names
 from blindnet.data.datasets import AlignedAppearanceDataset
-from blindnet.io import atomic_write
+from blindnet.io import atomic_write, file_slug
 from blindnet.metrics import ConfusionMatrix, ConsistencyScores, CrossAppearanceConsistency, SegScores
 from blindnet.train.distributed import current_dist_info
 
@@ -299,10 +299,6 @@ def plot_consistency(scores: ConsistencyScores, path: str | Path, title: str = "
     return path
 
 
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_") or "x"
-
-
 def write_tables(
     results: Mapping[str, Mapping[str, SegScores]],
     out_dir: str | Path,
@@ -325,7 +321,7 @@ def write_tables(
         tables["consistency"] = consistency_table(consistency)
         for label, per_group in consistency.items():
             for group, c in per_group.items():
-                name = f"consistency_{_slug(label)}_{_slug(group)}.png"
+                name = f"consistency_{file_slug(label)}_{file_slug(group)}.png"
                 paths[name] = plot_consistency(c, out_dir / name, f"{label} / {group}")
     for stem, (md, cs) in tables.items():
         for ext, text in (("md", md), ("csv", cs)):

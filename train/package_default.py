@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import platform
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, read_metadata, save_model
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
-from blindnet.io import MediaError, atomic_write, iter_video_frames, write_png
+from blindnet.io import MediaError, atomic_write, file_slug, iter_video_frames, write_png
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
@@ -104,7 +103,7 @@ def package_default(
     for label, path in checkpoints.items():
         predictor = Predictor(TorchBackend(load_model(path)), batch_size=4)
         # One folder per full label: two labels that start alike ("BlindNet (shipped)", "BlindNet (old)") must not share one.
-        res = run_synthetic_showcase(predictor, Path(clip_out) / (re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")))
+        res = run_synthetic_showcase(predictor, Path(clip_out) / file_slug(label))
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
         if showcase_image is not None and label == next(iter(checkpoints)):
             write_showcase_image(res, showcase_image)
