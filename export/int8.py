@@ -23,7 +23,10 @@ ground-truth masks; the report is stored next to the file like the float parity 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,25 @@ class _Calibration:
         return next(self._items, None)
 
 
+@contextmanager
+def _quiet_quantiser() -> Iterator[None]:
+    """Keep ONNX Runtime's quantiser off the console unless the application configured logging itself.
+
+    The quantiser logs through the root logger; the first such call would also configure it (``basicConfig``), and
+    every later message of this package would then carry a ``WARNING:blindnet:`` prefix. Its only message here
+    suggests its optional pre-processing, which leaves these graphs and their labels unchanged (measured).
+    """
+    root = logging.getLogger()
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        yield
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+
+
 def float_islands(proto: Any) -> list[str]:
     """Names of the nodes :func:`quantize_int8` keeps in float: each ``FLOAT_ISLAND_OPS`` node and its producer."""
     producer = {out: node for node in proto.graph.node for out in node.output}
@@ -128,20 +150,21 @@ def quantize_int8(
     reader = _Calibration([prepare_input(images[i : i + 1], spec) for i in range(len(images))], spec["input_name"])
 
     def write(tmp: str) -> None:
-        quantize_static(
-            str(float_onnx),
-            tmp,
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=True,
-            nodes_to_exclude=islands,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, method),
-            # Symmetric activations (zero point 0): the form TensorRT's explicit INT8 needs; ORT runs it as well.
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        with _quiet_quantiser():
+            quantize_static(
+                str(float_onnx),
+                tmp,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=True,
+                nodes_to_exclude=islands,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, method),
+                # Symmetric activations (zero point 0): the form TensorRT's explicit INT8 needs; ORT runs it as well.
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
         proto = onnx.load(tmp)
         for entry in proto.metadata_props:
             if entry.key == META_PREFIX + "precision":

@@ -8,6 +8,8 @@ parity report is computed from the two graphs' outputs.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +133,19 @@ def test_unsigned_activations_hold_the_same_numbers() -> None:
     # An asymmetric or already unsigned pair is not touched.
     assert unsigned_activations(_qdq_roundtrip(np.array(3, np.int8))) == 0
     assert unsigned_activations(_qdq_roundtrip(np.array(128, np.uint8))) == 0
+
+
+def test_quantising_leaves_the_console_and_root_logger_alone(float_onnx: Path, tmp_path: Path) -> None:
+    # A fresh interpreter: pytest itself installs handlers on the root logger, which would hide the problem.
+    code = (
+        "import logging, sys\n"
+        "from blindnet.export.int8 import quantize_int8\n"
+        f"quantize_int8({str(float_onnx)!r}, {str(tmp_path / 'q.onnx')!r}, calibration=2, size={SIZE!r})\n"
+        "assert not logging.getLogger().handlers, logging.getLogger().handlers\n"
+        "logging.getLogger('blindnet').warning('after quantising')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WARNING:root" not in proc.stderr
+    # The package's own messages stay bare lines (no "WARNING:blindnet:" prefix from a configured root logger).
+    assert proc.stderr.strip().splitlines()[-1] == "after quantising"
