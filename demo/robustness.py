@@ -2,9 +2,9 @@
 
 The tab shows one image at a time; this runs the same comparison (:func:`blindnet.demo.views.compare_style`: the
 label agreement between a model's prediction for the clean image and for its style-shifted version) over a set of
-images and every style shift, and writes the per-image numbers and their mean as JSON and a Markdown table. No
-browser is needed, so the README's robustness numbers can be re-made on any machine.
-"""
+images and every style shift, and writes the per-image numbers and their mean as JSON and a Markdown table (with
+``--figure``, also the first image's comparison as one picture). No browser is needed, so the README's robustness
+numbers and picture can be re-made on any machine."""
 
 from __future__ import annotations
 
@@ -15,14 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
+from blindnet.classes import colorize
 from blindnet.demo.__main__ import model_specs
 from blindnet.demo.app import default_examples
 from blindnet.demo.styles import STYLES
-from blindnet.demo.views import compare_style
+from blindnet.demo.views import RobustnessResult, compare_style
 from blindnet.inference import Predictor
-from blindnet.io import ImageError, load_image, write_text
+from blindnet.io import ImageError, load_image, write_png, write_text
 
 #: The strength the demo's slider starts at.
 DEFAULT_STRENGTH = 0.8
@@ -66,6 +68,29 @@ def markdown(table: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _captioned(tile: np.ndarray, caption: str, band: int = 28) -> np.ndarray:
+    """``tile`` (``H x W x 3`` uint8) under a white band holding ``caption``."""
+    head = np.full((band, tile.shape[1], 3), 255, np.uint8)
+    cv2.putText(head, caption, (6, band - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.concatenate([head, tile], axis=0)
+
+
+def figure(result: RobustnessResult) -> np.ndarray:
+    """What the tab shows, as one picture: the clean and shifted image, then per model its two label maps.
+
+    Returns ``(1 + models) * (28 + H) x 2W x 3`` uint8 RGB.
+    """
+    style = f"{result.style} {result.strength:g}"
+    rows = [np.concatenate([_captioned(result.image, "clean"), _captioned(result.shifted, style)], axis=1)]
+    for m in result.models:
+        clean = _captioned(colorize(m.clean.labels, m.clean.num_classes), f"{m.name}: clean")
+        shifted = _captioned(
+            colorize(m.shifted.labels, m.shifted.num_classes), f"{m.name}: {style}, {100.0 * m.agreement:.1f}% kept"
+        )
+        rows.append(np.concatenate([clean, shifted], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m blindnet.demo.robustness", description=__doc__)
     p.add_argument(
@@ -77,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, nargs="*", help="images to shift (default: the demo's examples)")
     p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="style-shift strength in [0, 1]")
     p.add_argument("--out", type=Path, default=Path("outputs/robustness"), help="folder for table.json and table.md")
+    p.add_argument(
+        "--figure",
+        metavar="STYLE",
+        choices=list(STYLES),
+        help="also write figure.png: the first image under STYLE, as the tab shows it, every model's label maps",
+    )
     args = p.parse_args(argv)
     paths = args.images or default_examples()
     if not paths:
@@ -91,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out / "table.json", json.dumps(table, indent=2))
     text = markdown(table)
     write_text(args.out / "table.md", text)
+    if args.figure:
+        first = next(iter(images.values()))
+        write_png(args.out / "figure.png", figure(compare_style(predictors, first, args.figure, args.strength)))
     print(text, end="")
     return 0
 

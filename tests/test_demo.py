@@ -277,10 +277,15 @@ def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, c
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), cv2.cvtColor(_scene(2), cv2.COLOR_RGB2BGR))
     args = ["--checkpoint", f"A={checkpoints['blindnet']}", "--images", str(image), "--strength", "0.5"]
-    assert robustness_main([*args, "--out", str(tmp_path / "out")]) == 0
+    assert robustness_main([*args, "--out", str(tmp_path / "out"), "--figure", "night"]) == 0
     written = json.loads((tmp_path / "out" / "table.json").read_text())
     assert written["images"] == ["scene.png"] and set(written["mean"]) == {"A"}
     assert (tmp_path / "out" / "table.md").read_text() == capsys.readouterr().out
+    # The figure: a captioned row with the clean and shifted image, then one row of label maps per model.
+    picture = cv2.cvtColor(cv2.imread(str(tmp_path / "out" / "figure.png")), cv2.COLOR_BGR2RGB)
+    assert picture.shape == (2 * (28 + H), 2 * W, 3)
+    np.testing.assert_array_equal(picture[28 : 28 + H, :W], _scene(2))
+    np.testing.assert_array_equal(picture[28 : 28 + H, W:], styles.apply_style(_scene(2), "night", 0.5))
     with pytest.raises(SystemExit):
         robustness_main(["--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "out2")])
     assert "missing.png: file not found" in capsys.readouterr().err

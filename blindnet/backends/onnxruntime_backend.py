@@ -161,6 +161,7 @@ def unsigned_activations(proto: Any) -> int:
     inits = {i.name: i for i in graph.initializer}
     quantized = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     added: dict[str, Any] = {}
+    replaced: set[str] = set()
     rewritten = 0
     for node in graph.node:
         is_activation = node.op_type == "QuantizeLinear" or (
@@ -174,11 +175,12 @@ def unsigned_activations(proto: Any) -> int:
         name = node.input[2] + "_uint8"
         if name not in added:
             added[name] = numpy_helper.from_array(np.full(zero_point.shape, 128, np.uint8), name)
+        replaced.add(node.input[2])
         node.input[2] = name
         rewritten += 1
     graph.initializer.extend(added.values())
-    still_used = {i for n in graph.node for i in n.input}
-    unused = [i for i in graph.initializer if i.name not in still_used]
+    still_used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name in replaced and i.name not in still_used]
     for init in unused:  # the signed zero points nobody reads any more (ONNX Runtime warns about each otherwise)
         graph.initializer.remove(init)
     return rewritten
