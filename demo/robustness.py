@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from blindnet.checkpoint import CheckpointError
 from blindnet.classes import colorize
 from blindnet.demo.__main__ import model_specs
 from blindnet.demo.app import default_examples
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         images = {path.name: load_image(path) for path in paths}
     except ImageError as exc:
         p.error(str(exc))
-    predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}
+    try:
+        predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}
+    except (CheckpointError, FileNotFoundError) as exc:
+        p.error(str(exc))
     table = robustness_table(predictors, images, strength=args.strength)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "table.json", json.dumps(table, indent=2))

@@ -289,6 +289,9 @@ def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, c
     with pytest.raises(SystemExit):
         robustness_main(["--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "out2")])
     assert "missing.png: file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        robustness_main(["--checkpoint", str(tmp_path / "gone.safetensors"), "--images", str(image)])
+    assert "checkpoint not found" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------------
