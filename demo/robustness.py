@@ -46,10 +46,9 @@ def robustness_table(
     agreement: dict[str, dict[str, dict[str, float]]] = {name: {s: {} for s in styles} for name in predictors}
     for image_name, image in images.items():
         for style in styles:
-            # One model at a time: compare_style's cross-model agreement is not part of this table.
-            for name, predictor in predictors.items():
-                result = compare_style({name: predictor}, image, style, strength)
-                agreement[name][style][image_name] = result.models[0].agreement
+            # One call per image and style: the shift is computed once and every model segments the same pair.
+            for model in compare_style(predictors, image, style, strength).models:
+                agreement[model.name][style][image_name] = model.agreement
     mean = {name: {s: float(np.mean(list(v.values()))) for s, v in per.items()} for name, per in agreement.items()}
     return {"strength": strength, "styles": list(styles), "images": list(images), "agreement": agreement, "mean": mean}
 
