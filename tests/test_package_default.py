@@ -15,7 +15,14 @@ from blindnet.config import to_dict
 from blindnet.inference import Predictor
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
-from blindnet.train.package_default import _compare_lines, main, recipe_lines, recipe_name, write_showcase_image
+from blindnet.train.package_default import (
+    _card,
+    _compare_lines,
+    main,
+    recipe_lines,
+    recipe_name,
+    write_showcase_image,
+)
 
 
 @pytest.mark.parametrize(
@@ -79,3 +86,18 @@ def test_showcase_image_pairs_each_appearance_input_with_its_overlay(tiny_checkp
         left, right = image[row * 48 : (row + 1) * 48, :96], image[row * 48 : (row + 1) * 48, 96:]
         assert ok and np.abs(left.astype(int) - expected).mean() < 1.0
         assert np.abs(right.astype(int) - left).mean() > 5.0  # the overlay is not the input
+
+
+def test_card_says_why_this_model_only_when_told(tiny_checkpoint: Path) -> None:
+    """The card's "Why this model" section carries the packager's reason, and is absent without one."""
+    cfg = to_dict(load_config("default_shufflenetv2_baseline"))
+    facts = {"iterations": 1600, "train_seconds": 133.0, "final_loss": 0.9}
+    meta = {"training_command": "blindnet train", "iterations": "1600", "train_seconds": "133", "device": "a GPU"}
+    meta |= {"synthetic_seed": "0", "data_seed": "304"}
+    scores = {"DeepLabV3+ baseline (shipped)": {"noon": 36.43, "night": 13.27}}
+    clip = {"DeepLabV3+ baseline (shipped)": {"night": 7.61}}
+    with_why = _card(cfg, facts, None, meta, scores, clip, tiny_checkpoint, why="It scored best on night.\n")
+    assert "Recipe: **DeepLabV3+ baseline**" in with_why
+    assert "\n## Why this model\nIt scored best on night.\n" in with_why
+    assert "| DeepLabV3+ baseline (shipped) | 36.4 | nan | 13.3 |" in with_why
+    assert "Why this model" not in _card(cfg, facts, None, meta, scores, clip, tiny_checkpoint)

@@ -1,10 +1,10 @@
 """Package a finished run as the checkpoint shipped inside ``blindnet`` and write its model card.
 
-    python -m blindnet.train.package_default --run runs/default_shufflenetv2 --baseline-run runs/default_shufflenetv2_baseline
+    python -m blindnet.train.package_default --run runs/default_shufflenetv2_baseline --reference-run runs/default_shufflenetv2
     python -m blindnet.train.package_default --run runs/default_shufflenetv2 --compare "previous default=old.safetensors"
 
 Steps: store the run's weights in float16 (``blindnet/weights/default.safetensors``, < 30 MB) with the training facts in
-the header; score the shipped file and the baseline on the run's held-out targets (all five appearances); run the main
+the header; score the shipped file and the run trained beside it on the run's held-out targets (all five appearances); run the main
 job's synthetic clip (the numbers ``blindnet segment --synthetic night,fog,rain`` prints); write ``MODEL_CARD.md``.
 """
 
@@ -58,7 +58,7 @@ def _evaluate(checkpoints: dict[str, Path], config_path: Path) -> dict[str, dict
 
 def package_default(
     run: str | Path,
-    baseline_run: str | Path | None = None,
+    reference_run: str | Path | None = None,
     *,
     dest: str | Path = DEFAULT_CHECKPOINT,
     command: str = "",
@@ -66,12 +66,15 @@ def package_default(
     clip_out: str | Path = "outputs/package_showcase",
     compare: Mapping[str, str | Path] | None = None,
     showcase_image: str | Path | None = None,
+    why: str = "",
 ) -> dict:
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers.
 
-    ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
+    ``reference_run`` is a run trained beside ``run`` (same data, seed and budget, another recipe): its weights are
+    scored too and its training facts go into the card. ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
     ``dest`` is overwritten) scored on the same held-out scenes and clip; their header facts go into the card.
-    ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`).
+    ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`). ``why`` is
+    the card's "Why this model" paragraph (left out when empty).
     """
     run = Path(run)
     compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
@@ -90,13 +93,13 @@ def package_default(
     }
     save_model(load_model(run / "model.safetensors"), dest, half=True, extra_metadata=meta)
     checkpoints = {f"{recipe_name(cfg)} (shipped)": Path(dest)}
-    baseline_facts = None
-    if baseline_run is not None:
-        baseline_run = Path(baseline_run)
-        baseline_facts = _run_facts(baseline_run)
-        half = baseline_run / "model_fp16.safetensors"
-        save_model(load_model(baseline_run / "model.safetensors"), half, half=True)
-        checkpoints[recipe_name(baseline_facts["config"])] = half
+    reference_facts = None
+    if reference_run is not None:
+        reference_run = Path(reference_run)
+        reference_facts = _run_facts(reference_run)
+        half = reference_run / "model_fp16.safetensors"
+        save_model(load_model(reference_run / "model.safetensors"), half, half=True)
+        checkpoints[recipe_name(reference_facts["config"])] = half
     checkpoints.update(compare)
     scores = _evaluate(checkpoints, run / "config.yaml")
     clip: dict[str, dict] = {}
@@ -107,7 +110,7 @@ def package_default(
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
         if showcase_image is not None and label == next(iter(checkpoints)):
             write_showcase_image(res, showcase_image)
-    card = _card(cfg, facts, baseline_facts, meta, scores, clip, Path(dest), _compare_lines(compare))
+    card = _card(cfg, facts, reference_facts, meta, scores, clip, Path(dest), _compare_lines(compare), why)
     card_path = Path(dest).parent / CARD.name
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
@@ -204,17 +207,18 @@ def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _card(cfg, facts, baseline_facts, meta, scores, clip, dest: Path, extra: str = "") -> str:
+def _card(cfg, facts, reference_facts, meta, scores, clip, dest: Path, extra: str = "", why: str = "") -> str:
     apps = ["noon", "sunset", "night", "fog", "rain"]
     size_mb = dest.stat().st_size / 2**20
     n_params = sum(p.numel() for p in load_model(dest).parameters())
     b_line = ""
-    if baseline_facts is not None:
-        b_cfg = baseline_facts["config"]
+    if reference_facts is not None:
+        b_cfg = reference_facts["config"]
         b_line = (
             f"- Compared with: {recipe_name(b_cfg)} (`--config {b_cfg['name']}`, same data and iterations): "
-            f"{baseline_facts['iterations']} iterations, {baseline_facts['train_seconds'] / 60:.0f} min on the same device.\n"
+            f"{reference_facts['iterations']} iterations, {reference_facts['train_seconds'] / 60:.0f} min on the same device.\n"
         )
+    why_section = f"\n## Why this model\n{why.strip()}\n" if why.strip() else ""
     return f"""# Model card: blindnet default model
 
 The checkpoint shipped in `blindnet/weights/default.safetensors` ({size_mb:.1f} MB, float16 weights; `load_model`
@@ -237,7 +241,7 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 - Config: `train/configs/{cfg["name"]}.yaml` (the resolved config is in the run folder's `config.yaml`).
 - {meta["iterations"]} iterations in {float(meta["train_seconds"]) / 60:.0f} minutes on {meta["device"]}, final loss
   {facts["final_loss"]:.3f}. This is a short budget; the model is a demonstrator, not a converged result.
-{b_line}{extra}
+{b_line}{extra}{why_section}
 ## Held-out scenes: mIoU (%) per appearance
 {cfg["data"]["synthetic"]["val_scenes"]} held-out layouts at full {cfg["data"]["synthetic"]["height"]}x{cfg["data"]["synthetic"]["width"]} resolution, last weights, single scale.
 Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on the shipped float16 file):
@@ -259,7 +263,9 @@ Train on real data with `python -m blindnet.train --config paper_r50_gtav` (see 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
-    p.add_argument("--baseline-run")
+    p.add_argument(
+        "--reference-run", help="a run trained beside --run (same data and budget, another recipe) to score with it"
+    )
     p.add_argument(
         "--compare",
         nargs="+",
@@ -271,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--command", default="")
     p.add_argument("--device", default="")
     p.add_argument("--showcase-image", default=None, help="also write the shipped model's clip as one PNG here")
+    p.add_argument("--why", default="", help="the model card's 'Why this model' paragraph (Markdown)")
     args = p.parse_args(argv)
     try:
         compare = key_value_pairs(args.compare, "--compare", form="LABEL=CHECKPOINT")
@@ -278,12 +285,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(exc))
     summary = package_default(
         args.run,
-        args.baseline_run,
+        args.reference_run,
         dest=args.dest,
         command=args.command,
         device=args.device,
         compare=compare,
         showcase_image=args.showcase_image,
+        why=args.why,
     )
     print(json.dumps(summary, indent=2))
     return 0
