@@ -373,7 +373,8 @@ def build_demo(
         gr.Markdown(
             f"# {title}\n"
             "Semantic segmentation of driving scenes into the 19 Cityscapes classes. "
-            "BlindNet is trained to ignore image *style* (weather, lighting, colour): try the Robustness tab.\n\n"
+            "BlindNet trains a model to ignore image *style* (weather, lighting, colour); the Robustness tab measures "
+            "how far a model does, and compares two.\n\n"
             + "\n".join(f"- {describe_predictor(n, p)}" for n, p in predictors.items()),
             elem_id="bn-header",
         )
