@@ -81,7 +81,7 @@ tar czf "$OUT/bench.tgz" -C "$WORK" results
 wait $GEN
 cat "$WORK/gen.log" >>"$LOG"
 
-# 4. The shipped recipe (BlindNet) and its baseline trained longer: both runs side by side on the GPU (a ShuffleNetV2
+# 4. The default model's two candidate recipes (BlindNet and the baseline) trained longer: side by side on the GPU (a ShuffleNetV2
 # step at this size leaves the GPU mostly idle), iterations sized from a measured full step at batch 16 unless ITERS
 # is set.
 run "$(cap 60)" $PY -m blindnet.benchmarks.train_step --device $DEV --backbone shufflenetv2 $PROBE \
