@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import load_model, save_model
-from blindnet.config import to_dict
+from blindnet.checkpoint import load_model, read_metadata, save_model
+from blindnet.config import save_yaml, to_dict
+from blindnet.data.synthetic import write_aligned_dataset
 from blindnet.inference import Predictor
+from blindnet.models import build_model
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
 from blindnet.train.package_default import (
     _card,
     _compare_lines,
     main,
+    package_default,
     recipe_lines,
     recipe_name,
     write_showcase_image,
@@ -101,3 +106,52 @@ def test_card_says_why_this_model_only_when_told(tiny_checkpoint: Path) -> None:
     assert "\n## Why this model\nIt scored best on night.\n" in with_why
     assert "| DeepLabV3+ baseline (shipped) | 36.4 | nan | 13.3 |" in with_why
     assert "Why this model" not in _card(cfg, facts, None, meta, scores, clip, tiny_checkpoint)
+
+
+APPEARANCES = ("noon", "sunset", "night", "fog", "rain")
+
+
+def _run_folder(root: Path, preset: str, scenes: Path, seed: int) -> Path:
+    """A finished run as ``blindnet train`` leaves it (resolved config, log, last weights), scored on ``scenes``."""
+    targets = ", ".join(
+        f"{{dataset: aligned, root: '{scenes}', split: val, options: {{appearance: {a}}}}}" for a in APPEARANCES
+    )
+    cfg = load_config(preset, [f"eval.targets=[{targets}]", "runtime.device=cpu"])
+    root.mkdir()
+    save_yaml(cfg, root / "config.yaml")
+    (root / "train_log.csv").write_text("step,elapsed_s,loss\n1600,133.0,1.071\n")
+    torch.manual_seed(seed)
+    save_model(build_model(cfg.model), root / "model.safetensors")
+    return root
+
+
+def test_packaging_ships_the_run_and_scores_it_beside_the_reference(tmp_path: Path) -> None:
+    """A baseline run packaged with a BlindNet run beside it: the shipped file holds the baseline's weights (float16)
+    and training facts, the card and its JSON name each recipe and score both on every held-out appearance."""
+    scenes = tmp_path / "scenes"
+    write_aligned_dataset(scenes, num_scenes=2, seed=99, height=64, width=128, split="val", progress=False)
+    base = _run_folder(tmp_path / "gpu_baseline", "default_shufflenetv2_baseline", scenes, seed=0)
+    blind = _run_folder(tmp_path / "gpu_blindnet", "default_shufflenetv2", scenes, seed=1)
+    dest = tmp_path / "weights" / "default.safetensors"
+    summary = package_default(
+        base, blind, dest=dest, clip_out=tmp_path / "clip", showcase_image=tmp_path / "show.png",
+        why="The better of two.", clip_frames=2, clip_size=(64, 128),
+    )  # fmt: skip
+
+    shipped, trained = load_model(dest), load_model(base / "model.safetensors")
+    assert not shipped.config.instance_norm
+    for (name, a), b in zip(shipped.state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b.half().float() if b.is_floating_point() else b), name
+    meta = read_metadata(dest)
+    assert meta["config_name"] == "default_shufflenetv2_baseline" and meta["iterations"] == "1600"
+
+    labels = ["DeepLabV3+ baseline (shipped)", "BlindNet"]
+    assert list(summary["heldout_miou"]) == labels and list(summary["showcase_clip_miou"]) == labels
+    assert all(sorted(row) == sorted(APPEARANCES) for row in summary["heldout_miou"].values())
+    assert summary["heldout_miou"][labels[0]] != summary["heldout_miou"][labels[1]]  # two different models scored
+    assert json.loads((dest.parent / "MODEL_CARD.json").read_text()) == json.loads(json.dumps(summary))
+    card = (dest.parent / "MODEL_CARD.md").read_text()
+    assert "Recipe: **DeepLabV3+ baseline**" in card and "- Plain (no InstanceNorm)." in card
+    assert "Compared with: BlindNet (`--config default_shufflenetv2`, same data and iterations)" in card
+    assert "## Why this model\nThe better of two.\n" in card and "2 frames at 64x128" in card
+    assert np.array(Image.open(tmp_path / "show.png")).shape == (3 * 128, 2 * 256, 3)

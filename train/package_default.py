@@ -67,6 +67,8 @@ def package_default(
     compare: Mapping[str, str | Path] | None = None,
     showcase_image: str | Path | None = None,
     why: str = "",
+    clip_frames: int = 24,
+    clip_size: tuple[int, int] = (256, 512),
 ) -> dict:
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers.
 
@@ -74,7 +76,8 @@ def package_default(
     scored too and its training facts go into the card. ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
     ``dest`` is overwritten) scored on the same held-out scenes and clip; their header facts go into the card.
     ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`). ``why`` is
-    the card's "Why this model" paragraph (left out when empty).
+    the card's "Why this model" paragraph (left out when empty). ``clip_frames`` and ``clip_size`` (H, W) are the main
+    job's clip (its defaults); smaller values are for tests.
     """
     run = Path(run)
     compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
@@ -106,11 +109,12 @@ def package_default(
     for label, path in checkpoints.items():
         predictor = Predictor(TorchBackend(load_model(path)), batch_size=4)
         # One folder per full label: two labels that start alike ("BlindNet (shipped)", "BlindNet (old)") must not share one.
-        res = run_synthetic_showcase(predictor, Path(clip_out) / file_slug(label))
+        res = run_synthetic_showcase(predictor, Path(clip_out) / file_slug(label), frames=clip_frames, size=clip_size)
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
         if showcase_image is not None and label == next(iter(checkpoints)):
-            write_showcase_image(res, showcase_image)
-    card = _card(cfg, facts, reference_facts, meta, scores, clip, Path(dest), _compare_lines(compare), why)
+            write_showcase_image(res, showcase_image, frame=clip_frames // 2)
+    clip_facts = f"{clip_frames} frames at {clip_size[0]}x{clip_size[1]}"
+    card = _card(cfg, facts, reference_facts, meta, scores, clip, Path(dest), _compare_lines(compare), why, clip_facts)
     card_path = Path(dest).parent / CARD.name
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
@@ -207,7 +211,9 @@ def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _card(cfg, facts, reference_facts, meta, scores, clip, dest: Path, extra: str = "", why: str = "") -> str:
+def _card(
+    cfg, facts, reference_facts, meta, scores, clip, dest: Path, extra: str = "", why: str = "", clip_facts: str = ""
+) -> str:
     apps = ["noon", "sunset", "night", "fog", "rain"]
     size_mb = dest.stat().st_size / 2**20
     n_params = sum(p.numel() for p in load_model(dest).parameters())
@@ -250,7 +256,7 @@ Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on
 
 ## The main job's clip: mIoU (%) per appearance
 What `blindnet segment --synthetic night,fog,rain --out outputs/showcase` prints with the default seed (2024),
-24 frames at 256x512:
+{clip_facts or "24 frames at 256x512"}:
 
 {_table(clip, ["night", "fog", "rain"])}
 
