@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import load_model, read_metadata, save_model
+from blindnet.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from blindnet.config import save_yaml, to_dict
+from blindnet.data.datasets import DatasetError
 from blindnet.data.synthetic import write_aligned_dataset
 from blindnet.inference import Predictor
 from blindnet.models import build_model
@@ -155,3 +156,27 @@ def test_packaging_ships_the_run_and_scores_it_beside_the_reference(tmp_path: Pa
     assert "Compared with: BlindNet (`--config default_shufflenetv2`, same data and iterations)" in card
     assert "## Why this model\nThe better of two.\n" in card and "2 frames at 64x128" in card
     assert np.array(Image.open(tmp_path / "show.png")).shape == (3 * 128, 2 * 256, 3)
+
+
+def test_a_failed_packaging_leaves_the_shipped_model_and_card_as_they_were(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A reference run without weights is refused before anything is written; a failure while scoring (here the
+    held-out scenes are missing) removes the staged file and keeps the old model and card."""
+    dest = tmp_path / "weights" / "default.safetensors"
+    dest.parent.mkdir()
+    dest.write_bytes(tiny_checkpoint.read_bytes())
+    (dest.parent / "MODEL_CARD.md").write_text("old card")
+    scenes = tmp_path / "scenes"
+    write_aligned_dataset(scenes, num_scenes=1, seed=99, height=64, width=128, split="val", progress=False)
+    good = _run_folder(tmp_path / "good", "default_shufflenetv2_baseline", scenes, seed=0)
+    no_weights = _run_folder(tmp_path / "no_weights", "default_shufflenetv2", scenes, seed=1)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*no_weights"):
+        package_default(good, no_weights, dest=dest, clip_out=tmp_path / "clip", clip_frames=2, clip_size=(64, 128))
+    broken = _run_folder(tmp_path / "broken", "default_shufflenetv2_baseline", tmp_path / "missing", seed=0)
+    with pytest.raises(DatasetError, match="missing does not exist"):
+        package_default(broken, dest=dest, clip_out=tmp_path / "clip", clip_frames=2, clip_size=(64, 128))
+    assert dest.read_bytes() == tiny_checkpoint.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["MODEL_CARD.md", "default.safetensors"]
+    assert (dest.parent / "MODEL_CARD.md").read_text() == "old card"

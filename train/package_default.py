@@ -4,8 +4,9 @@
     python -m blindnet.train.package_default --run runs/default_shufflenetv2 --compare "previous default=old.safetensors"
 
 Steps: store the run's weights in float16 (``blindnet/weights/default.safetensors``, < 30 MB) with the training facts in
-the header; score the shipped file and the run trained beside it on the run's held-out targets (all five appearances); run the main
-job's synthetic clip (the numbers ``blindnet segment --synthetic night,fog,rain`` prints); write ``MODEL_CARD.md``.
+the header; score the shipped file and the run trained beside it on the run's held-out targets (all five
+appearances); run the main job's synthetic clip (the numbers ``blindnet segment --synthetic night,fog,rain`` prints);
+write ``MODEL_CARD.md`` (with ``--why``: why this model was chosen).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -73,53 +75,87 @@ def package_default(
     """Ship ``run``'s model as the package default and write the model card; returns the card's numbers.
 
     ``reference_run`` is a run trained beside ``run`` (same data, seed and budget, another recipe): its weights are
-    scored too and its training facts go into the card. ``compare`` maps labels to further checkpoints (for example the previously shipped file, copied away first, since
-    ``dest`` is overwritten) scored on the same held-out scenes and clip; their header facts go into the card.
-    ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`). ``why`` is
-    the card's "Why this model" paragraph (left out when empty). ``clip_frames`` and ``clip_size`` (H, W) are the main
-    job's clip (its defaults); smaller values are for tests.
+    scored too and its training facts go into the card. ``compare`` maps labels to further checkpoints (for example
+    the previously shipped file, copied away first) scored on the same held-out scenes and clip; their header facts go
+    into the card. ``showcase_image`` receives the shipped model's clip as one picture (:func:`write_showcase_image`).
+    ``why`` is the card's "Why this model" paragraph (left out when empty). ``clip_frames`` and ``clip_size`` (H, W)
+    are the main job's clip (its defaults); smaller values are for tests.
+
+    Every input is read before anything is written, and the new file replaces ``dest`` only once it has been scored:
+    a wrong path or a failure half-way leaves the shipped model and its card as they were.
     """
-    run = Path(run)
+    run, dest = Path(run), Path(dest)
     compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
     facts = _run_facts(run)
+    reference_facts = _run_facts(Path(reference_run)) if reference_run is not None else None
+    meta = _header_facts(run, facts, command, device)
+    model = load_model(run / "model.safetensors")
+    reference = load_model(Path(reference_run) / "model.safetensors") if reference_run is not None else None
+    staged = save_model(model, dest.with_name(f".{dest.stem}.staged{dest.suffix}"), half=True, extra_metadata=meta)
+    try:
+        checkpoints = {f"{recipe_name(facts['config'])} (shipped)": staged}
+        if reference is not None:
+            half = save_model(reference, Path(reference_run) / "model_fp16.safetensors", half=True)
+            checkpoints[recipe_name(reference_facts["config"])] = half
+        checkpoints.update(compare)
+        scores = _evaluate(checkpoints, run / "config.yaml")
+        clip = _score_clips(checkpoints, Path(clip_out), showcase_image, clip_frames, clip_size)
+        clip_facts = f"{clip_frames} frames at {clip_size[0]}x{clip_size[1]}"
+        card = _card(
+            facts["config"],
+            facts,
+            reference_facts,
+            meta,
+            scores,
+            clip,
+            staged,
+            _compare_lines(compare),
+            why,
+            clip_facts,
+        )
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, dest)
+    card_path = dest.parent / CARD.name
+    atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
+    summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
+    atomic_write(card_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    return summary
+
+
+def _header_facts(run: Path, facts: dict, command: str, device: str) -> dict[str, str]:
+    """The training facts stored in the shipped file's header (``blindnet info`` shows them)."""
     cfg = facts["config"]
     cpu = f"CPU ({platform.processor() or platform.machine()}), {cfg['runtime'].get('threads', 0)} thread(s)"
-    device = device or ("a CUDA GPU" if cfg["runtime"].get("device") == "cuda" else cpu)
-    meta = {
+    return {
         "training_command": command or f"python -m blindnet.train --config {cfg['name']} --out {run}",
         "config_name": cfg["name"],
         "data_seed": str(cfg["data"]["seed"]),
         "synthetic_seed": str(cfg["data"]["synthetic"]["seed"]),
         "iterations": str(facts["iterations"]),
         "train_seconds": f"{facts['train_seconds']:.0f}",
-        "device": device,
+        "device": device or ("a CUDA GPU" if cfg["runtime"].get("device") == "cuda" else cpu),
     }
-    save_model(load_model(run / "model.safetensors"), dest, half=True, extra_metadata=meta)
-    checkpoints = {f"{recipe_name(cfg)} (shipped)": Path(dest)}
-    reference_facts = None
-    if reference_run is not None:
-        reference_run = Path(reference_run)
-        reference_facts = _run_facts(reference_run)
-        half = reference_run / "model_fp16.safetensors"
-        save_model(load_model(reference_run / "model.safetensors"), half, half=True)
-        checkpoints[recipe_name(reference_facts["config"])] = half
-    checkpoints.update(compare)
-    scores = _evaluate(checkpoints, run / "config.yaml")
-    clip: dict[str, dict] = {}
+
+
+def _score_clips(
+    checkpoints: Mapping[str, Path],
+    clip_out: Path,
+    showcase_image: str | Path | None,
+    frames: int,
+    size: tuple[int, int],
+) -> dict[str, dict[str, float]]:
+    """The main job's clip for every checkpoint: mIoU per appearance; the first one's clip also as one picture."""
+    clip: dict[str, dict[str, float]] = {}
     for label, path in checkpoints.items():
         predictor = Predictor(TorchBackend(load_model(path)), batch_size=4)
         # One folder per full label: two labels that start alike ("BlindNet (shipped)", "BlindNet (old)") must not share one.
-        res = run_synthetic_showcase(predictor, Path(clip_out) / file_slug(label), frames=clip_frames, size=clip_size)
+        res = run_synthetic_showcase(predictor, clip_out / file_slug(label), frames=frames, size=size)
         clip[label] = {k: v["miou"] for k, v in res.items() if isinstance(v, dict)}
         if showcase_image is not None and label == next(iter(checkpoints)):
-            write_showcase_image(res, showcase_image, frame=clip_frames // 2)
-    clip_facts = f"{clip_frames} frames at {clip_size[0]}x{clip_size[1]}"
-    card = _card(cfg, facts, reference_facts, meta, scores, clip, Path(dest), _compare_lines(compare), why, clip_facts)
-    card_path = Path(dest).parent / CARD.name
-    atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
-    summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
-    atomic_write(card_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    return summary
+            write_showcase_image(res, showcase_image, frame=frames // 2)
+    return clip
 
 
 def _video_frame(path: str | Path, index: int) -> np.ndarray:
