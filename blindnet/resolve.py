@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from blindnet.backends.tensorrt_backend import current_platform, import_tensorrt
-from blindnet.checkpoint import load_model
+from blindnet.checkpoint import CheckpointError, load_model, read_metadata
 from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, INT8_RECIPE, SCENE_SIZE, check_int8, quantize_int8
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_engine
@@ -29,8 +29,8 @@ from blindnet.io import atomic_write
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
 SHIPPED_MODEL_NOTICE = (
-    "using the shipped demo model (ShuffleNetV2, trained on procedural street scenes only); for real footage convert "
-    "official BlindNet weights (`blindnet convert`) or train one (`blindnet train`), then pass --checkpoint"
+    "using the shipped demo model ({what}, trained on procedural street scenes only; see {card}); for real footage "
+    "convert official BlindNet weights (`blindnet convert`) or train one (`blindnet train`), then pass --checkpoint"
 )
 
 log = logging.getLogger("blindnet")
@@ -46,10 +46,24 @@ def default_checkpoint() -> Path:
     return DEFAULT_CHECKPOINT
 
 
+def shipped_model_notice(path: Path = DEFAULT_CHECKPOINT) -> str:
+    """The line that announces the shipped model: its backbone and recipe (from the file's header), and its card.
+
+    The recipe is named because the default is whichever model scored best, which need not be a BlindNet one.
+    """
+    try:
+        meta = read_metadata(path)
+        backbone = json.loads(meta["model_config"])["backbone"]
+    except (OSError, ValueError, KeyError, CheckpointError):
+        return SHIPPED_MODEL_NOTICE.format(what="ShuffleNetV2", card=path.parent / "MODEL_CARD.md")
+    what = f"{backbone}, recipe `{meta['config_name']}`" if "config_name" in meta else backbone
+    return SHIPPED_MODEL_NOTICE.format(what=what, card=path.parent / "MODEL_CARD.md")
+
+
 @functools.cache
 def _notice_shipped_model() -> None:
     # Once per process: a server or a demo resolves the model many times.
-    log.warning(SHIPPED_MODEL_NOTICE)
+    log.warning(shipped_model_notice())
 
 
 def resolve_checkpoint(path: str | Path | None) -> Path:

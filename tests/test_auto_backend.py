@@ -100,3 +100,15 @@ def test_the_clis_offer_exactly_the_backends_select_builds() -> None:
     from blindnet.backends import BACKEND_NAMES
 
     assert set(BACKEND_NAMES) == set(select.BACKENDS)
+
+
+def test_the_shipped_model_is_announced_with_its_recipe_and_card(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The notice names the recipe in the file's header (the default need not be a BlindNet model) and the card; a
+    file without training facts names its backbone, and an unreadable one still gives a notice."""
+    shipped = resolve.shipped_model_notice()
+    config_name = resolve.read_metadata(resolve.DEFAULT_CHECKPOINT)["config_name"]
+    assert f"recipe `{config_name}`" in shipped and str(resolve.WEIGHTS_DIR / "MODEL_CARD.md") in shipped
+    assert "(mobilenetv2, trained on procedural" in resolve.shipped_model_notice(tiny_checkpoint)
+    broken = tmp_path / "default.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    assert resolve.shipped_model_notice(broken).startswith("using the shipped demo model (ShuffleNetV2, trained")
