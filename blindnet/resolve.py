@@ -28,6 +28,7 @@ from blindnet.io import atomic_write
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
+MODEL_CARD = WEIGHTS_DIR / "MODEL_CARD.md"
 SHIPPED_MODEL_NOTICE = (
     "using the shipped demo model ({what}, trained on procedural street scenes only; see {card}); for real footage "
     "convert official BlindNet weights (`blindnet convert`) or train one (`blindnet train`), then pass --checkpoint"
@@ -54,10 +55,10 @@ def shipped_model_notice(path: Path = DEFAULT_CHECKPOINT) -> str:
     try:
         meta = read_metadata(path)
         backbone = json.loads(meta["model_config"])["backbone"]
+        what = f"{backbone}, recipe `{meta['config_name']}`" if "config_name" in meta else backbone
     except (OSError, ValueError, KeyError, CheckpointError):
-        return SHIPPED_MODEL_NOTICE.format(what="ShuffleNetV2", card=path.parent / "MODEL_CARD.md")
-    what = f"{backbone}, recipe `{meta['config_name']}`" if "config_name" in meta else backbone
-    return SHIPPED_MODEL_NOTICE.format(what=what, card=path.parent / "MODEL_CARD.md")
+        what = "ShuffleNetV2"
+    return SHIPPED_MODEL_NOTICE.format(what=what, card=path.parent / MODEL_CARD.name)
 
 
 @functools.cache

@@ -97,16 +97,16 @@ def test_showcase_image_pairs_each_appearance_input_with_its_overlay(tiny_checkp
 def test_card_says_why_this_model_only_when_told(tiny_checkpoint: Path) -> None:
     """The card's "Why this model" section carries the packager's reason, and is absent without one."""
     cfg = to_dict(load_config("default_shufflenetv2_baseline"))
-    facts = {"iterations": 1600, "train_seconds": 133.0, "final_loss": 0.9}
+    facts = {"config": cfg, "iterations": 1600, "train_seconds": 133.0, "final_loss": 0.9}
     meta = {"training_command": "blindnet train", "iterations": "1600", "train_seconds": "133", "device": "a GPU"}
     meta |= {"synthetic_seed": "0", "data_seed": "304"}
     scores = {"DeepLabV3+ baseline (shipped)": {"noon": 36.43, "night": 13.27}}
     clip = {"DeepLabV3+ baseline (shipped)": {"night": 7.61}}
-    with_why = _card(cfg, facts, None, meta, scores, clip, tiny_checkpoint, why="It scored best on night.\n")
+    with_why = _card(facts, None, meta, scores, clip, tiny_checkpoint, "24 frames", why="It scored best on night.\n")
     assert "Recipe: **DeepLabV3+ baseline**" in with_why
     assert "\n## Why this model\nIt scored best on night.\n" in with_why
     assert "| DeepLabV3+ baseline (shipped) | 36.4 | nan | 13.3 |" in with_why
-    assert "Why this model" not in _card(cfg, facts, None, meta, scores, clip, tiny_checkpoint)
+    assert "Why this model" not in _card(facts, None, meta, scores, clip, tiny_checkpoint, "24 frames")
 
 
 APPEARANCES = ("noon", "sunset", "night", "fog", "rain")

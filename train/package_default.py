@@ -28,13 +28,11 @@ from blindnet.checkpoint import load_model, read_metadata, save_model
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
 from blindnet.io import MediaError, atomic_write, file_slug, iter_video_frames, write_png
-from blindnet.resolve import DEFAULT_CHECKPOINT
+from blindnet.resolve import DEFAULT_CHECKPOINT, MODEL_CARD
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
 from blindnet.train.data import build_eval_dataset
 from blindnet.train.evaluate import evaluate_checkpoints
-
-CARD = DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md"
 
 
 def _run_facts(run: Path) -> dict:
@@ -85,39 +83,29 @@ def package_default(
     a wrong path or a failure half-way leaves the shipped model and its card as they were.
     """
     run, dest = Path(run), Path(dest)
+    reference_run = Path(reference_run) if reference_run is not None else None
     compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
     facts = _run_facts(run)
-    reference_facts = _run_facts(Path(reference_run)) if reference_run is not None else None
+    reference_facts = _run_facts(reference_run) if reference_run is not None else None
     meta = _header_facts(run, facts, command, device)
     model = load_model(run / "model.safetensors")
-    reference = load_model(Path(reference_run) / "model.safetensors") if reference_run is not None else None
+    reference = load_model(reference_run / "model.safetensors") if reference_run is not None else None
     staged = save_model(model, dest.with_name(f".{dest.stem}.staged{dest.suffix}"), half=True, extra_metadata=meta)
     try:
         checkpoints = {f"{recipe_name(facts['config'])} (shipped)": staged}
         if reference is not None:
-            half = save_model(reference, Path(reference_run) / "model_fp16.safetensors", half=True)
+            half = save_model(reference, reference_run / "model_fp16.safetensors", half=True)
             checkpoints[recipe_name(reference_facts["config"])] = half
         checkpoints.update(compare)
         scores = _evaluate(checkpoints, run / "config.yaml")
         clip = _score_clips(checkpoints, Path(clip_out), showcase_image, clip_frames, clip_size)
         clip_facts = f"{clip_frames} frames at {clip_size[0]}x{clip_size[1]}"
-        card = _card(
-            facts["config"],
-            facts,
-            reference_facts,
-            meta,
-            scores,
-            clip,
-            staged,
-            _compare_lines(compare),
-            why,
-            clip_facts,
-        )
+        card = _card(facts, reference_facts, meta, scores, clip, staged, clip_facts, _compare_lines(compare), why)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
     os.replace(staged, dest)
-    card_path = dest.parent / CARD.name
+    card_path = dest.parent / MODEL_CARD.name
     atomic_write(card_path, lambda tmp: Path(tmp).write_text(card))
     summary = {"meta": meta, "heldout_miou": scores, "showcase_clip_miou": clip}
     atomic_write(card_path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
@@ -248,8 +236,9 @@ def _table(rows: dict[str, dict[str, float]], columns: Sequence[str]) -> str:
 
 
 def _card(
-    cfg, facts, reference_facts, meta, scores, clip, dest: Path, extra: str = "", why: str = "", clip_facts: str = ""
+    facts, reference_facts, meta, scores, clip, dest: Path, clip_facts: str, extra: str = "", why: str = ""
 ) -> str:
+    cfg = facts["config"]
     apps = ["noon", "sunset", "night", "fog", "rain"]
     size_mb = dest.stat().st_size / 2**20
     n_params = sum(p.numel() for p in load_model(dest).parameters())
@@ -292,7 +281,7 @@ Made by `python -m blindnet.train.package_default` (it calls `train.evaluate` on
 
 ## The main job's clip: mIoU (%) per appearance
 What `blindnet segment --synthetic night,fog,rain --out outputs/showcase` prints with the default seed (2024),
-{clip_facts or "24 frames at 256x512"}:
+{clip_facts}:
 
 {_table(clip, ["night", "fog", "rain"])}
 
