@@ -6,8 +6,8 @@ int8 activations *and* weights, activations symmetric (zero point 0) and weights
 accepts only that form. ONNX Runtime's x86 kernels want uint8 activations, so the runtime shifts the activation zero
 points to 128 when it loads the file (:func:`blindnet.backends.onnxruntime_backend.unsigned_activations`, exact).
 
-Two choices keep the labels close to float32 (shipped ShuffleNetV2 model: agreement on 8 held-out scenes at 256x512,
-time at 512x1024 on a 2-core AVX2 CPU):
+Two choices keep the labels close to float32 (measured on the BlindNet ShuffleNetV2 that was the default model then:
+agreement on 8 held-out scenes at 256x512, time at 512x1024 on a 2-core AVX2 CPU):
 
 - Weights use 7 of their 8 bits (``reduce_range``). x86 CPUs without VNNI multiply uint8 by int8 with an
   instruction that adds pairs of products into a saturating int16; full-range weights overflow it on bright
@@ -136,7 +136,7 @@ def quantize_int8(
         size: ``(H, W)`` of the calibration scenes.
         seed: first scene seed (held-out checks use another range).
         method: ONNX Runtime calibration method (``MinMax``, ``Percentile``, ``Entropy``; MinMax measured best
-            on the shipped model).
+            on the BlindNet ShuffleNetV2 that was the default then).
     """
     # onnxruntime is an optional extra: imported only when a quantisation is asked for.
     import onnx
