@@ -174,6 +174,8 @@ def test_a_failed_packaging_leaves_the_shipped_model_and_card_as_they_were(
     (no_weights / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="checkpoint not found: .*no_weights"):
         package_default(good, no_weights, dest=dest, clip_out=tmp_path / "clip", clip_frames=2, clip_size=(64, 128))
+    with pytest.raises(FileNotFoundError, match=r"not_a_run: not a finished training run \(no config.yaml, train_log"):
+        package_default(tmp_path / "not_a_run", dest=dest)
     broken = _run_folder(tmp_path / "broken", "default_shufflenetv2_baseline", tmp_path / "missing", seed=0)
     with pytest.raises(DatasetError, match="missing does not exist"):
         package_default(broken, dest=dest, clip_out=tmp_path / "clip", clip_frames=2, clip_size=(64, 128))

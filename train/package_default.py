@@ -36,6 +36,11 @@ from blindnet.train.evaluate import evaluate_checkpoints
 
 
 def _run_facts(run: Path) -> dict:
+    missing = [name for name in ("config.yaml", "train_log.csv") if not (run / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run}: not a finished training run (no {', '.join(missing)}); pass the folder `blindnet train --out` wrote"
+        )
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     rows = list(csv.DictReader((run / "train_log.csv").open()))
     last = rows[-1] if rows else {}
