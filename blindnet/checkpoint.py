@@ -9,7 +9,10 @@ Two kinds of file:
   ``torch.load(weights_only=True)``, so the training state never leaks into deployment.
 
 Official BlindNet/RobustNet checkpoints (``{"state_dict": {"module.layer0.0.weight": ...}}``) are converted by
-:func:`convert_official_checkpoint`, which drops the training-only keys (``dsn.*``, ``ProjectionHead_cls_*``).
+:func:`convert_official_checkpoint`, which drops the training-only keys (``dsn.*``, ``ProjectionHead_cls_*``). The
+original's snapshots also hold ``optimizer``, ``scheduler``, ``epoch``, ``command`` and a NumPy float64 ``mean_iu``;
+:func:`load_official_snapshot` reads them with ``weights_only=True`` plus exactly the NumPy scalar and dtype globals
+that such a value pickles to (:data:`OFFICIAL_SAFE_GLOBALS`), so a pickle that would run code is still refused.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from blindnet.io import atomic_write
@@ -33,6 +37,68 @@ _ENCODER_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not match the network it claims to hold."""
+
+
+def _official_safe_globals() -> list[Any]:
+    """The globals a NumPy scalar (the original's ``mean_iu = np.nanmean(iu)``) pickles to, and nothing else.
+
+    ``scalar`` rebuilds the number from its dtype and raw bytes; ``np.dtype`` and the dtype's class rebuild the dtype
+    (its ``__setstate__`` only sets byte order and flags). NumPy 1.x wrote the constructor as
+    ``numpy.core.multiarray.scalar``, NumPy 2 as ``numpy._core.multiarray.scalar``: both names map to the same
+    function. No ``ndarray``/``_reconstruct``: the original stores no array outside its tensors.
+    """
+    scalar = np.float64(0).__reduce__()[0]  # numpy's scalar constructor, wherever this NumPy version keeps it
+    dtype_classes = sorted({type(np.dtype(code)) for code in "?bhilqBHILQefd"}, key=str)
+    return [
+        scalar,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+        *dtype_classes,
+    ]
+
+
+#: Globals allowed on top of PyTorch's ``weights_only`` set when reading the original's snapshots.
+OFFICIAL_SAFE_GLOBALS: list[Any] = _official_safe_globals()
+
+
+def load_official_snapshot(path: str | Path) -> dict[str, Any]:
+    """Read a file written by the original's ``torch.save`` (zip or pre-zip format) without running any pickled code.
+
+    Returns:
+        The saved dict (``state_dict``, ``optimizer``, ``scheduler``, ``epoch``, ``mean_iu``, ``command`` in the
+        original's snapshots), or ``{"state_dict": obj}`` when the file holds a bare state dict.
+
+    Raises:
+        CheckpointError: missing file, a web page or other non-checkpoint, a truncated file, or a pickle that needs
+            globals beyond tensors, containers and NumPy scalars (the reason names them).
+    """
+    path = _existing(path)
+    with open(path, "rb") as fh:
+        head = fh.read(64).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise CheckpointError(
+            f"{path}: is a web page, not a checkpoint (a download that returned an error or confirmation page)"
+        )
+    try:
+        with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: cannot read the official checkpoint ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" not in obj and obj and all(torch.is_tensor(v) for v in obj.values()):
+        obj = {"state_dict": obj}
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping) or not obj["state_dict"]:
+        raise CheckpointError(f"{path}: no 'state_dict' mapping found")
+    return dict(obj)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of an exception (torch's refusals are paragraphs; the culprit is named in one line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln or "allowlisted" in ln]
+    return (named or lines or [type(exc).__name__])[0][:300]
 
 
 def deployable_state_dict(model: DeepLabV3Plus) -> dict[str, torch.Tensor]:
@@ -100,10 +166,12 @@ def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torc
         cfg = _config_from(json.loads(meta["model_config"]), path)
         return cfg, state, meta
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # The NumPy scalar globals too: an original snapshot (NumPy ``mean_iu``) then gets the "convert it" advice.
+        with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: cannot read as a blindnet checkpoint ({type(exc).__name__}: {exc}). "
+            f"{path}: cannot read as a blindnet checkpoint ({type(exc).__name__}: {_first_line(exc)}). "
             "The file may be truncated, not a checkpoint, or contain pickled objects we refuse to load."
         ) from exc
     if not isinstance(obj, dict):
@@ -112,7 +180,8 @@ def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torc
         if "state_dict" in obj:
             raise CheckpointError(
                 f"{path}: this looks like an official BlindNet/RobustNet checkpoint; convert it first: "
-                f"`blindnet convert {path} OUT.safetensors --backbone resnet50`"
+                f"`blindnet convert {path} OUT.safetensors --backbone resnet50` (or, for the published ResNet-50 "
+                f"GTAV model, `blindnet convert {path} --name blindnet-r50-gtav`)"
             )
         raise CheckpointError(f"{path}: no 'model' and 'model_config' entries (keys: {sorted(obj)[:10]})")
     return _config_from(obj["model_config"], path), obj["model"], {}
@@ -237,26 +306,20 @@ def convert_official_checkpoint(
     instance_norm: bool | None = None,
     output_stride: int = 16,
     check_variant: bool = True,
+    extra_metadata: Mapping[str, str] | None = None,
 ) -> DeepLabV3Plus:
-    """Convert an official checkpoint file into our deployable format.
+    """Convert an official checkpoint file (read by :func:`load_official_snapshot`) into our deployable format.
 
     The original stores no model config, so the backbone and variant are given here (``DeepR50V3PlusD`` = resnet50,
     OS16, with InstanceNorm for BlindNet). ``num_classes`` defaults to the size of ``final2``. See
     :func:`convert_official_state` for ``instance_norm`` and ``check_variant``. The chosen variant and the check's
-    verdict are stored in the output's metadata (``variant``, ``variant_check``).
+    verdict are stored in the output's metadata (``variant``, ``variant_check``), with ``extra_metadata``.
 
     Returns:
         The converted network in eval mode; also saved to ``dst`` when given.
     """
     src = _existing(src)
-    try:
-        # Official files hold only tensors and plain containers (plus optimizer state): weights_only is enough.
-        obj = torch.load(str(src), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{src}: cannot read the official checkpoint ({type(exc).__name__}: {exc})") from exc
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{src}: no 'state_dict' mapping found")
+    state = load_official_snapshot(src)["state_dict"]
     model = convert_official_state(
         state,
         backbone=backbone,
@@ -271,6 +334,7 @@ def convert_official_checkpoint(
             "converted_from": str(Path(src).name),
             "variant": "blindnet" if model.config.instance_norm else "baseline",
             "variant_check": f"{check.detected}: {check.reason}" if check_variant else "skipped",
+            **(extra_metadata or {}),
         }
         save_model(model, dst, extra_metadata=meta)
     return model

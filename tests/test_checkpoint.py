@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +19,13 @@ from blindnet.checkpoint import (
     convert_official_state_dict,
     detect_variant,
     load_model,
+    load_official_snapshot,
     read_metadata,
     save_model,
 )
 from blindnet.models import ModelConfig, build_model
 from tests.original_reference import original_forward, strip
+from tests.original_snapshot import as_numpy1_legacy_file, write_original_snapshot
 
 KEYS_FILE = Path(__file__).parent / "data" / "official_state_dict_keys.json"
 ARCH = {"resnet50": "DeepR50V3PlusD", "mobilenetv2": "DeepMobileNetV3PlusD", "shufflenetv2": "DeepShuffleNetV3PlusD"}
@@ -134,14 +138,17 @@ VARIANT_CASES = [
 ]
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 @pytest.mark.parametrize(("backbone", "blindnet", "output_stride"), VARIANT_CASES)
 def test_conversion_matches_independent_reference(
-    tmp_path: Path, backbone: str, blindnet: bool, output_stride: int
+    tmp_path: Path, backbone: str, blindnet: bool, output_stride: int, zip_format: bool
 ) -> None:
+    """Snapshots as the original writes them (optimizer, scheduler, NumPy mean_iu; zip and pre-zip format)."""
     torch.set_num_threads(1)
     official = fabricate_variant_state(backbone, blindnet)
-    src = tmp_path / "official.pth"
-    torch.save({"state_dict": official}, src)
+    src = write_original_snapshot(tmp_path / "best_cityscapes_epoch_26.pth", official, zip_format=zip_format)
+    with pytest.raises(Exception, match="numpy"):  # what plain weights_only loading does with these files
+        torch.load(src, weights_only=True)
     dst = tmp_path / "converted.safetensors"
     convert_official_checkpoint(src, dst, backbone=backbone, instance_norm=blindnet, output_stride=output_stride)
     model = load_model(dst)
@@ -176,6 +183,64 @@ def test_wrong_variant_is_caught_for_backbones_with_identical_keys(tmp_path: Pat
         ref, _ = original_forward(official, x, backbone=backbone, blindnet=True)
         rel = ((wrong(x) - ref).norm() / ref.norm()).item()
     assert rel > 0.05
+
+
+def test_original_snapshot_forms_all_convert_to_the_same_network(tmp_path: Path) -> None:
+    """``module.`` prefix or not, a ``state_dict`` entry or a bare state dict, NumPy 1.x or 2 scalar names."""
+    torch.set_num_threads(1)
+    official = fabricate_variant_state("mobilenetv2", True)
+    bare = tmp_path / "bare.pth"
+    torch.save(strip(official), bare)  # no "module." prefix, no wrapping dict
+    numpy1 = as_numpy1_legacy_file(write_original_snapshot(tmp_path / "np1.pth", official, zip_format=False))
+    unprefixed = write_original_snapshot(tmp_path / "unprefixed.pth", strip(official))
+    x = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, _ = original_forward(official, x, backbone="mobilenetv2", blindnet=True)
+        for src in (bare, numpy1, unprefixed):
+            model = convert_official_checkpoint(src, backbone="mobilenetv2", instance_norm=True)
+            # 1e-4 relative: float32 summation order differs between the two implementations, nothing else.
+            assert (model(x) - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item()), src.name
+    snapshot = load_official_snapshot(numpy1)
+    assert set(snapshot) == {"state_dict", "optimizer", "scheduler", "epoch", "mean_iu", "command"}
+    assert snapshot["mean_iu"] == pytest.approx(np.nanmean([0.61, 0.25, np.nan, 0.47]))
+    assert snapshot["optimizer"]["state"][0]["momentum_buffer"].shape  # the real SGD state came through
+
+
+class _RunsCode:
+    """Unpickling this calls ``os.makedirs(marker)``: what a malicious checkpoint would do with a worse call."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_code_running_pickle_is_refused_and_never_runs(tmp_path: Path, zip_format: bool) -> None:
+    marker = tmp_path / "the-pickle-ran"
+    state = strip(fabricate_variant_state("mobilenetv2", True))
+    src = tmp_path / "evil.pth"
+    torch.save(
+        {"state_dict": state, "mean_iu": np.float64(0.5), "payload": _RunsCode(marker)},
+        src,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    with pytest.raises(CheckpointError, match="cannot read the official checkpoint.*makedirs"):
+        convert_official_checkpoint(src, backbone="mobilenetv2", instance_norm=True)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(src)
+    assert not marker.exists()
+
+
+def test_a_web_page_or_an_original_snapshot_given_to_load_model_gets_a_clear_reason(tmp_path: Path) -> None:
+    page = tmp_path / "model.pth"
+    page.write_text("<!DOCTYPE html><html><title>Google Drive - Quota exceeded</title></html>")
+    with pytest.raises(CheckpointError, match="web page"):
+        convert_official_checkpoint(page)
+    src = write_original_snapshot(tmp_path / "best.pth", fabricate_variant_state("mobilenetv2", True))
+    with pytest.raises(CheckpointError, match="official BlindNet/RobustNet checkpoint; convert it first"):
+        load_model(src)
 
 
 def test_resnet50_variant_is_read_from_the_keys() -> None:
