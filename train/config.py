@@ -175,6 +175,20 @@ class RuntimeConfig:
         return device_type == "cuda"
 
 
+@dataclass
+class InitConfig:
+    """Start a new run from existing weights (fine-tuning a converted official model or a shipped one).
+
+    Attributes:
+        checkpoint: a deployable ``.safetensors`` or training ``.pt`` file; empty = the usual initialisation.
+        part: ``model`` loads every tensor (same backbone and class count); ``encoder`` loads only ``encoder.*``
+            (the backbone), the decoder and classifier start fresh.
+    """
+
+    checkpoint: str = ""
+    part: Literal["model", "encoder"] = "model"
+
+
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN has native bfloat16 kernels on this CPU (AVX512-BF16 or AMX); emulated bf16 is slower."""
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -191,6 +205,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self) -> None:
         """Cross-field checks that the per-field types cannot express."""
@@ -250,6 +265,7 @@ __all__ = [
     "DataConfig",
     "DatasetSpec",
     "EvalConfig",
+    "InitConfig",
     "OptimConfig",
     "RuntimeConfig",
     "SyntheticConfig",

@@ -13,8 +13,13 @@ global batch of 8 split across ranks, SyncBN across ranks. Differences from the 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import math
+import os
 import random
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -30,8 +35,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from blindnet.checkpoint import FORMAT_VERSION, deployable_state_dict, load_state_into, save_model
-from blindnet.config import save_yaml, to_dict
+from blindnet.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    deployable_state_dict,
+    load_checkpoint_state,
+    load_state_into,
+    read_metadata,
+    save_model,
+)
+from blindnet.config import ConfigError, save_yaml, to_dict
 from blindnet.io import atomic_write
 from blindnet.metrics import SegScores
 from blindnet.models import build_model
@@ -56,6 +69,25 @@ class NonFiniteLossError(RuntimeError):
             f"non-finite loss at iteration {step}: {shown}. Stopped before the update. Last good checkpoint: {where} "
             "(resume from it with a lower optim.lr, or check the data)."
         )
+
+
+class RunExistsError(ValueError):
+    """``out_dir`` already holds a run and neither resuming nor overwriting was asked for."""
+
+
+class DiskFullError(RuntimeError):
+    """A file of the run could not be written because the disk is full; the message names the file and the last
+    good checkpoint (which the failed write left untouched)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped the run; ``last_checkpoint`` is what a ``--resume`` continues from."""
+
+    def __init__(self, run_dir: Path, step: int | None, last_checkpoint: Path | None) -> None:
+        self.run_dir, self.step, self.last_checkpoint = run_dir, step, last_checkpoint
+        at = f" after iteration {step}" if step is not None else ""
+        saved = f"last checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+        super().__init__(f"interrupted{at}; {saved}")
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------------
@@ -142,6 +174,90 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+RUN_FILES = ("config.yaml", "train_log.csv", "eval.csv", "model.safetensors")
+
+
+def describe_existing_run(run_dir: str | Path) -> str | None:
+    """What run ``run_dir`` holds, in words (``"a finished run (10 iterations)"``), or None when it holds none.
+
+    A folder holds a run when it has a checkpoint or any file a run writes (``config.yaml``, the logs, the model).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    ckpts = sorted((run_dir / CKPT_DIR).glob("ckpt_*.pt"))
+    if not ckpts and not any((run_dir / name).exists() for name in RUN_FILES):
+        return None
+    step = int(ckpts[-1].stem.split("_")[-1]) if ckpts else None
+    model = run_dir / "model.safetensors"
+    if model.is_file():
+        try:
+            done = read_metadata(model).get("step", "?")
+        except (CheckpointError, OSError, ValueError):
+            done = "?"
+        return f"a finished run ({done} iterations)"
+    if step is not None:
+        return f"an unfinished run (last checkpoint at iteration {step})"
+    return "the files of a run that wrote no checkpoint yet"
+
+
+def move_run_aside(run_dir: str | Path) -> Path:
+    """Rename ``run_dir`` to ``<run_dir>.replaced-<UTC time>`` (never deleted); returns the new path."""
+    run_dir = Path(run_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+    n = 1
+    while target.exists():  # two overwrites within one second
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}-{n}")
+    run_dir.rename(target)
+    return target
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the ``.<name>.<random>.tmp`` files a killed atomic write left in ``run_dir`` and its checkpoints.
+
+    Only the main process of a run writes there, and it calls this before writing anything, so no live write can
+    own one of these files.
+    """
+    run_dir = Path(run_dir)
+    stale = [f for d in (run_dir, run_dir / CKPT_DIR) if d.is_dir() for f in d.glob(".*.tmp") if f.is_file()]
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it chains) is a write that failed for lack of space.
+
+    PyTorch's zip writer reports a short write as ``RuntimeError: ... unexpected pos N vs M`` and only sometimes
+    chains the OSError; a short write of a local file means the disk (or the quota) is full.
+    """
+    chain: BaseException | None = exc
+    while chain is not None:
+        if getattr(chain, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(chain):
+            return True
+        if isinstance(chain, RuntimeError) and "unexpected pos" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _write_or_disk_full(path: Path, write: Any, last_good: Path | None) -> None:
+    """Call ``write()`` (an atomic write of ``path``), with a full disk reported as :class:`DiskFullError` naming
+    ``path`` and ``last_good`` (the atomic write left both the old file and that checkpoint as they were)."""
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        if not _is_disk_full(exc):
+            raise
+        keep = f"the last good checkpoint {last_good} is intact" if last_good else "no checkpoint was written yet"
+        raise DiskFullError(
+            f"cannot write {path}: the disk is full (no space left on device). Nothing was replaced; {keep}. "
+            "Free some space and resume the run."
+        ) from None
+
+
 def _gather_rng(device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
     mine = get_rng_state(device)
     if not info.enabled:
@@ -151,22 +267,36 @@ def _gather_rng(device: torch.device, info: DistInfo) -> list[dict[str, Any]]:
     return everyone
 
 
-class _CsvLog:
-    """Append-only CSV whose columns are fixed by the first row; on resume, rows past the resumed step are dropped."""
+def _csv_text(fields: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fields)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
 
-    def __init__(self, path: Path, resume_step: int | None) -> None:
+
+class _CsvLog:
+    """Append-only CSV whose columns are fixed by the first row; on resume, rows past the resumed step are dropped.
+
+    ``redo_final``: the final evaluation at ``resume_step`` will run again (the run stopped between it and the saved
+    model), so its earlier rows are dropped too and the table never holds the same evaluation twice.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, redo_final: bool = False) -> None:
         self.path, self.fields = path, None
         if resume_step is not None and path.exists():
             with open(path, newline="") as fh:
                 rows = list(csv.DictReader(fh))
             if rows:
                 self.fields = list(rows[0].keys())
-                kept = [r for r in rows if int(r["step"]) <= resume_step]
-                text_rows = kept
-                with open(path, "w", newline="") as fh:
-                    w = csv.DictWriter(fh, self.fields)
-                    w.writeheader()
-                    w.writerows(text_rows)
+                kept = [
+                    r
+                    for r in rows
+                    if int(r["step"]) < resume_step
+                    or (int(r["step"]) == resume_step and not (redo_final and r.get("final") == "1"))
+                ]
+                text = _csv_text(self.fields, kept)
+                atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
         elif path.exists():
             path.unlink()
 
@@ -187,8 +317,9 @@ class _Logs:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, start_step: int, resumed: bool) -> None:
         keep = start_step if resumed else None
+        redo_final = start_step >= cfg.optim.max_iter  # stopped after the last step, before the saved model
         self.train_csv = _CsvLog(run_dir / "train_log.csv", keep) if info.is_main else None
-        self.eval_csv = _CsvLog(run_dir / "eval.csv", keep) if info.is_main else None
+        self.eval_csv = _CsvLog(run_dir / "eval.csv", keep, redo_final) if info.is_main else None
         self.tb = None
         self.bar = None
         if info.is_main:
@@ -238,23 +369,91 @@ class _Run:
     last_ckpt: Path | None = None
 
 
+#: What may differ between a run and its resumption: how it executes and evaluates, its length (the poly schedule
+#: is recomputed over the new length) and its name. Everything else defines what the run computes.
+RESUMABLE_CHANGES = ("runtime.", "eval.", "optim.max_iter", "name")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
 def _resolve_resume(cfg: TrainConfig, resume: str | Path | dict | None) -> tuple[TrainConfig, dict | None]:
     """The checkpoint to resume from (read once) and the config to run: the checkpoint's, with this session's
-    ``runtime`` and ``eval`` (how a run executes and evaluates may change; what it computes may not)."""
+    ``runtime``, ``eval``, ``name`` and ``optim.max_iter`` (how a run executes and evaluates, and how long it is, may
+    change; what it computes may not: any other difference is a :class:`ConfigError` naming each setting)."""
     if resume is None:
         return cfg, None
     ckpt = resume if isinstance(resume, dict) else load_training_checkpoint(resume)
     stored = config_from_dict(ckpt["config"])
-    stored.runtime, stored.eval = cfg.runtime, cfg.eval
-    if to_dict(stored) != to_dict(cfg):
-        warnings.warn(
-            "resuming: model/loss/data/optim settings come from the checkpoint, not the given config", stacklevel=3
+    old, new = _flatten(to_dict(stored)), _flatten(to_dict(cfg))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    refused = [
+        k for k in changed if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)
+    ]
+    if refused:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in refused[:6])
+        raise ConfigError(
+            f"cannot change on resume: {shown}; they define what the run computes. Resuming may change only "
+            "runtime.*, eval.*, optim.max_iter and name; start a new run from these weights with --init instead"
         )
+    step = int(ckpt["step"])
+    if cfg.optim.max_iter < step:
+        raise ConfigError(f"optim.max_iter={cfg.optim.max_iter} is below the checkpoint's iteration {step}")
+    stored.runtime, stored.eval, stored.name = cfg.runtime, cfg.eval, cfg.name
+    stored.optim.max_iter = cfg.optim.max_iter
     return stored, ckpt
 
 
-def _build_run(cfg: TrainConfig, out_dir: str | Path) -> _Run:
-    """Runtime, data (checked before the slow model build), model, task, optimizer and schedule."""
+def _prepare_run_dir(run_dir: Path, replace: bool) -> None:
+    """Move an old run aside (``replace``), create the folder and delete temporaries of a killed write."""
+    if replace:
+        print(f"moved the run that was in {run_dir} to {move_run_aside(run_dir)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(run_dir)
+    if stale:
+        print(
+            f"removed {len(stale)} temporary file(s) left by an interrupted write: {', '.join(f.name for f in stale)}"
+        )
+
+
+def init_weights(model: nn.Module, path: str | Path, part: str) -> list[str]:
+    """Load ``part`` (``model``: every tensor; ``encoder``: only ``encoder.*``) of checkpoint ``path`` into ``model``.
+
+    The checkpoint may be a deployable ``.safetensors`` or a training ``.pt``. Returns the names of the loaded tensors.
+    Raises CheckpointError naming what does not fit (another backbone, another class count for ``model``).
+    """
+    src_cfg, state, _ = load_checkpoint_state(path)
+    if src_cfg.backbone != model.config.backbone:
+        raise CheckpointError(
+            f"{path}: a {src_cfg.backbone} checkpoint cannot initialise a {model.config.backbone} run"
+        )
+    if part == "model":
+        load_state_into(model, state, source=str(path))
+        return sorted(state)
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    enc = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    missing = sorted(set(own) - set(enc))
+    bad = [k for k in sorted(set(own) & set(enc)) if enc[k].shape != own[k].shape]
+    if missing or bad or set(enc) - set(own):
+        raise CheckpointError(
+            f"{path}: its encoder does not fit this run's ({len(missing)} missing, {len(bad)} of another shape, "
+            f"{len(set(enc) - set(own))} unexpected tensor(s); e.g. {(missing + bad)[:3]})"
+        )
+    model.encoder.load_state_dict({k[len("encoder.") :]: v.to(own[k].dtype) for k, v in enc.items()}, strict=True)
+    return sorted(enc)
+
+
+def _build_run(cfg: TrainConfig, out_dir: str | Path, replace: bool = False) -> _Run:
+    """Runtime, data (checked before the slow model build), model, task, optimizer and schedule.
+
+    ``replace``: ``out_dir`` holds another run, which is moved aside (never deleted) before anything is written.
+    """
     rt = cfg.runtime
     info = init_distributed("cuda" if resolve_device(rt.device).type == "cuda" else "cpu")
     device = resolve_device(rt.device, info)
@@ -266,13 +465,20 @@ def _build_run(cfg: TrainConfig, out_dir: str | Path) -> _Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_dir = Path(out_dir)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(run_dir, replace)
         save_yaml(cfg, run_dir / "config.yaml")
+    if info.enabled:
+        dist.barrier()  # nobody writes into the folder before the main process has moved an old run aside
     prepare_data(cfg, info)  # a dataset folder with missing files fails here, before the model is built
     source = build_train_source(cfg)
     targets = {spec.label: build_eval_dataset(spec) for spec in cfg.eval.targets}
     seed_everything(rt.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
-    task = BlindNetTask(build_model(cfg.model), cfg.loss)
+    net = build_model(cfg.model)
+    if cfg.init.checkpoint:
+        loaded = init_weights(net, cfg.init.checkpoint, cfg.init.part)
+        if info.is_main:
+            print(f"initialised the {cfg.init.part} ({len(loaded)} tensors) from {cfg.init.checkpoint}")
+    task = BlindNetTask(net, cfg.loss)
     if info.enabled and rt.sync_bn:
         task = convert_sync_batchnorm(task, device.type)  # before the optimizer: it must see the final parameters
     task.to(device)
@@ -299,6 +505,20 @@ def _restore(run: _Run, ckpt: dict | None) -> None:
     run.task.load_task_state(ckpt["task"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    # The schedule is recomputed from this session's optim.max_iter (longer when a run is extended): the restored
+    # optimizer holds the learning rate of the old schedule (0 at the end of a finished run).
+    lam = poly_lambda(run.cfg.optim.max_iter, run.cfg.optim.poly_power)
+    old_lr = run.optimizer.param_groups[0]["lr"]
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+        group["lr"] = base * lam(run.scheduler.last_epoch)
+    run.scheduler._last_lr = [g["lr"] for g in run.optimizer.param_groups]
+    stored_max = int(ckpt["config"]["optim"]["max_iter"])
+    if stored_max != run.cfg.optim.max_iter and info.is_main:
+        print(
+            f"schedule: {stored_max} -> {run.cfg.optim.max_iter} iterations; poly learning rate recomputed over "
+            f"{run.cfg.optim.max_iter}: {run.optimizer.param_groups[0]['lr']:.6g} at iteration {ckpt['step']} "
+            f"(was {old_lr:.6g})"
+        )
     run.start_step, run.last_ckpt = int(ckpt["step"]), ckpt["path"]
     states = ckpt["rng"]["ranks"]
     if len(states) == info.world_size:
@@ -376,6 +596,12 @@ def train_step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> dict[str
     return values
 
 
+def _torch_save(obj: Any, path: str) -> None:
+    # Through a Python file object: a full disk then raises OSError(ENOSPC) instead of PyTorch's "unexpected pos".
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_checkpoint(run: _Run, step: int) -> Path:
     """Write ``checkpoints/ckpt_<step>.pt`` atomically with every random state (collective: all ranks call it)."""
     rng = _gather_rng(run.device, run.info)
@@ -393,7 +619,7 @@ def save_checkpoint(run: _Run, step: int) -> Path:
             "rng": {"ranks": rng},
             "version": FORMAT_VERSION,
         }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        _write_or_disk_full(path, lambda: atomic_write(path, lambda tmp: _torch_save(state, tmp)), run.last_ckpt)
         keep = run.cfg.runtime.keep_checkpoints
         if keep > 0:
             for old in sorted((run.run_dir / CKPT_DIR).glob("ckpt_*.pt"))[:-keep]:
@@ -404,15 +630,19 @@ def save_checkpoint(run: _Run, step: int) -> Path:
 
 
 def run_eval(run: _Run, logs: _Logs, step: int, final: bool) -> dict[str, SegScores]:
-    """Score the current weights on every target (the whole set when ``final``, else ``eval.max_images``)."""
+    """Score the current weights on every target (the whole set in float32 when ``final``, else ``eval.max_images``
+    under the run's autocast setting)."""
     out = {}
     for label, ds in run.targets.items():
         scores = evaluate(
             run.task.get_eval_model(),
             ds,
             device=run.device,
-            amp=run.use_amp,
-            channels_last=run.channels_last,
+            # The final numbers are float32, exactly what `blindnet evaluate` computes on the saved model; only the
+            # periodic checks may run under bfloat16 autocast (on CPUs with native bf16 the two differ in the
+            # second decimal of mIoU).
+            amp=run.use_amp and not final,
+            channels_last=run.channels_last and not final,
             num_workers=run.cfg.eval.num_workers,
             max_images=0 if final else run.cfg.eval.max_images,
             progress=run.cfg.runtime.progress,
@@ -426,8 +656,41 @@ def run_eval(run: _Run, logs: _Logs, step: int, final: bool) -> dict[str, SegSco
     return out
 
 
+class _StopOnSigint:
+    """While active, the first Ctrl-C (SIGINT) only sets ``requested``: the loop finishes the current step, saves a
+    checkpoint and stops cleanly. A second Ctrl-C interrupts at once (Python's default). Active only in the main
+    thread of a single-process run: under torchrun every rank must stop at the same step, which a signal cannot
+    promise, so there the default KeyboardInterrupt stands (and the last periodic checkpoint is named)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    def __enter__(self) -> _StopOnSigint:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def _loop(run: _Run, logs: _Logs) -> tuple[int, list[dict[str, float]], float]:
-    """Iterate to ``optim.max_iter``: step, log every ``log_interval``, checkpoint, evaluate on schedule."""
+    """Iterate to ``optim.max_iter``: step, log every ``log_interval``, checkpoint, evaluate on schedule.
+
+    Raises :class:`TrainingInterrupted` after saving a checkpoint of the last finished step on Ctrl-C.
+    """
+    with _StopOnSigint(not run.info.enabled) as stop:
+        return _steps(run, logs, stop)
+
+
+def _steps(run: _Run, logs: _Logs, stop: _StopOnSigint) -> tuple[int, list[dict[str, float]], float]:
     cfg, rt = run.cfg, run.cfg.runtime
     loader, sampler = _loader(run)
     history: list[dict[str, float]] = []
@@ -462,12 +725,33 @@ def _loop(run: _Run, logs: _Logs) -> tuple[int, list[dict[str, float]], float]:
             window = []
         if step % rt.ckpt_interval == 0 or step == cfg.optim.max_iter:
             run.last_ckpt = save_checkpoint(run, step)
+        if stop.requested:
+            if run.last_ckpt is None or not run.last_ckpt.name == CKPT_PATTERN.format(step=step):
+                run.last_ckpt = save_checkpoint(run, step)
+            raise TrainingInterrupted(run.run_dir, step, run.last_ckpt)
         if cfg.eval.interval > 0 and step % cfg.eval.interval == 0 and step != cfg.optim.max_iter and run.targets:
             run_eval(run, logs, step, final=False)
     return step, history, t0
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | dict | None = None) -> dict[str, Any]:
+def _is_finished(run_dir: Path, step: int, cfg: TrainConfig) -> bool:
+    """The run in ``run_dir`` reached ``optim.max_iter`` at ``step`` and saved its model (the last stage)."""
+    model = run_dir / "model.safetensors"
+    if step < cfg.optim.max_iter or not model.is_file():
+        return False
+    try:
+        return read_metadata(model).get("step") == str(step)
+    except (CheckpointError, OSError, ValueError):
+        return False
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: str | Path | dict | None = None,
+    *,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Train to ``cfg.optim.max_iter`` iterations and evaluate the last weights on every target.
 
     Launch with ``torchrun`` for several processes (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) or
@@ -475,22 +759,37 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | dict | Non
     ``tensorboard/``, ``checkpoints/ckpt_<step>.pt``, ``model.safetensors`` (deployable) and the result tables.
 
     Args:
-        cfg: the resolved config (ignored in favour of the checkpoint's own when ``resume`` is given, except for
-            ``runtime`` and ``eval``, which may change between sessions).
-        out_dir: the run folder.
+        cfg: the resolved config (with ``resume``: the checkpoint's own wins, except ``runtime``, ``eval``, ``name``
+            and ``optim.max_iter``; any other difference raises ConfigError naming it).
+        out_dir: the run folder. A folder that already holds a run is refused (:class:`RunExistsError`) unless
+            ``resume`` continues it or ``overwrite`` moves it aside to ``<out_dir>.replaced-<time>``.
         resume: a checkpoint file, a run folder (its newest checkpoint), or a checkpoint already read with
-            :func:`load_training_checkpoint`.
+            :func:`load_training_checkpoint`. A larger ``optim.max_iter`` extends the run (the poly schedule is
+            recomputed over the new length).
+        overwrite: move an existing run in ``out_dir`` aside instead of refusing (nothing is deleted).
 
     Returns:
         ``{"run_dir", "step", "last_checkpoint", "model_path", "eval": {target: SegScores}, "history": [per-step
-        rank-averaged loss terms of this session], "seconds"}``.
+        rank-averaged loss terms of this session], "seconds", "finished_before"}``; ``finished_before`` is True when
+        ``resume`` named a run that had already finished at ``optim.max_iter`` (nothing was run).
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (nothing is updated with it).
+        TrainingInterrupted: Ctrl-C; a checkpoint of the last finished step was saved (single process).
+        DiskFullError: a checkpoint or the model could not be written; the last good checkpoint is intact.
     """
     cfg, ckpt = _resolve_resume(cfg, resume)
     cfg.validate()
-    run = _build_run(cfg, out_dir)
+    out = Path(out_dir)
+    if ckpt is not None and _is_finished(out, int(ckpt["step"]), cfg):
+        return _result(out, int(ckpt["step"]), ckpt["path"], {}, [], 0.0, finished_before=True)
+    existing = describe_existing_run(out) if ckpt is None else None
+    if existing and not overwrite:
+        raise RunExistsError(
+            f"{out} already holds {existing}; continue it with --resume {out}, write to another --out, or pass "
+            "--overwrite to move it aside (nothing is deleted)"
+        )
+    run = _build_run(cfg, out, replace=existing is not None)
     _restore(run, ckpt)
     del ckpt
     _wrap(run)
@@ -500,21 +799,45 @@ def train(cfg: TrainConfig, out_dir: str | Path, resume: str | Path | dict | Non
         results = run_eval(run, logs, step, final=True) if run.targets else {}
         model_path = run.run_dir / "model.safetensors"
         if run.info.is_main:
-            save_model(run.task.get_eval_model(), model_path, extra_metadata={"run": cfg.name, "step": str(step)})
+            _save_final(run, model_path, step)
             if results:
                 write_tables({cfg.name: results}, run.run_dir)
+    except KeyboardInterrupt:
+        # A second Ctrl-C, or one during the final evaluation or under torchrun: name what --resume continues.
+        raise TrainingInterrupted(run.run_dir, None, run.last_ckpt) from None
     finally:
         logs.close()
     if run.info.enabled:
         dist.barrier()
+    return _result(run.run_dir, step, run.last_ckpt, results, history, time.perf_counter() - t0)
+
+
+def _save_final(run: _Run, model_path: Path, step: int) -> None:
+    """The deployable ``model.safetensors``, with a full disk reported as :class:`DiskFullError`."""
+    model = run.task.get_eval_model()
+    meta = {"run": run.cfg.name, "step": str(step)}
+    _write_or_disk_full(model_path, lambda: save_model(model, model_path, extra_metadata=meta), run.last_ckpt)
+
+
+def _result(
+    run_dir: Path,
+    step: int,
+    last_ckpt: Path | None,
+    results: dict[str, SegScores],
+    history: list[dict[str, float]],
+    seconds: float,
+    *,
+    finished_before: bool = False,
+) -> dict[str, Any]:
     return {
-        "run_dir": run.run_dir,
+        "run_dir": run_dir,
         "step": step,
-        "last_checkpoint": run.last_ckpt,
-        "model_path": model_path,
+        "last_checkpoint": last_ckpt,
+        "model_path": run_dir / "model.safetensors",
         "eval": results,
         "history": history,
-        "seconds": time.perf_counter() - t0,
-        "world_size": run.info.world_size,
-        "rank": run.info.rank,
+        "seconds": seconds,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "rank": int(os.environ.get("RANK", "0")),
+        "finished_before": finished_before,
     }
