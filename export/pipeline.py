@@ -7,6 +7,8 @@ built against PyTorch before the next one uses it.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from blindnet.backends.tensorrt_backend import Profile, TensorRTUnavailable, imp
 from blindnet.checkpoint import load_model
 from blindnet.export.cost import cost_report as make_cost_report
 from blindnet.export.cost import render_markdown
-from blindnet.export.int8 import check_int8, quantize_int8
+from blindnet.export.int8 import INT8_MIN_AGREEMENT, check_int8, quantize_int8
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_tensorrt, verify_engine
 from blindnet.export.triton import write_triton_repository
@@ -51,6 +53,8 @@ def run_export(
     triton_model_name: str = "blindnet",
     triton_max_batch: int | None = None,
     name: str = "model",
+    force_int8: bool = False,
+    int8_min_agreement: float = INT8_MIN_AGREEMENT,
 ) -> dict[str, Any]:
     """Export ``checkpoint`` into ``out_dir`` and verify every artifact; returns (and writes ``export.json``) a summary.
 
@@ -71,6 +75,13 @@ def run_export(
         calibration: a folder of images or an ``.npy`` (N x H x W x 3 uint8) for int8/fp8.
         triton_model_name, triton_max_batch: Triton repository model name and batch limit.
         name: file stem of the artifacts.
+        force_int8: keep an INT8 file that misses its own thresholds (label agreement with float32 at least
+            ``int8_min_agreement``, mIoU drop at most 1 point). Without it such a file is discarded and the export
+            falls back to float32, with one line saying why.
+
+    Layout: ``formats=["triton"]`` alone makes ``out_dir`` the Triton model repository itself: exactly
+    ``<out_dir>/<triton_model_name>/config.pbtxt``, ``labels.txt``, ``export.json`` and ``1/model.onnx``, nothing
+    at the top. With other formats the artifacts sit in ``out_dir`` and the repository in ``out_dir/triton``.
 
     Raises:
         CheckpointError: missing or corrupt checkpoint. TensorRTUnavailable: TensorRT requested but not installed.
@@ -95,6 +106,8 @@ def run_export(
         triton_model_name=triton_model_name,
         triton_max_batch=triton_max_batch,
         name=name,
+        force_int8=force_int8,
+        int8_min_agreement=int8_min_agreement,
     )
     skipped: dict[str, str] = {}
     wanted = _wanted_formats(formats, skipped)
@@ -110,17 +123,41 @@ def run_export(
         "artifacts": {},
         "skipped": skipped,
     }
+    repository_only = wanted == {"triton"} and not cost_report
+    # A repository alone: build in a scratch folder inside out_dir (same file system, so the model moves into place)
+    # and leave nothing but the model folder behind.
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out)) if repository_only else out
+    try:
+        summary_path = _stages(model, out, work, wanted, opts, summary, cost_report, repository_only)
+    finally:
+        if repository_only:
+            shutil.rmtree(work, ignore_errors=True)
+    write_text(summary_path, json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _stages(
+    model: nn.Module,
+    out: Path,
+    work: Path,
+    wanted: set[str],
+    opts: ExportOptions,
+    summary: dict[str, Any],
+    cost_report: bool,
+    repository_only: bool,
+) -> Path:
+    """Run the wanted stages (artifacts into ``work``); returns where ``export.json`` belongs."""
     artifacts = summary["artifacts"]
     if wanted & {"onnx", "tensorrt", "triton"}:
-        artifacts.update(_onnx_stage(model, out, opts))
+        artifacts.update(_onnx_stage(model, work, opts))
     if "tensorrt" in wanted:
-        artifacts.update(_tensorrt_stage(model, out, opts))
+        artifacts.update(_tensorrt_stage(model, work, opts))
     if "triton" in wanted:
-        artifacts.update(_triton_stage(out, opts, from_engine="tensorrt" in wanted))
+        repo = out if repository_only else out / "triton"
+        artifacts.update(_triton_stage(work, repo, opts, from_engine="tensorrt" in wanted, move=repository_only))
     if cost_report:
         artifacts.update(_cost_stage(model, out, opts))
-    write_text(out / "export.json", json.dumps(summary, indent=2, default=str))
-    return summary
+    return out / opts.triton_model_name / "export.json" if repository_only else out / "export.json"
 
 
 @dataclass
@@ -145,6 +182,8 @@ class ExportOptions:
     triton_model_name: str = "blindnet"
     triton_max_batch: int | None = None
     name: str = "model"
+    force_int8: bool = False
+    int8_min_agreement: float = INT8_MIN_AGREEMENT
 
 
 def _wanted_formats(formats: tuple[str, ...] | list[str], skipped: dict[str, str]) -> set[str]:
@@ -187,15 +226,29 @@ def _onnx_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]
     artifacts: dict[str, Any] = {"onnx": {"export": res.to_dict(), "check": report.to_dict()}}
     report.raise_if_failed()
     if o.precision == "int8" and not o.fp16:
-        # One Q/DQ file for both INT8 runtimes: ONNX Runtime on CPU runs it, TensorRT builds its engine from it.
-        qdq = quantize_int8(res.path, out / f"{o.name}.int8.qdq.onnx")
-        int8_check = check_int8(qdq, res.path)
-        artifacts["onnx_int8"] = {"path": str(qdq), "check": int8_check}
-        print(
-            f"quantised {qdq}: label agreement {int8_check['label_agreement']:.4f}, mIoU change "
-            f"{int8_check['miou_change']:+.2f} points on held-out generated scenes"
-        )
+        artifacts.update(_int8_stage(res.path, out, o))
     return artifacts
+
+
+def _int8_stage(float_onnx: Path, out: Path, o: ExportOptions) -> dict[str, Any]:
+    """One Q/DQ file for both INT8 runtimes (ONNX Runtime on CPU runs it, TensorRT builds its engine from it), kept
+    only when it meets its thresholds or ``force_int8`` says so; otherwise ``o.precision`` falls back to float32."""
+    qdq = quantize_int8(float_onnx, out / f"{o.name}.int8.qdq.onnx")
+    check = check_int8(qdq, float_onnx, min_label_agreement=o.int8_min_agreement)
+    found = (
+        f"label agreement {check['label_agreement']:.4f} (needs {o.int8_min_agreement}), mIoU change "
+        f"{check['miou_change']:+.2f} points on held-out generated scenes"
+    )
+    if check["passed"]:
+        print(f"quantised {qdq}: {found}")
+        return {"onnx_int8": {"path": str(qdq), "check": check}}
+    if o.force_int8:
+        print(f"quantised {qdq}: {found}; below its thresholds, kept because of --force-int8")
+        return {"onnx_int8": {"path": str(qdq), "check": check, "forced": True}}
+    qdq.unlink(missing_ok=True)
+    o.precision = "float32"
+    print(f"INT8 rejected ({found}); exporting float32 instead (--force-int8 keeps INT8 anyway)")
+    return {"onnx_int8": {"rejected": True, "check": check}}
 
 
 def _tensorrt_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
@@ -213,14 +266,14 @@ def _tensorrt_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, 
     return {"tensorrt": {"metadata": meta, "check": check}}
 
 
-def _triton_stage(out: Path, o: ExportOptions, *, from_engine: bool) -> dict[str, Any]:
-    """A Triton model repository around the engine (or the ONNX file)."""
-    source = out / f"{o.name}.plan" if from_engine else out / f"{o.name}.onnx"
+def _triton_stage(work: Path, repo: Path, o: ExportOptions, *, from_engine: bool, move: bool) -> dict[str, Any]:
+    """A Triton model repository ``repo`` around the engine (or the ONNX file) built in ``work``."""
+    source = work / f"{o.name}.plan" if from_engine else work / f"{o.name}.onnx"
     model_dir = write_triton_repository(
-        source, out / "triton", model_name=o.triton_model_name, max_batch_size=o.triton_max_batch
+        source, repo, model_name=o.triton_model_name, max_batch_size=o.triton_max_batch, copy=not move
     )
-    print(f"wrote Triton model repository {model_dir.parent} (model {o.triton_model_name!r} from {source.name})")
-    return {"triton": {"repository": str(model_dir.parent), "model": str(model_dir)}}
+    print(f"wrote Triton model repository {repo} (model {o.triton_model_name!r} in {model_dir})")
+    return {"triton": {"repository": str(repo), "model": str(model_dir)}}
 
 
 def _cost_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
