@@ -1,10 +1,11 @@
-"""``python -m blindnet.benchmarks``: latency/throughput tables of the deployable network (see benchmarks/results/README.md).
+"""Latency and throughput tables of the deployable network (benchmarks/results/README.md explains the columns).
 
-Examples::
+Examples:
 
-    python -m blindnet.benchmarks --quick                                  # CPU smoke run, tiny sizes, seconds
-    python -m blindnet.benchmarks --device cuda                            # the full GPU table at 2048x1024
-    python -m blindnet.benchmarks --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
+    blindnet bench --quick                                  # CPU smoke run of the shipped model, tiny sizes, seconds
+    blindnet bench --quick --checkpoint runs/x/model.safetensors          # ... of your model
+    blindnet bench --device cuda                            # the full GPU table at 2048x1024 (random weights)
+    blindnet bench --device cpu --size 512 1024 --threads 2 --batches 1 --no-peer
     blindnet bench cpu-paths --backbones shufflenetv2,resnet50 --size 512 1024   # the CPU paths side by side
                                                                                 # (interleaved), + training step
 """
@@ -12,12 +13,14 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import shlex
 import sys
 from collections.abc import Sequence
 
 from blindnet.benchmarks.config import BACKBONES, NETWORKS, VARIANTS, BenchConfig, default_variants
+from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
 
 #: What ``--quick`` changes (anything given explicitly wins): small enough for the test suite on 2 CPU cores.
@@ -50,8 +53,13 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def build_parser(prog: str = "python -m blindnet.benchmarks") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny CPU run (64x128, a few trials) for tests and CI")
+    head, rest = __doc__.split("\n\n", 1)
+    p = JobParser(prog=prog, description=head, epilog=rest)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny CPU run (64x128, a few trials) of the shipped model, or of --checkpoint",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cpu")
     p.add_argument("--backbones", type=_csv, help=f"comma list from {','.join(BACKBONES)} (first = headline)")
     p.add_argument("--networks", type=_csv, help=f"comma list from {','.join(NETWORKS)}")
@@ -70,7 +78,11 @@ def build_parser(prog: str = "python -m blindnet.benchmarks") -> argparse.Argume
     p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
     p.add_argument("--no-end-to-end", action="store_true", help="skip the Predictor (uint8 in, labels out) rows")
     p.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
-    p.add_argument("--checkpoint", help="deployable checkpoint for the matching model (default: random weights)")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint to time; its backbone and variant become the headline model unless --backbones/--networks "
+        "say otherwise (default: the shipped model with --quick, else random weights)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch and ONNX Runtime")
     p.add_argument("--max-seconds", type=float, help="time cap per measurement; fewer trials when slow (default 120)")
     p.add_argument(
@@ -117,6 +129,25 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(**values)
 
 
+def with_checkpoint_model(cfg: BenchConfig, *, explicit_models: bool) -> BenchConfig:
+    """``cfg`` timing its checkpoint (the shipped model when none is named): unless ``explicit_models``, the headline
+    model becomes the checkpoint's backbone and variant, so the table times the model the user runs."""
+    # Lazy CLI dispatch: reading a checkpoint loads PyTorch, which --help must not wait for.
+    from blindnet.checkpoint import load_checkpoint_state
+    from blindnet.resolve import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    model_cfg = load_checkpoint_state(path)[0]
+    network = "blindnet" if model_cfg.instance_norm else "baseline"
+    changes: dict = {"checkpoint": str(path)}
+    if not explicit_models:
+        changes.update(backbones=(model_cfg.backbone,), networks=(network,))
+    print(f"[bench] weights: {path} ({model_cfg.backbone}, {network})")
+    out = dataclasses.replace(cfg, **changes)
+    out.validate()
+    return out
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benchmarks") -> int:
     """Run the benchmarks and write ``<out>/<name>.{csv,json,md,png}``; returns 0, or 2 on a bad option."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,6 +168,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benc
     except ValueError as exc:
         parser.error(str(exc))  # exits with status 2 and the usage line
     require_extra("bench")
+    if args.quick or cfg.checkpoint:
+        try:
+            cfg = with_checkpoint_model(cfg, explicit_models=args.backbones is not None or args.networks is not None)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     # Lazy CLI dispatch: --help and --list-variants answer before PyTorch is imported.
     from blindnet.benchmarks.environment import device_slug, environment_info
     from blindnet.benchmarks.latency import run_benchmarks

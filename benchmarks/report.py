@@ -393,6 +393,11 @@ def _method_section() -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def legend_entries(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The backends and precisions of the rows that ran (in order of appearance): all the latency legend lists."""
+    return list(dict.fromkeys(str(r["backend"]) for r in rows)), list(dict.fromkeys(str(r["precision"]) for r in rows))
+
+
 def plot_results(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """Two panels: batch-1 median latency per (model, variant) coloured by precision; images/s by batch size."""
     import matplotlib
@@ -428,11 +433,13 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | Path, *, title: str
         ax1.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax1.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax1.set_xlabel("median latency, ms (bar to p90), log scale")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+        backends, precisions = legend_entries(b1)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours.get(b, "tab:gray")) for b in backends]
         handles += [
-            plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=h) for h in hatches.values()
+            plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch=hatches.get(p, ""))
+            for p in precisions
         ]
-        ax1.legend(handles, list(colours) + list(hatches), fontsize=6, loc="best", framealpha=0.6)
+        ax1.legend(handles, backends + precisions, fontsize=6, loc="best", framealpha=0.6)
     ax1.set_title("Latency by backend and precision, batch 1", fontsize=9)
     net = _ok(rows, scope="network")
     if net:

@@ -29,7 +29,7 @@ from blindnet.benchmarks.environment import device_slug, environment_info
 from blindnet.benchmarks.latency import run_benchmarks
 from blindnet.benchmarks.models import _meta_flops, model_cost, model_specs
 from blindnet.benchmarks.profiling import op_type
-from blindnet.benchmarks.report import merge_rows, write_results
+from blindnet.benchmarks.report import legend_entries, merge_rows, write_results
 from blindnet.benchmarks.timing import input_pool, time_calls
 from blindnet.models import ModelConfig, build_model, count_parameters
 
@@ -139,11 +139,23 @@ def test_write_results_and_append(tiny_run, tmp_path):
 
 
 def test_cli_quick_writes_every_file(tmp_path):
+    from blindnet.checkpoint import load_checkpoint_state
+    from blindnet.resolve import default_checkpoint
+
     assert main(["--quick", "--out", str(tmp_path), "--name", "quick"]) == 0
     data = json.loads((tmp_path / "quick.json").read_text())
     rows = data["rows"]
     ok = [r for r in rows if r["status"] == "ok"]
-    assert {r["model"] for r in ok} == {"blindnet-mobilenetv2"}
+    # --quick times the model a user runs by default: the shipped checkpoint, its backbone and variant.
+    shipped = load_checkpoint_state(default_checkpoint())[0]
+    network = "blindnet" if shipped.instance_norm else "baseline"
+    assert {r["model"] for r in ok} == {f"{network}-{shipped.backbone}"}
+    assert {r["weights"] for r in ok} == {f"checkpoint {default_checkpoint().name}"}
+    # The latency legend lists what ran, nothing else.
+    assert legend_entries([r for r in ok if r["scope"] == "network" and r["batch"] == 1]) == (
+        ["torch", "onnxruntime"],
+        ["float32"],
+    )
     assert {r["backend"] for r in ok} >= {"torch"}
     for r in ok:
         _assert_timed(r)
