@@ -31,8 +31,17 @@ VIDEO_CODECS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+#: Why an input could not be used, as ``MediaError.kind`` and in ``summary.json``.
+MEDIA_PROBLEMS = ("unsupported type", "unreadable", "empty", "cut off")
+
+
 class MediaError(ValueError):
-    """A video (or image) file cannot be opened or decoded; the message names the file and the reason."""
+    """A video (or image) file cannot be opened or decoded; the message names the file and the reason, ``kind`` (one
+    of :data:`MEDIA_PROBLEMS`) classifies it."""
+
+    def __init__(self, message: str, *, kind: str = "unreadable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def atomic_write(path: str | Path, write_fn: Callable[[str], object]) -> Path:
@@ -240,7 +249,8 @@ def to_rgb_uint8(image: np.ndarray, *, name: str = "image") -> np.ndarray:
 def decode_image(
     data: bytes, *, name: str = "upload", max_pixels: int | None = None, formats: Sequence[str] | None = None
 ) -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB; bad or truncated data raises.
+    """Decode encoded image bytes (PNG, JPEG, ...) to ``H x W x 3`` uint8 RGB as viewers show it (EXIF orientation
+    applied); bad or truncated data raises. Of an animation, the first frame.
 
     Args:
         data: the encoded file.
@@ -253,7 +263,7 @@ def decode_image(
     """
     import io
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageError(f"{name}: empty file")
@@ -261,7 +271,8 @@ def decode_image(
         with Image.open(io.BytesIO(data), formats=list(formats) if formats is not None else None) as img:
             check_pixel_limit(img.width, img.height, max_pixels, name=name)
             img.load()  # the current (first) frame only, of the size checked above
-            arr = _pil_to_array(img)
+            # Phones store pixels as the sensor saw them plus an EXIF orientation; viewers show them turned.
+            arr = pil_to_array(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
@@ -293,7 +304,8 @@ def load_image(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray
     return decode_image(path.read_bytes(), name=str(path), max_pixels=max_pixels)
 
 
-def _pil_to_array(img) -> np.ndarray:
+def pil_to_array(img: Image.Image) -> np.ndarray:
+    """A Pillow image's pixels as an array :func:`to_rgb_uint8` accepts (palette, CMYK, 16-bit, ... converted)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(img, dtype=np.uint16)
     if img.mode == "I":  # 32-bit integer PNGs (often 16-bit data)
