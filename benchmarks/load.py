@@ -48,6 +48,7 @@ from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.resolve import DEFAULT_CHECKPOINT
+from blindnet.zoo import checkpoint_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = (
@@ -280,7 +281,7 @@ def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0)
 def _resolve_checkpoint(checkpoint: str | Path | None, backbone: str, tmpdir: Path) -> tuple[Path, str]:
     """The checkpoint to load: given, the shipped default, or a random-init ``backbone`` (throughput only)."""
     if checkpoint is not None:
-        return Path(checkpoint), "given"
+        return checkpoint_path(checkpoint), "given"  # a model name (blindnet-r50-gtav): its cached file
 
     if DEFAULT_CHECKPOINT.exists():
         return DEFAULT_CHECKPOINT, "shipped default"

@@ -12,6 +12,7 @@ from blindnet.benchmarks.config import PEER_MODEL, BenchConfig
 from blindnet.checkpoint import load_model
 from blindnet.export.cost import cost_report
 from blindnet.models import ModelConfig, build_model, count_parameters
+from blindnet.zoo import checkpoint_path
 
 
 @dataclass
@@ -144,7 +145,7 @@ def settle_batchnorm(model: nn.Module, size: tuple[int, int], device: torch.devi
 def load_models(spec: ModelSpec, cfg: BenchConfig, device: torch.device) -> tuple[nn.Module, str]:
     """The float32 eval-mode model on ``device`` and a word on its weights."""
     if spec.config is not None and cfg.checkpoint:
-        loaded = load_model(cfg.checkpoint)
+        loaded = load_model(checkpoint_path(cfg.checkpoint))  # a model name: its cached file
         # The checkpoint replaces the random network it matches (same backbone and variant); others stay random.
         if (loaded.config.backbone, loaded.config.instance_norm) == (spec.config.backbone, spec.config.instance_norm):
             return loaded.eval().to(device), f"checkpoint {Path(cfg.checkpoint).name}"

@@ -16,8 +16,6 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
@@ -27,6 +25,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "segment": ("blindnet.cli", "segment images, folders and videos, or a synthetic clip scored against its masks"),
     "convert": ("blindnet.cli", "convert an official BlindNet/RobustNet checkpoint into a deployable one"),
     "info": ("blindnet.cli", "describe a checkpoint or an exported ONNX model"),
+    "models": ("blindnet.zoo_cli", "list the models --checkpoint NAME accepts (the published one, terms, cache)"),
     "train": ("blindnet.train.__main__", "train BlindNet or a baseline from a preset (torchrun for DDP)"),
     "evaluate": ("blindnet.train.evaluate_cli", "score checkpoints on evaluation datasets (mIoU tables)"),
     "export": ("blindnet.export.__main__", "export ONNX / TensorRT / a Triton repository, checked against PyTorch"),
@@ -92,32 +91,11 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
 
 def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Segment images, folders and videos, or a synthetic clip.")
-    p.add_argument(
-        "inputs", nargs="*", help="image files (any format Pillow reads), folders (searched recursively), or videos"
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        help="output folder; the input tree is mirrored inside it (default: a new numbered folder under "
-        f"{SEGMENT_OUT_ROOT}/, never an existing one)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace outputs that exist (default: keep them and skip the inputs they belong to, so a re-run into "
-        "the same --out finishes an interrupted job)",
-    )
+    p.add_argument("inputs", nargs="*", help="image files, folders, or videos (mp4/avi/mov/mkv/webm)")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
-    p.add_argument("--legend", action="store_true", help="draw a legend of the classes present under each overlay")
-    p.add_argument(
-        "--video-format",
-        default="mp4",
-        choices=["mp4", "webm"],
-        help="overlay videos as H.264 in MP4 (default: plays in browsers, phones and editors) or VP9 in WebM",
-    )
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after this many frames")
     p.add_argument("--save-video-labels", action="store_true", help="also write a label PNG per video frame")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     p.add_argument(
         "--synthetic",
         metavar="APPEARANCES",
@@ -138,28 +116,8 @@ def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
     return p
 
 
-#: Where ``blindnet segment`` writes when no ``--out`` is given: ``<this>/<N>``, N one more than the largest there.
-SEGMENT_OUT_ROOT = "outputs/segment"
-
-
-def new_numbered_folder(root: str | Path) -> Path:
-    """Create and return ``root/<N>``, N one more than the largest number there (1 in a new root); never one that
-    exists, even when two runs start at once (``mkdir`` without ``exist_ok`` decides)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
-    while True:
-        n += 1
-        try:
-            (root / str(n)).mkdir()
-            return root / str(n)
-        except FileExistsError:
-            continue
-
-
 def segment_main(argv: Sequence[str]) -> int:
-    """``blindnet segment``: exit 0 when every media input was segmented (or done before), 1 when an image or video
-    could not be used (files that are not media are listed but do not count), 2 on errors."""
+    """``blindnet segment``: exit 0 when every input was segmented, 1 when some were skipped, 2 on errors."""
     args = segment_parser().parse_args(argv)
     if not args.inputs and not args.synthetic:
         print(
@@ -171,9 +129,6 @@ def segment_main(argv: Sequence[str]) -> int:
     from blindnet.inference import Predictor
     from blindnet.io import write_text
 
-    out = Path(args.out) if args.out else new_numbered_folder(SEGMENT_OUT_ROOT)
-    progress = False if args.no_progress else None
-    failed = False
     try:
         print(f"loading the model ({args.backend} on {args.device or 'the default device'})", file=sys.stderr)
         predictor = Predictor.from_checkpoint(
@@ -186,67 +141,47 @@ def segment_main(argv: Sequence[str]) -> int:
         )
         summary: dict = {}
         if args.inputs:
-            options = segment.SegmentOptions(
+            report = segment.segment_paths(
+                predictor,
+                args.inputs,
+                args.out,
                 alpha=args.alpha,
                 max_frames=args.max_frames,
                 save_video_labels=args.save_video_labels,
-                overwrite=args.overwrite,
-                legend=args.legend,
-                video_format=args.video_format,
-                progress=progress,
             )
-            print(_existing_policy(out, args.overwrite), file=sys.stderr)
-            report = segment.segment_paths(predictor, args.inputs, out, options)
             summary["inputs"] = report.to_dict()
-            failed = bool(report.failed)
-            print(_segment_line(report))
+            print(
+                f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} "
+                f"images/s; {len(report.skipped)} skipped; outputs in {args.out}"
+            )
         if args.synthetic:
             summary["synthetic"] = segment.run_synthetic_showcase(
                 predictor,
-                out,
+                args.out,
                 appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
                 frames=args.frames,
                 seed=args.seed,
                 size=tuple(args.clip_size),
                 alpha=args.alpha,
-                video_format=args.video_format,
-                progress=progress,
             )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet segment: error: {exc}", file=sys.stderr)
         return 2
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
-    print(f"outputs in {out} (summary: {out / 'summary.json'})")
-    return 1 if failed else 0
-
-
-def _existing_policy(out: Path, overwrite: bool) -> str:
-    if overwrite:
-        return f"--overwrite: outputs that exist in {out} are replaced"
-    return f"outputs that exist in {out} are kept: inputs they belong to are skipped (--overwrite replaces them)"
-
-
-def _segment_line(report: Any) -> str:
-    """One line: what was segmented, done before, replaced, and skipped (by reason)."""
-    counts = report.counts()
-    parts = [
-        f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} images/s",
-        f"{counts.get('done before', 0)} input(s) done before (skipped)",
-    ]
-    if report.replaced:
-        parts.append(f"{report.replaced} existing output(s) replaced")
-    other = {k: v for k, v in counts.items() if k not in ("segmented", "done before")}
-    parts.append(
-        f"{sum(other.values())} skipped" + (f" ({', '.join(f'{v} {k}' for k, v in other.items())})" if other else "")
-    )
-    return "; ".join(parts)
+    write_text(f"{args.out}/summary.json", json.dumps(summary, indent=2, default=str))
+    return 1 if summary.get("inputs", {}).get("skipped") else 0
 
 
 def convert_main(argv: Sequence[str]) -> int:
-    """``blindnet convert SRC DST``: an official checkpoint -> a deployable safetensors file."""
+    """``blindnet convert SRC DST``: an official checkpoint -> a deployable safetensors file; ``blindnet convert SRC
+    --name NAME``: into the model cache under a model name (a file downloaded by hand), checked like a download."""
     p = argparse.ArgumentParser(prog="blindnet convert", description=JOBS["convert"][1])
-    p.add_argument("src", help="the official checkpoint (.pth, a dict with 'state_dict')")
-    p.add_argument("dst", help="the deployable checkpoint to write (.safetensors)")
+    p.add_argument("src", help="the official checkpoint (.pth as the original saves it, or a bare state dict)")
+    p.add_argument("dst", nargs="?", help="the deployable checkpoint to write (.safetensors); or give --name")
+    p.add_argument(
+        "--name",
+        help="store it in the model cache as this model name instead (e.g. blindnet-r50-gtav, downloaded by hand; "
+        "see `blindnet models`); then --checkpoint NAME uses it",
+    )
     p.add_argument(
         "--backbone",
         default="resnet50",
@@ -269,6 +204,10 @@ def convert_main(argv: Sequence[str]) -> int:
         help="convert even if the checkpoint's BatchNorm statistics contradict the chosen variant",
     )
     args = p.parse_args(argv)
+    if (args.dst is None) == (args.name is None):
+        p.error("give either DST (a .safetensors file to write) or --name NAME (the model cache), not both")
+    if args.name:
+        return _register_main(args.src, args.name)
     # Lazy CLI dispatch: PyTorch loads only once the job runs.
     from blindnet.checkpoint import convert_official_checkpoint, read_metadata
 
@@ -292,6 +231,20 @@ def convert_main(argv: Sequence[str]) -> int:
         f"wrote {args.dst}: {cfg.backbone}, output stride {cfg.output_stride}, {built}, "
         f"{sum(p.numel() for p in model.parameters()):,} params; variant check: {meta.get('variant_check', '-')}"
     )
+    return 0
+
+
+def _register_main(src: str, name: str) -> int:
+    """``blindnet convert SRC --name NAME``: the zoo entry says backbone and variant; prints where it was stored."""
+    # Lazy CLI dispatch: the zoo loads PyTorch.
+    from blindnet import zoo
+
+    try:
+        path = zoo.register(name, src)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:  # ZooError/CheckpointError are RuntimeErrors
+        print(f"blindnet convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"registered {name}: {path}; use it with --checkpoint {name}")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from blindnet.backends.base import Backend
 from blindnet.backends.select import make_backend
@@ -66,7 +67,8 @@ class PredictorStats:
     per_batch: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
 
-ImageInput = np.ndarray | str | Path
+#: One image: a file path, an ``H x W x C`` array (see :func:`blindnet.io.to_rgb_uint8`), or a PIL image.
+ImageInput = np.ndarray | str | Path | Image.Image
 
 
 class Predictor:
@@ -98,14 +100,17 @@ class Predictor:
         cls,
         path: str | Path | None = None,
         *,
-        backend: str = "torch",
+        backend: str = "auto",
         device: str | None = None,
         input_size: tuple[int, int] | None = None,
         batch_size: int = 8,
         **backend_kwargs,
     ) -> Predictor:
-        """Build a predictor for a checkpoint (the shipped default when ``path`` is None) and a backend by name.
+        """Build a predictor for a checkpoint and a backend by name: ``Predictor.from_checkpoint("blindnet-r50-gtav")``.
 
+        ``path`` is a file (checkpoint or exported model), a model name (``blindnet models``; fetched and cached on
+        first use), or None for the shipped demo model. ``backend`` defaults to ``auto``, the same choice as the CLI
+        (torch on CUDA; on CPU ONNX Runtime on a cached, parity-checked export when installed, else torch).
         ``backend_kwargs`` go to the backend (e.g. ``precision="bfloat16"``); unset, each backend uses its default.
         ``device`` None is the backend's default (CPU for torch and onnx; the machine's best for ``auto``).
         """
@@ -129,7 +134,8 @@ class Predictor:
         """Segment one image or many.
 
         Args:
-            images: an ``H x W x C`` array, an ``N x H x W x C`` array, a path, or a list of arrays/paths.
+            images: a path, a PIL image, an ``H x W x C`` array, an ``N x H x W x C`` array, or a list of those
+                (arrays: uint8/uint16/float in [0, 1], grey, RGB or RGBA; PIL images in any mode, as RGB).
             return_probabilities: also return ``C x H x W`` softmax scores per image (memory: C floats per pixel).
             return_logits: also return ``C x H x W`` logits per image.
 
@@ -193,7 +199,7 @@ class Predictor:
 
     @staticmethod
     def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
-        if isinstance(images, (str, Path)):
+        if isinstance(images, (str, Path, Image.Image)):
             return [images]
         if isinstance(images, np.ndarray):
             if images.ndim == 4:
@@ -209,7 +215,16 @@ class Predictor:
             return load_image(item)
         if isinstance(item, np.ndarray):
             return to_rgb_uint8(item, name=f"image {index}")
-        raise ImageError(f"image {index}: unsupported input type {type(item).__name__}")
+        if isinstance(item, Image.Image):
+            # 16-bit grey keeps its range (to_rgb_uint8 scales it); palette, CMYK, alpha ... as the RGB they show.
+            if item.mode.startswith("I;16"):
+                return to_rgb_uint8(np.asarray(item, dtype=np.uint16), name=f"image {index}")
+            return to_rgb_uint8(
+                np.asarray(item if item.mode in ("RGB", "L") else item.convert("RGB")), name=f"image {index}"
+            )
+        raise ImageError(
+            f"image {index}: unsupported input type {type(item).__name__} (give a path, a NumPy array or a PIL image)"
+        )
 
     def _resize_in(self, image: np.ndarray) -> np.ndarray:
         if self.input_size is None or image.shape[:2] == self.input_size:

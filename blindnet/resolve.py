@@ -2,7 +2,8 @@
 files derived from a checkpoint (its ONNX export, INT8 Q/DQ export and TensorRT engines), each made once.
 
 The shipped model is small and trained on procedural street scenes only, so whenever it is the model in use, the
-user is told so once, with the two ways to get a model for real footage.
+user is told so once, in one line with its card and the published model's name (CLI flag and Python call). A model
+name (``blindnet-r50-gtav``, see :mod:`blindnet.zoo`) resolves to its cached file, fetched on first use.
 
 Cache entries are keyed by the checkpoint's content (not its name) and the export settings, are written atomically,
 and are parity-checked like every export; an entry that failed its check is never used.
@@ -14,7 +15,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -25,13 +25,15 @@ from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, INT8_RECIP
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_engine
 from blindnet.io import atomic_write
+from blindnet.zoo import MODELS, PUBLISHED_NAME, SHIPPED_CHECKPOINT, SHIPPED_NAME, cache_root, checkpoint_path
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
+WEIGHTS_DIR = SHIPPED_CHECKPOINT.parent
+DEFAULT_CHECKPOINT = SHIPPED_CHECKPOINT
 MODEL_CARD = WEIGHTS_DIR / "MODEL_CARD.md"
+#: One line: what runs, where its card is, and how to get the published model from the CLI and from Python.
 SHIPPED_MODEL_NOTICE = (
-    "using the shipped demo model ({what}, trained on procedural street scenes only; see {card}); for real footage "
-    "convert official BlindNet weights (`blindnet convert`) or train one (`blindnet train`), then pass --checkpoint"
+    "using the shipped demo model ({what}, synthetic scenes only; card: {card}). Real photos: "
+    f"--checkpoint {PUBLISHED_NAME}, or Predictor.from_checkpoint({PUBLISHED_NAME!r}) in Python"
 )
 
 log = logging.getLogger("blindnet")
@@ -55,7 +57,7 @@ def shipped_model_notice(path: Path = DEFAULT_CHECKPOINT) -> str:
     try:
         meta = read_metadata(path)
         backbone = json.loads(meta["model_config"])["backbone"]
-        what = f"{backbone}, recipe `{meta['config_name']}`" if "config_name" in meta else backbone
+        what = f"recipe `{meta['config_name']}`" if "config_name" in meta else backbone
     except (OSError, ValueError, KeyError, CheckpointError):
         what = "ShuffleNetV2"
     return SHIPPED_MODEL_NOTICE.format(what=what, card=path.parent / MODEL_CARD.name)
@@ -68,25 +70,39 @@ def _notice_shipped_model() -> None:
 
 
 def resolve_checkpoint(path: str | Path | None) -> Path:
-    """``path`` itself (its loader reports a missing or corrupt file), or the shipped default when None (announced
-    once per process)."""
-    if path is None:
+    """The file a ``--checkpoint`` value means.
+
+    None or the shipped model's name: the shipped default (announced once per process). A model name
+    (:data:`blindnet.zoo.MODELS`): its cached file, downloaded, converted and checked on first use. Anything else:
+    the path itself (its loader reports a missing or corrupt file), except that a missing bare word that is no model
+    name is reported here with the names, since it was most likely meant as one.
+
+    Raises:
+        blindnet.zoo.ZooError: an unknown bare name, a backbone-only entry, or a model that cannot be fetched.
+    """
+    if path is None or (str(path) == SHIPPED_NAME and not Path(str(path)).exists()):
         _notice_shipped_model()
         return default_checkpoint()
-    return Path(path).expanduser()
+    resolved = checkpoint_path(path)
+    text = str(path)
+    if not resolved.exists() and text not in MODELS and "/" not in text and "\\" not in text and "." not in text:
+        raise CheckpointError(
+            f"{text!r} is neither a file nor a model name; model names: {', '.join(MODELS)} (`blindnet models`)"
+        )
+    return resolved
 
 
 def is_shipped_model(path: str | Path | None) -> bool:
     """Whether ``path`` (None meaning the default) is the model shipped inside the package."""
-    return path is None or Path(path).resolve() == DEFAULT_CHECKPOINT
+    return path is None or str(path) == SHIPPED_NAME or Path(path).resolve() == DEFAULT_CHECKPOINT
 
 
 # ---- the cache of exported files -------------------------------------------------------------------------------------
 
 
 def default_cache_dir() -> Path:
-    """``$BLINDNET_CACHE`` or ``~/.cache/blindnet``."""
-    return Path(os.environ.get("BLINDNET_CACHE", Path.home() / ".cache" / "blindnet"))
+    """``$BLINDNET_CACHE`` or ``~/.cache/blindnet`` (the same root as the model cache, :func:`blindnet.zoo.cache_root`)."""
+    return cache_root()
 
 
 def checkpoint_digest(checkpoint: str | Path) -> str:

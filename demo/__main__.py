@@ -37,6 +37,8 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
     specs = [_named(s) for s in (checkpoints or [])] or [(None, resolve_checkpoint(None))]
     if compare:
         specs.append(_named(compare))
+    # A model name (blindnet-r50-gtav) becomes its cached file, fetched once; a path stays a path.
+    specs = [(name, resolve_checkpoint(path)) for name, path in specs]
     out: list[tuple[str, Path]] = []
     seen: set[str] = set()
     for name, path in specs:

@@ -208,6 +208,12 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     if "api_key" not in data and key:
         data["api_key"] = key
     cfg = RayServeConfig.from_dict(data)
+    # imported lazily because the zoo loads PyTorch, which `--help` must not wait for
+    from blindnet.zoo import checkpoint_path, is_model_name
+
+    if is_model_name(cfg.checkpoint):
+        # A model name: fetched (once) here, so every replica gets the cached file, not a download of its own.
+        cfg.checkpoint = str(checkpoint_path(cfg.checkpoint))
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_absolute():
         # Replicas run in Ray's own working folders: hand them the path as the user meant it.
         cfg.checkpoint = str(Path(cfg.checkpoint).expanduser().resolve())

@@ -108,7 +108,10 @@ def test_the_shipped_model_is_announced_with_its_recipe_and_card(tiny_checkpoint
     shipped = resolve.shipped_model_notice()
     config_name = resolve.read_metadata(resolve.DEFAULT_CHECKPOINT)["config_name"]
     assert f"recipe `{config_name}`" in shipped and str(resolve.WEIGHTS_DIR / "MODEL_CARD.md") in shipped
-    assert "(mobilenetv2, trained on procedural" in resolve.shipped_model_notice(tiny_checkpoint)
+    assert "(mobilenetv2, synthetic scenes only" in resolve.shipped_model_notice(tiny_checkpoint)
     broken = tmp_path / "default.safetensors"
     broken.write_bytes(b"not a checkpoint")
-    assert resolve.shipped_model_notice(broken).startswith("using the shipped demo model (ShuffleNetV2, trained")
+    assert resolve.shipped_model_notice(broken).startswith("using the shipped demo model (ShuffleNetV2, synthetic")
+    # One short line that says what to call, on the command line and in Python.
+    assert "\n" not in shipped and len(shipped) - len(str(resolve.MODEL_CARD)) <= 220
+    assert "--checkpoint blindnet-r50-gtav" in shipped and "Predictor.from_checkpoint('blindnet-r50-gtav')" in shipped

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.extras import require_extra
 
@@ -25,10 +26,9 @@ PROTOCOLS = ("clean", "original", "unnormalised")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog=prog,
         description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[1] + "\n" + __doc__.split("\n\n")[2],
     )
     p.add_argument("--checkpoint", nargs="+", required=True, help="deployable .safetensors or training .pt file(s)")
@@ -73,6 +73,13 @@ def _row_label(path: Path) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.train.evaluate") -> int:
     p = build_parser(prog)
     args = p.parse_args(argv)
+    # Every named file and folder is checked before PyTorch and the datasets load.
+    for flag, paths in (("--checkpoint", args.checkpoint), ("--root", args.root)):
+        for path in paths:
+            if not Path(path).exists():
+                p.error(f"{flag}: no such file or folder: {path}")
+    if args.device == "cuda" and cuda_device_count() == 0:
+        p.error("--device cuda: no CUDA device is available here (use --device cpu)")
     require_extra("evaluate")
     # Lazy CLI dispatch: PyTorch and the datasets load only once the job runs.
     import torch
@@ -81,6 +88,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
     from blindnet.data import build_eval_dataset
     from blindnet.train import evaluate as ev
     from blindnet.train.config import DatasetSpec, load_config
+    from blindnet.zoo import checkpoint_path
 
     specs: list[DatasetSpec] = []
     if args.config:
@@ -101,7 +109,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
             s.label: build_eval_dataset(s.dataset, s.root, s.split, protocol=args.protocol, **s.options) for s in specs
         }
         results = ev.evaluate_checkpoints(
-            dict(zip(labels, args.checkpoint)),
+            # A model name (blindnet-r50-gtav) becomes its cached file, fetched once; ZooError is a CheckpointError.
+            dict(zip(labels, [checkpoint_path(c) for c in args.checkpoint])),
             datasets,
             device=torch.device("cuda" if cuda else "cpu"),
             num_workers=args.num_workers,

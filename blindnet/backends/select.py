@@ -132,9 +132,11 @@ BACKENDS: dict[str, Callable[..., Backend]] = {"torch": _torch, "onnx": _onnx, "
 
 
 def make_backend(name: str, path: str | Path | None = None, **kwargs) -> Backend:
-    """Build backend ``name`` for the model at ``path`` (a checkpoint, or an exported file for onnx/tensorrt)."""
+    """Build backend ``name`` for the model at ``path`` (a checkpoint, an exported file for onnx/tensorrt, or a model
+    name such as ``blindnet-r50-gtav``: its cached file, fetched on first use)."""
     try:
         factory = BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
-    return factory(path, **kwargs)
+    # Names become files here, once, so that every backend (and `auto`'s choice by file suffix) sees a path.
+    return factory(None if path is None else resolve_checkpoint(path), **kwargs)
