@@ -16,6 +16,8 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from blindnet.backends import BACKEND_NAMES
 from blindnet.extras import require_extra
@@ -91,11 +93,32 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
 
 def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Segment images, folders and videos, or a synthetic clip.")
-    p.add_argument("inputs", nargs="*", help="image files, folders, or videos (mp4/avi/mov/mkv/webm)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "inputs", nargs="*", help="image files (any format Pillow reads), folders (searched recursively), or videos"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder; the input tree is mirrored inside it (default: a new numbered folder under "
+        f"{SEGMENT_OUT_ROOT}/, never an existing one)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs that exist (default: keep them and skip the inputs they belong to, so a re-run into "
+        "the same --out finishes an interrupted job)",
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the label colours")
+    p.add_argument("--legend", action="store_true", help="draw a legend of the classes present under each overlay")
+    p.add_argument(
+        "--video-format",
+        default="mp4",
+        choices=["mp4", "webm"],
+        help="overlay videos as H.264 in MP4 (default: plays in browsers, phones and editors) or VP9 in WebM",
+    )
     p.add_argument("--max-frames", type=int, default=None, help="stop each video after this many frames")
     p.add_argument("--save-video-labels", action="store_true", help="also write a label PNG per video frame")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they show only on a terminal)")
     p.add_argument(
         "--synthetic",
         metavar="APPEARANCES",
@@ -116,8 +139,28 @@ def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
     return p
 
 
+#: Where ``blindnet segment`` writes when no ``--out`` is given: ``<this>/<N>``, N one more than the largest there.
+SEGMENT_OUT_ROOT = "outputs/segment"
+
+
+def new_numbered_folder(root: str | Path) -> Path:
+    """Create and return ``root/<N>``, N one more than the largest number there (1 in a new root); never one that
+    exists, even when two runs start at once (``mkdir`` without ``exist_ok`` decides)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    n = max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    while True:
+        n += 1
+        try:
+            (root / str(n)).mkdir()
+            return root / str(n)
+        except FileExistsError:
+            continue
+
+
 def segment_main(argv: Sequence[str]) -> int:
-    """``blindnet segment``: exit 0 when every input was segmented, 1 when some were skipped, 2 on errors."""
+    """``blindnet segment``: exit 0 when every media input was segmented (or done before), 1 when an image or video
+    could not be used (files that are not media are listed but do not count), 2 on errors."""
     args = segment_parser().parse_args(argv)
     if not args.inputs and not args.synthetic:
         print(
@@ -129,6 +172,9 @@ def segment_main(argv: Sequence[str]) -> int:
     from blindnet.inference import Predictor
     from blindnet.io import write_text
 
+    out = Path(args.out) if args.out else new_numbered_folder(SEGMENT_OUT_ROOT)
+    progress = False if args.no_progress else None
+    failed = False
     try:
         print(f"loading the model ({args.backend} on {args.device or 'the default device'})", file=sys.stderr)
         predictor = Predictor.from_checkpoint(
@@ -141,34 +187,60 @@ def segment_main(argv: Sequence[str]) -> int:
         )
         summary: dict = {}
         if args.inputs:
-            report = segment.segment_paths(
-                predictor,
-                args.inputs,
-                args.out,
+            options = segment.SegmentOptions(
                 alpha=args.alpha,
                 max_frames=args.max_frames,
                 save_video_labels=args.save_video_labels,
+                overwrite=args.overwrite,
+                legend=args.legend,
+                video_format=args.video_format,
+                progress=progress,
             )
+            print(_existing_policy(out, args.overwrite), file=sys.stderr)
+            report = segment.segment_paths(predictor, args.inputs, out, options)
             summary["inputs"] = report.to_dict()
-            print(
-                f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} "
-                f"images/s; {len(report.skipped)} skipped; outputs in {args.out}"
-            )
+            failed = bool(report.failed)
+            print(_segment_line(report))
         if args.synthetic:
             summary["synthetic"] = segment.run_synthetic_showcase(
                 predictor,
-                args.out,
+                out,
                 appearances=[a.strip() for a in args.synthetic.split(",") if a.strip()],
                 frames=args.frames,
                 seed=args.seed,
                 size=tuple(args.clip_size),
                 alpha=args.alpha,
+                video_format=args.video_format,
+                progress=progress,
             )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet segment: error: {exc}", file=sys.stderr)
         return 2
-    write_text(f"{args.out}/summary.json", json.dumps(summary, indent=2, default=str))
-    return 1 if summary.get("inputs", {}).get("skipped") else 0
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    print(f"outputs in {out} (summary: {out / 'summary.json'})")
+    return 1 if failed else 0
+
+
+def _existing_policy(out: Path, overwrite: bool) -> str:
+    if overwrite:
+        return f"--overwrite: outputs that exist in {out} are replaced"
+    return f"outputs that exist in {out} are kept: inputs they belong to are skipped (--overwrite replaces them)"
+
+
+def _segment_line(report: Any) -> str:
+    """One line: what was segmented, done before, replaced, and skipped (by reason)."""
+    counts = report.counts()
+    parts = [
+        f"segmented {report.images} image(s) and {report.frames} video frame(s) at {report.fps:.1f} images/s",
+        f"{counts.get('done before', 0)} input(s) done before (skipped)",
+    ]
+    if report.replaced:
+        parts.append(f"{report.replaced} existing output(s) replaced")
+    other = {k: v for k, v in counts.items() if k not in ("segmented", "done before")}
+    parts.append(
+        f"{sum(other.values())} skipped" + (f" ({', '.join(f'{v} {k}' for k, v in other.items())})" if other else "")
+    )
+    return "; ".join(parts)
 
 
 def convert_main(argv: Sequence[str]) -> int:
