@@ -1,4 +1,5 @@
-"""The I/O floor: files written atomically, PNGs, and video frames in and out.
+"""The I/O floor: files written atomically, PNGs, images decoded as viewers show them, and a quick video frame
+reader (:mod:`blindnet.media` is the full video path: rotation, timestamps, damaged files, writing).
 
 Nothing here imports the rest of the package, so every layer above (checkpoints, configs, exports, the jobs) writes
 files the same way: a crash or a kill mid-write leaves the previous file, never a half-written one.
@@ -7,7 +8,6 @@ files the same way: a crash or a kill mid-write leaves the previous file, never 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import tempfile
@@ -19,17 +19,6 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-
-# (fourcc, suffix, description), best first. OpenCV's pip wheels ship an FFmpeg without an H.264 encoder, so avc1
-# usually fails there; VP8 in WebM is the browser-playable codec those wheels can always write. mp4v (MPEG-4 Part 2)
-# is the last resort: it plays in VLC, not in browsers, and callers say so.
-VIDEO_CODECS: tuple[tuple[str, str, str], ...] = (
-    ("avc1", ".mp4", "H.264/MP4"),
-    ("VP80", ".webm", "VP8/WebM"),
-    ("mp4v", ".mp4", "MPEG-4/MP4 (may not play in a browser)"),
-)
-
 
 #: Why an input could not be used, as ``MediaError.kind`` and in ``summary.json``.
 MEDIA_PROBLEMS = ("unsupported type", "unreadable", "empty", "cut off")
@@ -84,17 +73,6 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
 
 
 @contextlib.contextmanager
-def quiet_opencv() -> Iterator[None]:
-    """Silence OpenCV's own log lines (e.g. the fourcc/container warning it prints for every VP8 writer)."""
-    level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(level)
-
-
-@contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
     """Send file descriptor 2 to /dev/null for the block: for native libraries that print harmless lines straight to
     it, past Python's and their own log levels (FFmpeg's failed encoder probes, OpenCV's VP8-tag warning, the PyTorch
@@ -108,30 +86,6 @@ def quiet_native_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-@functools.cache
-def available_codec() -> tuple[str, str, str]:
-    """The first entry of :data:`VIDEO_CODECS` this OpenCV build can actually write (probed once, on 2 frames)."""
-    with quiet_opencv(), quiet_native_stderr():  # a failed probe is expected, not an error
-        with tempfile.TemporaryDirectory(prefix="blindnet-codec-") as tmp:
-            for fourcc, suffix, desc in VIDEO_CODECS:
-                probe = Path(tmp) / f"probe{suffix}"
-                writer = cv2.VideoWriter(str(probe), cv2.VideoWriter_fourcc(*fourcc), 10.0, (64, 48))
-                ok = writer.isOpened()
-                if ok:
-                    for _ in range(2):
-                        writer.write(np.zeros((48, 64, 3), np.uint8))
-                writer.release()
-                if ok and probe.is_file() and probe.stat().st_size > 0:
-                    return fourcc, suffix, desc
-    raise RuntimeError("this OpenCV build cannot write any video codec (tried avc1, VP80, mp4v)")
-
-
-def open_cv2_writer(path: str | Path, fourcc: str, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
-    """``cv2.VideoWriter`` for ``size = (W, H)`` frames, opened without OpenCV's and FFmpeg's harmless warnings."""
-    with quiet_opencv(), quiet_native_stderr():
-        return cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
 
 
 def iter_video_frames(path: str | Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
@@ -151,53 +105,6 @@ def iter_video_frames(path: str | Path, max_frames: int | None = None) -> Iterat
         cap.release()
     if n == 0:
         raise MediaError(f"{path}: video has no decodable frames")
-
-
-def video_fps(path: str | Path, default: float = 10.0) -> float:
-    """The frame rate a video's header reports, or ``default`` when it reports none."""
-    cap = cv2.VideoCapture(str(path))
-    fps = cap.get(cv2.CAP_PROP_FPS) if cap.isOpened() else 0.0
-    cap.release()
-    return float(fps) if fps and fps > 0 and np.isfinite(fps) else default
-
-
-class VideoWriter:
-    """Writes RGB frames to a video file atomically: frames go to a temporary sibling renamed on :meth:`close`.
-
-    ``path``'s suffix is replaced by the one of the best codec this OpenCV build can write (H.264 in .mp4, else VP8
-    in .webm, else MPEG-4 Part 2 in .mp4); :attr:`path` and :attr:`codec` say what was chosen.
-    """
-
-    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]) -> None:
-        fourcc, suffix, self.codec = available_codec()
-        self.path = Path(path).with_suffix(suffix)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp{suffix}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = size
-        # 4:2:0 encoders need even sides; frames are padded by one row/column where needed.
-        self._size = (w + w % 2, h + h % 2)
-        self._w = open_cv2_writer(self.tmp, fourcc, fps, self._size)
-        if not self._w.isOpened():
-            raise OSError(f"OpenCV cannot write {self.path} ({self.codec})")
-        self.frames = 0
-
-    def write(self, rgb: np.ndarray) -> None:
-        """Append one ``H x W x 3`` RGB uint8 frame."""
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if (bgr.shape[1], bgr.shape[0]) != self._size:
-            bgr = cv2.copyMakeBorder(
-                bgr, 0, self._size[1] - bgr.shape[0], 0, self._size[0] - bgr.shape[1], cv2.BORDER_REPLICATE
-            )
-        self._w.write(bgr)
-        self.frames += 1
-
-    def close(self, keep: bool = True) -> None:
-        """Finish the file (rename into place) or, with ``keep=False`` or no frames, remove it."""
-        self._w.release()
-        if keep and self.frames:
-            self.tmp.replace(self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 # ---- images --------------------------------------------------------------------------------------------------------

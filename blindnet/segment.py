@@ -409,8 +409,8 @@ def contact_sheet(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], num
     """One row per frame: input | prediction | ground truth (colourised), as an ``H x W x 3`` uint8 image.
 
     Each row is ``(rgb (h, w, 3) uint8, predicted labels (h, w), true labels (h, w))``; 4-pixel white gutters. A
-    title band names the three columns on top; a legend of the classes present (in predictions or truth, shares
-    over all of them) is drawn below.
+    title band names the three columns on top; a legend names the classes present in the predictions or the truth
+    (largest first), below.
     """
     gutter = 4
     tiles = []
@@ -421,9 +421,13 @@ def contact_sheet(rows: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], num
         tiles.append(np.full((gutter, tiles[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(tiles[:-1], 0)
     w = rows[0][0].shape[1]
-    titles = [(0, w, "input"), (w + gutter, 2 * w + gutter, "prediction"), (2 * (w + gutter), grid.shape[1], "truth")]
+    titles = [
+        (0, w, "input"),
+        (w + gutter, 2 * w + gutter, "prediction"),
+        (2 * (w + gutter), grid.shape[1], "ground truth"),
+    ]
     present = np.concatenate([np.concatenate([p.reshape(-1), t.reshape(-1)]) for _, p, t in rows])
-    legend = draw_legend(legend_entries(present, num_classes), grid.shape[1])
+    legend = draw_legend(legend_entries(present, num_classes), grid.shape[1], shares=False)
     return np.concatenate([title_band(titles, grid.shape[1]), grid, legend], 0)
 
 

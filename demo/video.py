@@ -22,7 +22,8 @@ import pandas as pd
 from blindnet.classes import class_names
 from blindnet.demo.views import legend_frame
 from blindnet.inference import Predictor
-from blindnet.io import available_codec, open_cv2_writer
+from blindnet.io import MediaError
+from blindnet.media import Frame, FrameSource, VideoWriter
 
 DEFAULT_MAX_VIDEO_FRAMES = 300
 #: frames with a longer side are downscaled first: CPU inference time and memory grow with the pixel count
@@ -30,7 +31,7 @@ DEFAULT_MAX_VIDEO_SIDE = 1024
 
 
 class VideoError(ValueError):
-    """A video upload cannot be processed (missing, empty, not a video, or a codec OpenCV cannot decode)."""
+    """A video upload cannot be processed (missing, empty, not a video, or a codec FFmpeg cannot decode)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -40,12 +41,10 @@ class VideoError(ValueError):
 
 @dataclass
 class VideoInfo:
-    """What OpenCV reports about a video before decoding it (``frame_count`` 0 = unknown)."""
+    """What a video declares before decoding it (``frame_count`` 0 = unknown)."""
 
     fps: float
     frame_count: int
-    width: int
-    height: int
 
 
 @dataclass
@@ -53,7 +52,7 @@ class VideoResult:
     """The Video tab's output.
 
     Attributes:
-        path: the overlay video file (browser-playable: H.264 MP4 or VP8 WebM).
+        path: the overlay video file (H.264 MP4: plays in browsers), each frame at its source time.
         frames: frames processed (= frames written).
         source_frames: frames in the upload as far as known (0 = unknown).
         stride: every ``stride``-th frame was processed.
@@ -76,25 +75,21 @@ class VideoResult:
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Open ``path`` with OpenCV and read its header; raises :class:`VideoError` for anything unusable."""
+    """Read a video's header (PyAV); raises :class:`VideoError` for anything unusable."""
     path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"{path.name}: file not found")
-    if path.stat().st_size == 0:
-        raise VideoError(f"{path.name}: empty file")
-    cap = cv2.VideoCapture(str(path))
     try:
-        if not cap.isOpened():
-            raise VideoError(f"{path.name}: not a video OpenCV can open (unknown container or codec)")
-        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
-        height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
-    finally:
-        cap.release()
-    if not math.isfinite(fps) or fps <= 0 or fps > 1000:
-        fps = 0.0
-    return VideoInfo(fps=fps, frame_count=max(count, 0), width=width, height=height)
+        source = FrameSource(path)
+    except MediaError as exc:
+        raise VideoError(_upload_message(exc, path)) from None
+    info = source.info
+    # Matroska/WebM declare a duration, not a count.
+    count = info.frames or (round(info.duration * info.fps) if info.duration else 0)
+    return VideoInfo(info.fps, count)
+
+
+def _upload_message(exc: MediaError, path: Path) -> str:
+    # Name the upload by its file name, never the server's temp folder.
+    return f"{path.name}: {str(exc).removeprefix(f'{path}: ')}"
 
 
 def sampling_stride(frame_count: int, max_frames: int) -> int:
@@ -115,48 +110,48 @@ def _even_size(width: int, height: int) -> tuple[int, int]:
     return max(2, width - width % 2), max(2, height - height % 2)
 
 
-def _read_batches(
-    cap: cv2.VideoCapture, *, stride: int, max_frames: int, batch_size: int, size: tuple[int, int] | None
-) -> Any:
-    """Yield lists of RGB frames (each ``H x W x 3`` uint8), keeping every ``stride``-th, at most ``max_frames``.
+def _read_batches(source: FrameSource, *, stride: int, max_frames: int, batch_size: int, plan: _Plan) -> Any:
+    """Yield ``(batch, more)``: lists of :class:`~blindnet.media.Frame` (upright RGB, timestamp), every
+    ``stride``-th frame, at most ``max_frames``, frames with a longer side than ``plan.max_side`` downscaled (the
+    plan's notices say so once).
 
-    Frames are decoded lazily, ``batch_size`` at a time, so memory holds one batch, never the whole video.
-    Yields ``(batch, more)`` where ``more`` tells, after the last batch, whether frames were left unread.
+    Frames are decoded lazily, ``batch_size`` at a time, so memory holds one batch, never the whole video. ``more``
+    is None until the last batch, which tells whether frames were left unread.
     """
-    batch: list[np.ndarray] = []
+    batch: list[Frame] = []
     kept = 0
-    index = 0
-    while kept < max_frames:
-        if index % stride:
-            if not cap.grab():  # skipped frames are demuxed, not converted to RGB
-                break
-            index += 1
-            continue
-        ok, frame = cap.read()
-        if not ok or frame is None:
+    more = False
+    for index, frame in enumerate(source):
+        if kept >= max_frames:
+            more = True
             break
-        index += 1
-        if size is not None and (frame.shape[1], frame.shape[0]) != size:
-            frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
-        batch.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        if index % stride:
+            continue
+        h, w = frame.rgb.shape[:2]
+        scale = min(1.0, plan.max_side / max(w, h))
+        size = _even_size(round(w * scale), round(h * scale))
+        if scale < 1.0 and kept == 0:
+            plan.notices.append(f"Frames were downscaled from {w}×{h} to {size[0]}×{size[1]} for speed.")
+        if size != (w, h):
+            frame = Frame(cv2.resize(frame.rgb, size, interpolation=cv2.INTER_AREA), frame.time)
+        batch.append(frame)
         kept += 1
         if len(batch) == batch_size:
             yield batch, None
             batch = []
-    more = kept >= max_frames and cap.grab()
-    yield batch, bool(more)
+    yield batch, more
 
 
 @dataclass
 class _Plan:
-    """How a video will be read: every ``stride``-th frame, resized to ``size`` (None: as is), and what to tell."""
+    """How a video will be read: every ``stride``-th frame, longer sides than ``max_side`` scaled down; what to tell."""
 
     info: VideoInfo
     stride: int
     fps_in: float
     expected: int
-    size: tuple[int, int] | None
     notices: list[str]
+    max_side: int
 
 
 def _plan(path: Path, max_frames: int, max_side: int) -> _Plan:
@@ -164,8 +159,6 @@ def _plan(path: Path, max_frames: int, max_side: int) -> _Plan:
     notices: list[str] = []
     stride = sampling_stride(info.frame_count, max_frames)
     fps_in = info.fps or 25.0
-    if not info.fps:
-        notices.append("The video reports no frame rate; assuming 25 fps.")
     expected = min(max_frames, math.ceil(info.frame_count / stride)) if info.frame_count else max_frames
     if stride > 1:
         notices.append(
@@ -173,62 +166,37 @@ def _plan(path: Path, max_frames: int, max_side: int) -> _Plan:
             f"frame was processed ({expected} frames), and the result plays at {fps_in / stride:.1f} fps to keep its "
             "length."
         )
-    size: tuple[int, int] | None = None
-    if info.width and info.height:
-        w, h = info.width, info.height
-        scale = min(1.0, max_side / max(w, h))
-        target = _even_size(round(w * scale), round(h * scale))
-        if scale < 1.0:
-            notices.append(f"Frames were downscaled from {w}×{h} to {target[0]}×{target[1]} for speed.")
-        if target != (w, h):
-            size = target
-    return _Plan(info, stride, fps_in, expected, size, notices)
+    return _Plan(info, stride, fps_in, expected, notices, max_side)
 
 
 def _segment_frames(
     predictor: Predictor,
-    path: Path,
+    source: FrameSource,
     plan: _Plan,
-    out_path: Path,
+    writer: VideoWriter,
     *,
     alpha: float,
     max_frames: int,
     batch_size: int,
     progress: Callable[[float, str], None] | None,
 ) -> tuple[list[np.ndarray], bool]:
-    """Write the overlay video; returns the class pixel counts per processed frame and whether frames were left."""
-    fourcc, _, codec_desc = available_codec()
-    writer: cv2.VideoWriter | None = None
+    """Write the overlay video (each frame at its source time, so the length is kept however many are skipped);
+    returns the class pixel counts per processed frame and whether frames were left."""
     per_frame: list[np.ndarray] = []  # C ints per processed frame: tiny
     truncated = False
-    cap = cv2.VideoCapture(str(path))
-    try:
-        for batch, more in _read_batches(
-            cap, stride=plan.stride, max_frames=max_frames, batch_size=batch_size, size=plan.size
-        ):
-            if more is not None:
-                truncated = more
-            if not batch:
-                continue
-            if writer is None:
-                # the header's size can be missing or odd; the first decoded frame is the truth
-                write_size = _even_size(batch[0].shape[1], batch[0].shape[0])
-                writer = open_cv2_writer(out_path, fourcc, plan.fps_in / plan.stride, write_size)
-                if not writer.isOpened():
-                    raise VideoError(f"could not open a {codec_desc} writer for the result")
-            for pred in predictor.predict_arrays(batch):
-                frame = cv2.cvtColor(pred.overlay(float(alpha)), cv2.COLOR_RGB2BGR)
-                if (frame.shape[1], frame.shape[0]) != write_size:
-                    frame = cv2.resize(frame, write_size, interpolation=cv2.INTER_AREA)
-                writer.write(frame)
-                per_frame.append(np.bincount(pred.labels.reshape(-1), minlength=pred.num_classes)[: pred.num_classes])
-            if progress is not None:
-                done = len(per_frame)
-                progress(min(done / max(plan.expected, 1), 1.0), f"segmented {done}/{plan.expected} frames")
-    finally:
-        cap.release()
-        if writer is not None:
-            writer.release()
+    for batch, more in _read_batches(
+        source, stride=plan.stride, max_frames=max_frames, batch_size=batch_size, plan=plan
+    ):
+        if more is not None:
+            truncated = more
+        if not batch:
+            continue
+        for frame, pred in zip(batch, predictor.predict_arrays([f.rgb for f in batch])):
+            writer.write(pred.overlay(float(alpha)), frame.time)
+            per_frame.append(np.bincount(pred.labels.reshape(-1), minlength=pred.num_classes)[: pred.num_classes])
+        if progress is not None:
+            done = len(per_frame)
+            progress(min(done / max(plan.expected, 1), 1.0), f"segmented {done}/{plan.expected} frames")
     return per_frame, truncated
 
 
@@ -266,7 +234,8 @@ def process_video(
 
     Args:
         predictor: the model.
-        path: an mp4/avi/mov/... file OpenCV can decode.
+        path: a video file FFmpeg decodes (H.264, H.265, VP9, AV1, MJPEG, ... in MP4, MOV, MKV, WebM, AVI); a display
+            rotation is applied, a file cut off mid-way gives its frames before the damage (with a notice).
         alpha: label opacity of the overlay.
         max_frames: the most frames processed; longer videos are subsampled evenly over their whole length (the
             output keeps the original duration by lowering its frame rate) and the result says so.
@@ -281,31 +250,43 @@ def process_video(
     t_start = time.perf_counter()
     path = Path(path)
     plan = _plan(path, max_frames, max_side)
-    fourcc, suffix, codec_desc = available_codec()
     out_dir = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="blindnet-video-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    out_path = out_dir / f"{path.stem[:40]}-overlay-{uuid.uuid4().hex[:8]}{suffix}"
-    per_frame, truncated = _segment_frames(
-        predictor, path, plan, out_path, alpha=alpha, max_frames=max_frames, batch_size=batch_size, progress=progress
-    )
-    frames = len(per_frame)
-    if frames == 0:
-        out_path.unlink(missing_ok=True)
-        raise VideoError(
-            f"{path.name}: no frame could be decoded (an empty video, or a codec this OpenCV build cannot read)"
+    writer = VideoWriter(out_dir / f"{path.stem[:40]}-overlay-{uuid.uuid4().hex[:8]}", plan.fps_in / plan.stride)
+    source = FrameSource(path)
+    try:
+        per_frame, truncated = _segment_frames(
+            predictor,
+            source,
+            plan,
+            writer,
+            alpha=alpha,
+            max_frames=max_frames,
+            batch_size=batch_size,
+            progress=progress,
         )
+    except MediaError as exc:
+        writer.close(keep=False)
+        raise VideoError(_upload_message(exc, path)) from None
+    except BaseException:
+        writer.close(keep=False)
+        raise
+    writer.close()
+    frames = len(per_frame)
     notices = plan.notices
+    if source.problem:
+        notices.append(f"The file is damaged: {source.problem}; the frames before were processed.")
+    if source.info.rotation:
+        notices.append(f"The video asks to be shown turned by {source.info.rotation} degrees; frames were turned.")
     if truncated:
         notices.append(
             f"Only the first {frames} frames were processed (limit {max_frames}; the video's length was unknown)."
         )
-    if suffix != ".mp4" or fourcc != "avc1":
-        notices.append(f"Encoded as {codec_desc}: this OpenCV build has no H.264 encoder.")
     seconds = time.perf_counter() - t_start
     notices.append(f"{frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s end to end).")
     long, mean = _shares(per_frame, predictor.num_classes, plan.stride, plan.fps_in)
     return VideoResult(
-        path=out_path,
+        path=writer.path,
         frames=frames,
         source_frames=plan.info.frame_count,
         stride=plan.stride,

@@ -17,6 +17,7 @@ from blindnet.classes import class_names, palette
 from blindnet.demo.styles import apply_style
 from blindnet.inference import Prediction, Predictor
 from blindnet.io import ImageError, decode_image, to_rgb_uint8
+from blindnet.legend import legend_entries
 
 #: decompression-bomb guard for uploaded images (a 40 MP photo still fits)
 MAX_IMAGE_PIXELS = 40_000_000
@@ -73,9 +74,8 @@ def legend_frame(shares: Mapping[str, float], num_classes: int) -> pd.DataFrame:
 
     The ``colour`` column holds the class's ``#rrggbb`` Cityscapes colour (the styled view paints the cell with it).
     """
-    colours = class_colours(num_classes)
-    rows = [(colours[name], name, round(100.0 * share, 2)) for name, share in shares.items()]
-    rows.sort(key=lambda r: -r[2])
+    # The same entries, in the same order, as the legends drawn into pictures (blindnet.legend).
+    rows = [(hex_colour(e.colour), e.name, round(100.0 * e.share, 2)) for e in legend_entries(shares, num_classes)]
     return pd.DataFrame(rows, columns=["colour", "class", "share (%)"])
 
 
