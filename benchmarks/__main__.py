@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.benc
     if args.quick or cfg.checkpoint:
         try:
             cfg = with_checkpoint_model(cfg, explicit_models=args.backbones is not None or args.networks is not None)
-        except (FileNotFoundError, ValueError) as exc:
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:  # CheckpointError, ZooError: one line each
             print(f"error: {exc}", file=sys.stderr)
             return 2
     # Lazy CLI dispatch: --help and --list-variants answer before PyTorch is imported.

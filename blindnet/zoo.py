@@ -39,6 +39,7 @@ import torch
 
 from blindnet.checkpoint import CheckpointError, convert_official_checkpoint, load_model
 from blindnet.io import atomic_write
+from blindnet.modelnames import MODEL_NAMES, is_model_name
 
 #: The original project's page: its README's Terms of Use and its LICENSE file.
 ORIGINAL_REPOSITORY = "https://github.com/root0yang/BlindNet"
@@ -149,6 +150,10 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+if tuple(MODELS) != MODEL_NAMES:  # the light list the CLIs check arguments with must name exactly these
+    raise ImportError(f"blindnet.modelnames.MODEL_NAMES {MODEL_NAMES} differs from blindnet.zoo.MODELS {tuple(MODELS)}")
+
+
 # ---- where things are --------------------------------------------------------------------------------------------
 
 
@@ -212,11 +217,6 @@ def read_record(name: str) -> dict[str, Any] | None:
 
 
 # ---- names wherever a checkpoint is accepted ---------------------------------------------------------------------
-
-
-def is_model_name(ref: str | Path | None) -> bool:
-    """Whether ``ref`` names an entry (an existing file of the same name wins: it is what the user pointed at)."""
-    return ref is not None and str(ref) in MODELS and not Path(str(ref)).exists()
 
 
 def checkpoint_path(ref: str | Path, *, progress: bool = True) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
+from blindnet.modelnames import is_model_name
 
 FORMATS = ("onnx", "tensorrt", "triton", "all")
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.export")
     args = build_parser(prog).parse_args(argv)
     formats = args.formats if args.formats is not None else ([] if args.cost_report else ["onnx"])
     for flag, path in (("--checkpoint", args.checkpoint), ("--calibration", args.calibration)):
-        if path is not None and not Path(path).exists():  # before PyTorch and the model load
+        if path is not None and not Path(path).exists() and not (flag == "--checkpoint" and is_model_name(path)):
+            # Before PyTorch and the model load; a model name (blindnet-r50-gtav) is fetched later, when it runs.
             print(f"error: {flag}: no such file: {path}", file=sys.stderr)
             return 2
     # The Triton repository serves what `blindnet serve` serves, unless the flags say otherwise.

@@ -28,6 +28,7 @@ from blindnet import cli, zoo
 from blindnet.checkpoint import read_metadata
 from blindnet.inference import Predictor
 from blindnet.io import ImageError, write_png
+from blindnet.modelnames import MODEL_NAMES
 from tests.original_reference import original_forward
 from tests.original_snapshot import write_original_snapshot
 from tests.test_checkpoint import fabricate_variant_state
@@ -193,6 +194,10 @@ def test_offline_gives_one_line_with_the_url_and_the_manual_command(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("blindnet info: error: cannot download blindnet-r50-gtav from " + url)
     assert err.endswith(f"blindnet convert FILE --name {NAME}")
+    # Jobs that check their files before PyTorch loads take the name too, and fail the same way.
+    assert cli.main(["export", "--checkpoint", NAME, "--out", str(cache.parent / "export")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"cannot download blindnet-r50-gtav from {url}" in err and "no such file" not in err
     assert _cache_is_empty(cache)
 
 
@@ -255,6 +260,7 @@ def test_backbone_entries_are_torchvisions_files_and_a_bad_download_is_refused(
 def test_names_resolve_wherever_a_checkpoint_is_taken(cache: Path) -> None:
     from blindnet.resolve import DEFAULT_CHECKPOINT, is_shipped_model, resolve_checkpoint
 
+    assert MODEL_NAMES == tuple(zoo.MODELS)  # the light list the CLIs check arguments with
     assert resolve_checkpoint(zoo.SHIPPED_NAME) == DEFAULT_CHECKPOINT and is_shipped_model(zoo.SHIPPED_NAME)
     with pytest.raises(blindnet.CheckpointError, match="neither a file nor a model name.*blindnet-r50-gtav"):
         resolve_checkpoint("blindnet-r50-gta")

@@ -20,6 +20,7 @@ from pathlib import Path
 from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.extras import require_extra
+from blindnet.modelnames import is_model_name
 
 # The evaluation protocols of blindnet.data.transforms.EVAL_PROTOCOLS (kept as names here: no PyTorch for --help).
 PROTOCOLS = ("clean", "original", "unnormalised")
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
     # Every named file and folder is checked before PyTorch and the datasets load.
     for flag, paths in (("--checkpoint", args.checkpoint), ("--root", args.root)):
         for path in paths:
-            if not Path(path).exists():
+            if not Path(path).exists() and not (flag == "--checkpoint" and is_model_name(path)):
                 p.error(f"{flag}: no such file or folder: {path}")
     if args.device == "cuda" and cuda_device_count() == 0:
         p.error("--device cuda: no CUDA device is available here (use --device cpu)")
