@@ -407,7 +407,7 @@ def _download_drive(url: str, dst: Path, *, name: str, progress: bool) -> None:
             f"or {manual_hint(name, url)}"
         ) from None
     try:
-        out = gdown.download(url, str(dst), quiet=not progress, fuzzy=True)
+        out = gdown.download(url, str(dst), quiet=not progress)  # gdown >= 6 reads uc?id= and /file/d/ links
     except Exception as exc:  # gdown raises its own error types (FileURLRetrievalError, ...) besides OSErrors
         raise ZooError(f"cannot download {name} from {url} ({_reason(exc)}); {manual_hint(name, url)}") from exc
     if not out or not dst.exists():
