@@ -25,6 +25,7 @@ import numpy as np
 from blindnet.demo.styles import STYLES
 from blindnet.demo.video import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SIDE, VideoError, process_video
 from blindnet.demo.views import (
+    READING_GUIDE,
     class_colours,
     compare_style,
     describe_predictor,
@@ -74,7 +75,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise gr.Error(str(exc), title="Bad upload", print_exception=False) from None
         except Exception as exc:  # noqa: BLE001 - the UI must stay usable; details go to the server log
             log.exception("demo callback %s failed", fn.__name__)
-            raise gr.Error(f"{type(exc).__name__}: {exc}", title="Something went wrong") from None
+            raise gr.Error(
+                f"{type(exc).__name__}: {exc}", title="Something went wrong", print_exception=False
+            ) from None
 
     return wrapper
 
@@ -204,7 +207,7 @@ def _image_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: str | 
             with gr.Row():
                 img_labels = gr.Image(img0[1], label="Label map", format="png", interactive=False)
                 with gr.Column():
-                    img_time = gr.Markdown(img0[3])
+                    img_time = gr.Markdown(img0[3], label="Timing")
                     img_legend = gr.Dataframe(
                         img0[2],
                         label="Classes present",
@@ -246,7 +249,7 @@ def _video_tab(cb: DemoCallbacks, video_examples: Sequence[str], colours: dict[s
             _examples(video_examples, vid_in, "Examples", "load_video_example")
         with gr.Column(scale=2):
             vid_out = gr.Video(label="Overlay video", interactive=False, autoplay=True, loop=True)
-            vid_notice = gr.Markdown()
+            vid_notice = gr.Markdown(label="Notice")
             vid_plot = gr.LinePlot(
                 x="time_s",
                 y="share_pct",
@@ -293,7 +296,7 @@ def _robustness_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: s
             _examples(examples, rb_in, "Examples", "load_robustness_example")
         with gr.Column(scale=2):
             rb_shifted = gr.Image(rb0[0], label="Shifted image", format="png", interactive=False)
-            rb_summary = gr.Markdown(rb0[6])
+            rb_summary = gr.Markdown(rb0[6], label="Summary")
             with gr.Row():
                 rb_a_clean = gr.Image(rb0[1], label="Model A: clean", format="png", interactive=False)
                 rb_a_shift = gr.Image(rb0[2], label="Model A: shifted", format="png", interactive=False)
@@ -301,6 +304,7 @@ def _robustness_tab(cb: DemoCallbacks, examples: Sequence[str], first_example: s
                 rb_b_clean = gr.Image(rb0[3], label="Model B: clean", format="png", interactive=False)
                 rb_b_shift = gr.Image(rb0[4], label="Model B: shifted", format="png", interactive=False)
             rb_table = gr.Dataframe(rb0[5], label="Agreement", interactive=False)
+            gr.Markdown(READING_GUIDE)
     gr.on(
         [rb_btn.click, rb_in.change, rb_style.change, rb_strength.release, rb_a.change, rb_b.change],
         cb.on_compare,
@@ -403,11 +407,32 @@ def launch(
     max_file_size: str = "200mb",
     **kwargs: Any,
 ) -> Any:
-    """Launch ``demo`` on loopback by default; exposing it (``host="0.0.0.0"``, ``share=True``) is opt-in."""
-    return demo.launch(
+    """Launch ``demo`` on loopback by default; exposing it (``host="0.0.0.0"``, ``share=True``) is opt-in.
+
+    ``show_error`` is on: an unexpected failure reaches the client as its message (the server logs the traceback),
+    not as an opaque "Error". Gradio's own startup lines are replaced by ours, which name the ``--share`` flag of
+    ``blindnet demo`` instead of ``launch(share=True)``. Blocks unless ``prevent_thread_lock=True`` is passed.
+    """
+    block = not kwargs.pop("prevent_thread_lock", False)
+    quiet = kwargs.pop("quiet", False)
+    result = demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         max_file_size=max_file_size,
+        show_error=True,
+        quiet=True,
+        prevent_thread_lock=True,
         **{**launch_kwargs(), **kwargs},
     )
+    if not quiet:
+        print(startup_message(demo.local_url, demo.share_url), flush=True)
+    if block:
+        demo.block_thread()
+    return result
+
+
+def startup_message(local_url: str, share_url: str | None) -> str:
+    """The lines ``blindnet demo`` prints once it listens."""
+    public = f"Public link: {share_url}" if share_url else "For a public gradio.live link, run again with --share."
+    return f"Running on {local_url}\n{public}"

@@ -1,14 +1,13 @@
 """The robustness tab's numbers for every example and style, as a table: ``python -m blindnet.demo.robustness``.
 
 The tab shows one image at a time; this runs the same comparison (:func:`blindnet.demo.views.compare_style`: the
-label agreement between a model's prediction for the clean image and for its style-shifted version) over a set of
-images and every style shift, and writes the per-image numbers and their mean as JSON and a Markdown table (with
+label agreement between a model's prediction for the clean image and for its style-shifted version, beside the
+classes it predicts and the entropy of its labels) over a set of images and every style shift, and writes the per-image numbers and their mean as JSON and a Markdown table (with
 ``--figure``, also the first image's comparison as one picture). No browser is needed, so the README's robustness
 numbers and picture can be re-made on any machine."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from blindnet.checkpoint import CheckpointError
 from blindnet.classes import colorize
+from blindnet.cliparse import JobParser
 from blindnet.demo.__main__ import model_specs
 from blindnet.demo.app import default_examples
 from blindnet.demo.styles import STYLES
@@ -38,33 +38,68 @@ def robustness_table(
     styles: Sequence[str] = tuple(STYLES),
     strength: float = DEFAULT_STRENGTH,
 ) -> dict[str, Any]:
-    """Clean-vs-shifted label agreement for each model, style and image (``H x W x 3`` uint8 RGB).
+    """Clean-vs-shifted label agreement for each model, style and image (``H x W x 3`` uint8 RGB), and beside it
+    what exposes a model that agrees with itself only because it predicts almost nothing: the classes it predicts and
+    the entropy of its label distribution (:func:`blindnet.demo.views.label_stats`).
 
     Returns ``{"strength", "styles", "images", "agreement": {model: {style: {image: fraction}}}, "mean": {model:
-    {style: fraction}}}``; fractions are of pixels, in [0, 1].
+    {style: fraction}}, "classes": {model: {"clean" | style: mean count}}, "entropy": {model: {"clean" | style: mean
+    bits}}}``; fractions are of pixels, in [0, 1]; ``classes``/``entropy`` under a style are of the shifted images.
     """
     agreement: dict[str, dict[str, dict[str, float]]] = {name: {s: {} for s in styles} for name in predictors}
+    stats: dict[str, dict[str, dict[str, list[float]]]] = {
+        key: {name: {k: [] for k in ("clean", *styles)} for name in predictors} for key in ("classes", "entropy")
+    }
     for image_name, image in images.items():
-        for style in styles:
+        for i, style in enumerate(styles):
             # One call per image and style: the shift is computed once and every model segments the same pair.
             for model in compare_style(predictors, image, style, strength).models:
                 agreement[model.name][style][image_name] = model.agreement
+                st = model.stats()
+                stats["classes"][model.name][style].append(st["classes_shifted"])
+                stats["entropy"][model.name][style].append(st["entropy_shifted"])
+                if i == 0:  # the clean prediction is the same under every style
+                    stats["classes"][model.name]["clean"].append(st["classes_clean"])
+                    stats["entropy"][model.name]["clean"].append(st["entropy_clean"])
     mean = {name: {s: float(np.mean(list(v.values()))) for s, v in per.items()} for name, per in agreement.items()}
-    return {"strength": strength, "styles": list(styles), "images": list(images), "agreement": agreement, "mean": mean}
+    means = {
+        key: {name: {k: float(np.mean(v)) for k, v in per.items()} for name, per in by_model.items()}
+        for key, by_model in stats.items()
+    }
+    return {
+        "strength": strength,
+        "styles": list(styles),
+        "images": list(images),
+        "agreement": agreement,
+        "mean": mean,
+        **means,
+    }
 
 
 def markdown(table: Mapping[str, Any]) -> str:
-    """The mean agreement per model (rows) and style (columns), in percent."""
+    """The mean agreement per model (rows) and style (columns), in percent; then the classes predicted and the label
+    entropy, clean and per style, which tell a robust model from one that predicts almost nothing."""
     styles = table["styles"]
+    n = len(table["images"])
     lines = [
-        f"Label agreement between clean and shifted image, %, strength {table['strength']}, mean over "
-        f"{len(table['images'])} images",
+        f"Label agreement between clean and shifted image, %, strength {table['strength']}, mean over {n} images",
         "",
         "| model | " + " | ".join(styles) + " |",
         "|---|" + "---:|" * len(styles),
     ]
     for name, per in table["mean"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100.0 * per[s]:.1f}" for s in styles) + " |")
+    lines += [
+        "",
+        f"Classes predicted / label entropy in bits, clean and shifted, mean over {n} images (a model that keeps its "
+        "labels by predicting one or two classes shows it here)",
+        "",
+        "| model | clean | " + " | ".join(styles) + " |",
+        "|---|---:|" + "---:|" * len(styles),
+    ]
+    for name in table["mean"]:
+        cells = [f"{table['classes'][name][k]:.1f} / {table['entropy'][name][k]:.2f}" for k in ("clean", *styles)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +127,7 @@ def figure(result: RobustnessResult) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m blindnet.demo.robustness", description=__doc__)
+    p = JobParser(prog="python -m blindnet.demo.robustness", description=__doc__)
     p.add_argument(
         "--checkpoint",
         action="append",

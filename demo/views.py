@@ -159,6 +159,18 @@ def segment_image(predictor: Predictor, image: np.ndarray, alpha: float = 0.5) -
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def label_stats(labels: np.ndarray, num_classes: int) -> tuple[int, float]:
+    """``(classes predicted, entropy in bits of the label distribution)`` of an ``H x W`` label map.
+
+    Agreement between two maps alone rewards a model that predicts the same few classes everywhere (a constant map
+    agrees with itself under any shift); these two numbers expose such a map: 1 class and 0 bits for a constant one,
+    up to ``log2(num_classes)`` bits when every class covers the same area.
+    """
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=num_classes)[:num_classes]
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
+    return int((counts > 0).sum()), float(-(p * np.log2(p)).sum()) + 0.0
+
+
 @dataclass
 class ModelComparison:
     """One model on the clean and the shifted image: colour maps ``H x W x 3`` and their pixel agreement."""
@@ -167,6 +179,22 @@ class ModelComparison:
     clean: Prediction
     shifted: Prediction
     agreement: float
+
+    def stats(self) -> dict[str, float]:
+        """Classes predicted and label entropy (bits) on the clean and on the shifted image (:func:`label_stats`)."""
+        c_n, c_h = label_stats(self.clean.labels, self.clean.num_classes)
+        s_n, s_h = label_stats(self.shifted.labels, self.shifted.num_classes)
+        return {"classes_clean": c_n, "classes_shifted": s_n, "entropy_clean": c_h, "entropy_shifted": s_h}
+
+
+#: How to read the Robustness tab (shown under its table).
+READING_GUIDE = (
+    "**How to read this.** *Agreement* is the share of pixels whose label does not change under the shift. On its "
+    "own it rewards a useless model: one that paints nearly everything as the same class agrees with itself under "
+    "any shift. Read it beside *classes* (how many classes the map contains) and *entropy* (bits; 0 for a map of one "
+    "class, higher for a varied map): a robust model keeps a high agreement **and** keeps its classes and entropy "
+    "on the shifted image."
+)
 
 
 @dataclass
@@ -183,24 +211,38 @@ class RobustnessResult:
     cross_shifted: float | None = None
 
     def table(self) -> pd.DataFrame:
-        """``model | agreement clean vs shifted (%) | classes clean | classes shifted``."""
-        rows = [
-            (
-                m.name,
-                round(100.0 * m.agreement, 2),
-                ", ".join(m.clean.class_shares()),
-                ", ".join(m.shifted.class_shares()),
+        """``model | agreement (%) | classes clean/shifted (n) | entropy clean/shifted (bits) | class names``."""
+        rows = []
+        for m in self.models:
+            st = m.stats()
+            rows.append(
+                (
+                    m.name,
+                    round(100.0 * m.agreement, 2),
+                    f"{st['classes_clean']} / {st['classes_shifted']}",
+                    f"{st['entropy_clean']:.2f} / {st['entropy_shifted']:.2f}",
+                    ", ".join(m.clean.class_shares()),
+                    ", ".join(m.shifted.class_shares()),
+                )
             )
-            for m in self.models
+        columns = [
+            "model",
+            "agreement clean vs shifted (%)",
+            "classes clean / shifted",
+            "entropy clean / shifted (bits)",
+            "classes (clean)",
+            "classes (shifted)",
         ]
-        return pd.DataFrame(
-            rows, columns=["model", "agreement clean vs shifted (%)", "classes (clean)", "classes (shifted)"]
-        )
+        return pd.DataFrame(rows, columns=columns)
 
     def summary(self) -> str:
         lines = [
             f"**{self.style}** at strength {self.strength:.2f}: "
-            + "; ".join(f"{m.name} keeps **{100.0 * m.agreement:.1f}%** of its labels" for m in self.models)
+            + "; ".join(
+                f"{m.name} keeps **{100.0 * m.agreement:.1f}%** of its labels ({m.stats()['classes_shifted']} classes, "
+                f"{m.stats()['entropy_shifted']:.2f} bits on the shifted image)"
+                for m in self.models
+            )
             + "."
         ]
         if self.cross_clean is not None and self.cross_shifted is not None:

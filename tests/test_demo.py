@@ -27,7 +27,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from blindnet.demo import styles  # noqa: E402
 from blindnet.demo.__main__ import main, model_specs  # noqa: E402
-from blindnet.demo.app import build_demo, launch_kwargs  # noqa: E402
+from blindnet.demo.app import build_demo, launch, startup_message  # noqa: E402
 from blindnet.demo.robustness import main as robustness_main  # noqa: E402
 from blindnet.demo.robustness import markdown, robustness_table  # noqa: E402
 from blindnet.demo.video import VideoError, process_video, sampling_stride  # noqa: E402
@@ -131,9 +131,8 @@ def client(predictors, files, tmp_path_factory):
             output_dir=tmp_path_factory.mktemp("video_out"),
         )
         port = _free_port()
-        _, local_url, _ = demo.launch(
-            prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True, **launch_kwargs()
-        )
+        # The launcher `blindnet demo` uses (show_error, our startup lines), without blocking this thread.
+        _, local_url, _ = launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
         assert local_url.startswith("http://127.0.0.1:")
         c = gradio_client.Client(local_url, verbose=False)
         try:
@@ -270,6 +269,28 @@ def test_robustness_table_holds_each_models_own_agreement(predictors) -> None:
     assert "| blindnet | 100.0 |" in markdown(unchanged)
 
 
+def test_robustness_readout_exposes_a_model_that_predicts_one_class(predictors) -> None:
+    # A real network whose classifier bias drowns its features: it paints every pixel "road", so its labels never
+    # change under a shift. Agreement alone ranks it first; the classes and entropy columns show it is useless.
+    torch.manual_seed(3)
+    constant = build_model(ModelConfig(backbone="mobilenetv2")).eval()
+    with torch.no_grad():
+        constant.final2[0].bias.fill_(0.0)
+        constant.final2[0].bias[0] = 1e4
+    models = {"useful": predictors["blindnet"], "constant": Predictor(TorchBackend(constant), batch_size=4)}
+    images = {"a.png": _scene(0), "b.png": _scene(1)}
+    table = robustness_table(models, images, styles=["night", "fog"], strength=0.8)
+    for style in ("night", "fog"):
+        assert table["mean"]["constant"][style] == 1.0 >= table["mean"]["useful"][style]
+        assert table["classes"]["constant"][style] == 1.0 < table["classes"]["useful"][style]
+        assert table["entropy"]["constant"][style] == 0.0 < table["entropy"]["useful"][style]
+    text = markdown(table)
+    assert "| constant | 1.0 / 0.00 | 1.0 / 0.00 | 1.0 / 0.00 |" in text
+    frame = compare_style(models, images["a.png"], "fog", 0.8).table()
+    row = frame.set_index("model").loc["constant"]
+    assert row["classes clean / shifted"] == "1 / 1" and row["entropy clean / shifted (bits)"] == "0.00 / 0.00"
+
+
 def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, capsys) -> None:
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), cv2.cvtColor(_scene(2), cv2.COLOR_RGB2BGR))
@@ -299,6 +320,26 @@ def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, c
 def test_api_lists_the_named_endpoints(client) -> None:
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/segment_image", "/segment_video", "/compare_styles"} <= set(api)
+    # Every input and output has a name a client can read (Gradio calls unlabelled ones value_<id>).
+    labels = {name: [x["label"] for x in ep["parameters"] + ep["returns"]] for name, ep in api.items()}
+    assert not [(n, x) for n, xs in labels.items() for x in xs if not x or x.startswith("value_")], labels
+    assert labels["/segment_image"][-1] == "Timing" and labels["/compare_styles"][-1] == "Summary"
+
+
+def test_an_error_outside_the_callbacks_reaches_the_client_with_its_message(client) -> None:
+    # Gradio itself refuses to fetch an upload from a loopback URL, before any callback of ours runs: with show_error
+    # the client reads why, without it only that "the upstream Gradio app has raised an exception".
+    upload = {"path": "http://127.0.0.1:9/x.png", "meta": {"_type": "gradio.FileData"}}
+    with pytest.raises(gradio_client.exceptions.AppError) as info:
+        client.predict(upload, 0.5, "blindnet", api_name="/segment_image")
+    assert "failed validation" in str(info.value) and "verbose error reporting" not in str(info.value)
+
+
+def test_startup_lines_name_the_share_flag() -> None:
+    text = startup_message("http://127.0.0.1:7860/", None)
+    assert text == "Running on http://127.0.0.1:7860/\nFor a public gradio.live link, run again with --share."
+    assert "launch()" not in text
+    assert startup_message("http://127.0.0.1:7860/", "https://x.gradio.live").endswith("https://x.gradio.live")
 
 
 def test_image_endpoint_returns_overlay_label_map_and_legend(client, predictors, files) -> None:
