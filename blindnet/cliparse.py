@@ -11,6 +11,7 @@ Standard library only: the CLIs import this before any job module, so ``--help``
 from __future__ import annotations
 
 import argparse
+import ctypes
 import difflib
 import sys
 from collections.abc import Sequence
@@ -68,4 +69,20 @@ class JobParser(argparse.ArgumentParser):
             self.error(f"unrecognized argument {flag}" + (f"; did you mean {close[0]}?" if close else ""))
 
 
-__all__ = ["HelpFormatter", "JobParser"]
+def cuda_device_count() -> int:
+    """CUDA devices the driver reports (honouring ``CUDA_VISIBLE_DEVICES``), asked through ``libcuda`` directly.
+
+    Milliseconds instead of the seconds importing PyTorch takes, so that ``--device cuda`` on a machine without a GPU
+    fails at once. 0 when there is no driver. A PyTorch built without CUDA can still refuse later.
+    """
+    try:
+        lib = ctypes.CDLL("libcuda.so.1" if sys.platform.startswith("linux") else "nvcuda.dll")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return int(count.value)
+
+
+__all__ = ["HelpFormatter", "JobParser", "cuda_device_count"]

@@ -26,13 +26,26 @@ def describe(path: str | Path) -> dict[str, Any]:
     return describe_checkpoint(path)
 
 
+def human_size(size_bytes: int) -> str:
+    """``57_321_472`` -> ``"54.7 MiB"`` (binary units, as ``ls -lh`` and file managers show them)."""
+    value = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Config, parameter count and metadata of a checkpoint."""
+    """Config, parameter count, file size and metadata of a checkpoint."""
+    path = Path(path)
     cfg, _, meta = load_checkpoint_state(path)
     model = load_model(path)
     out = {
         "path": str(path),
         "kind": "checkpoint",
+        "size_bytes": path.stat().st_size,
+        "size": human_size(path.stat().st_size),
         "model_config": cfg.to_dict(),
         "parameters": count_parameters(model),
         "metadata": meta,
@@ -68,6 +81,7 @@ def describe_onnx(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "kind": "onnx",
         "size_bytes": path.stat().st_size,
+        "size": human_size(path.stat().st_size),
         "opset": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
         "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
         "inputs": [_tensor_info(v) for v in proto.graph.input if v.name not in inits],
