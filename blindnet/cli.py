@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from blindnet.backends import BACKEND_NAMES
+from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.extras import require_extra
 
 # job -> (module holding ``main(argv)``, one line of help). A plain dict: adding a job is one line here.
@@ -92,7 +93,7 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
 
 
 def segment_parser(prog: str = "blindnet segment") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Segment images, folders and videos, or a synthetic clip.")
+    p = JobParser(prog=prog, description="Segment images, folders and videos, or a synthetic clip.")
     p.add_argument(
         "inputs", nargs="*", help="image files (any format Pillow reads), folders (searched recursively), or videos"
     )
@@ -158,6 +159,30 @@ def new_numbered_folder(root: str | Path) -> Path:
             continue
 
 
+#: The appearances ``--synthetic`` renders (blindnet.data.synthetic.APPEARANCES, named here so that a typo is reported
+#: before PyTorch loads; a test keeps the two equal).
+SYNTHETIC_APPEARANCES = ("noon", "sunset", "night", "fog", "rain")
+
+
+def segment_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with ``blindnet segment``'s arguments, in one line, found before any model loads; None if fine.
+
+    Checks that every input exists, that ``--synthetic`` names known appearances and that ``--device cuda`` has a
+    CUDA device (asked of the driver, without importing PyTorch).
+    """
+    missing = [x for x in args.inputs if not Path(x).exists()]
+    if missing:
+        return f"no such file or folder: {', '.join(missing)}"
+    unknown = [a.strip() for a in (args.synthetic or "").split(",") if a.strip() not in SYNTHETIC_APPEARANCES]
+    if args.synthetic is not None and unknown:
+        return f"--synthetic: unknown appearance(s) {', '.join(unknown)}; choose from {','.join(SYNTHETIC_APPEARANCES)}"
+    if args.device and args.device.split(":")[0] not in ("cpu", "cuda"):
+        return f"--device must be cpu, cuda or cuda:N, got {args.device!r}"
+    if args.device and args.device.startswith("cuda") and cuda_device_count() == 0:
+        return f"--device {args.device}: no CUDA device is available here (use --device cpu)"
+    return None
+
+
 def segment_main(argv: Sequence[str]) -> int:
     """``blindnet segment``: exit 0 when every media input was segmented (or done before), 1 when an image or video
     could not be used (files that are not media are listed but do not count), 2 on errors."""
@@ -166,6 +191,10 @@ def segment_main(argv: Sequence[str]) -> int:
         print(
             "blindnet segment: error: give INPUT files/folders/videos, or --synthetic night,fog,rain", file=sys.stderr
         )
+        return 2
+    problem = segment_args_problem(args)
+    if problem:
+        print(f"blindnet segment: error: {problem}", file=sys.stderr)
         return 2
     # Lazy CLI dispatch: a job's modules (and PyTorch) load only once that job runs.
     from blindnet import segment
@@ -246,7 +275,7 @@ def _segment_line(report: Any) -> str:
 def convert_main(argv: Sequence[str]) -> int:
     """``blindnet convert SRC DST``: an official checkpoint -> a deployable safetensors file; ``blindnet convert SRC
     --name NAME``: into the model cache under a model name (a file downloaded by hand), checked like a download."""
-    p = argparse.ArgumentParser(prog="blindnet convert", description=JOBS["convert"][1])
+    p = JobParser(prog="blindnet convert", description=JOBS["convert"][1])
     p.add_argument("src", help="the official checkpoint (.pth as the original saves it, or a bare state dict)")
     p.add_argument("dst", nargs="?", help="the deployable checkpoint to write (.safetensors); or give --name")
     p.add_argument(
@@ -322,7 +351,7 @@ def _register_main(src: str, name: str) -> int:
 
 def info_main(argv: Sequence[str]) -> int:
     """``blindnet info [MODEL]``: what a checkpoint or an ONNX file holds, as JSON."""
-    p = argparse.ArgumentParser(prog="blindnet info", description=JOBS["info"][1])
+    p = JobParser(prog="blindnet info", description=JOBS["info"][1])
     p.add_argument(
         "model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)"
     )

@@ -1,10 +1,11 @@
-"""``python -m blindnet.demo``: load one or two checkpoints and launch the Gradio app (loopback only unless asked).
+"""Load one or two models and launch the Gradio app (on this machine only unless asked).
 
-Examples::
+Examples:
 
-    python -m blindnet.demo                                        # the shipped default checkpoint
-    python -m blindnet.demo --checkpoint blindnet=runs/bn.safetensors --compare baseline=runs/base.safetensors
-    python -m blindnet.demo --backend onnx --checkpoint model.onnx --host 0.0.0.0 --port 8080
+    blindnet demo                                        # the shipped default checkpoint
+    blindnet demo --checkpoint blindnet=runs/bn.safetensors --compare baseline=runs/base.safetensors
+    blindnet demo --backend onnx --checkpoint model.onnx --host 0.0.0.0 --port 8080
+    blindnet demo --share                                # also a public gradio.live link
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from blindnet.backends import BACKEND_NAMES
+from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
 
 
@@ -52,7 +54,8 @@ def model_specs(checkpoints: list[str] | None, compare: str | None) -> list[tupl
 
 
 def build_parser(prog: str = "python -m blindnet.demo") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    head, rest = __doc__.split("\n\n", 1)
+    p = JobParser(prog=prog, description=head, epilog=rest)
     p.add_argument(
         "--checkpoint",
         action="append",
