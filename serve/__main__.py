@@ -19,12 +19,17 @@ import os
 import sys
 
 from blindnet.backends import BACKEND_NAMES
+from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
 from blindnet.serve import ray_serve
 
 
 def build_parser(prog: str = "python -m blindnet.serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p = JobParser(
+        prog=prog,
+        description="Run the batched inference server (KServe v2 / Triton HTTP protocol) for a checkpoint or an "
+        "exported model.",
+    )
     p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped one")
     p.add_argument(
         "--backend",
