@@ -370,7 +370,8 @@ def _with_weights(builder, weights, name: str) -> nn.Module:
 
         raise RuntimeError(
             f"Could not load the ImageNet weights for {name} ({weights.url}): {exc}. "
-            f"This machine may be offline: put the file in {get_dir()}/checkpoints/, or set "
+            f"This machine may be offline: put the file in {get_dir()}/checkpoints/ (on a machine with network, "
+            f"`blindnet models --fetch imagenet-{name}` puts it there), or set "
             f"model.pretrained_backbone=false to train from random initialisation on purpose."
         ) from exc
 
