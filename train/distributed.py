@@ -94,7 +94,7 @@ def _sync_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """
     dims = [0] + list(range(2, x.dim()))
     shape = [1, -1] + [1] * (x.dim() - 2)
-    xf = x.float()
+    xf = x.to(_stats_dtype(x))
     n_local = xf.new_tensor([float(x.numel() // x.shape[1])])
     s = _AllReduceSum.apply(torch.cat([xf.sum(dims), n_local]))
     n = s[-1]
@@ -103,9 +103,14 @@ def _sync_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return mean, var, int(n.item())
 
 
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (their sums lose too much), the input's own dtype when wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return ((x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)).to(x.dtype)
+    return ((x.to(_stats_dtype(x)) - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)).to(x.dtype)
 
 
 class CPUSyncBatchNorm(nn.BatchNorm2d):
