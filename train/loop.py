@@ -572,6 +572,10 @@ def train_step(run: _Run, batch: dict[str, torch.Tensor], step: int) -> dict[str
     """
     per_rank = run.cfg.optim.batch_size // run.info.world_size
     x, x_a, y = (batch[k].to(run.device, non_blocking=True) for k in ("image", "image_aug", "label"))
+    # Images follow the parameters' dtype, so a run built under torch.set_default_dtype(torch.float64) trains in
+    # float64 end to end (numerical checks; the loader always yields float32).
+    dtype = next(run.task.parameters()).dtype
+    x, x_a = x.to(dtype), x_a.to(dtype)
     if x.shape[0] != per_rank:
         raise RuntimeError(f"batch of {x.shape[0]} images, expected {per_rank} per rank")
     if run.channels_last:
