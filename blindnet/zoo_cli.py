@@ -15,12 +15,14 @@ import json
 import sys
 from collections.abc import Sequence
 
+from blindnet.cliparse import JobParser
+
 _FIELDS = (("recipe", "recipe"), ("data", "data"), ("scores", "scores"), ("size", "size"), ("terms", "terms"))
 
 
 def build_parser(prog: str = "blindnet models") -> argparse.ArgumentParser:
     """The ``blindnet models`` command line."""
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog=prog,
         description="List the models that --checkpoint NAME (and Predictor.from_checkpoint(NAME)) accepts.",
         epilog="Cache: $BLINDNET_CACHE/models (default ~/.cache/blindnet/models); a download URL can be replaced "

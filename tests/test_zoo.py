@@ -214,6 +214,8 @@ def test_a_file_downloaded_by_hand_is_registered_under_the_name(
     assert meta["model_name"] == NAME and meta["variant"] == "blindnet"
     with pytest.raises(SystemExit):  # a file to write and a name: one or the other
         cli.main(["convert", str(r50_snapshot[0]), "out.safetensors", "--name", NAME])
+    assert cli.main(["models", "--remove", NAME]) == 0
+    assert not zoo.is_cached(NAME) and _cache_is_empty(cache)
 
 
 def test_models_lists_every_entry_with_its_terms(cache: Path, capsys: pytest.CaptureFixture) -> None:
