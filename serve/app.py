@@ -29,11 +29,14 @@ leaves mid-body is counted as 499.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import logging
 import math
+import resource
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,9 +52,6 @@ from blindnet.serve.batcher import DynamicBatcher
 from blindnet.serve.config import ServeConfig
 from blindnet.serve.errors import install_error_handlers
 from blindnet.serve.metrics import MetricsAndAuthMiddleware
-from blindnet.serve.parsing import (
-    PixelBudget,
-)
 from blindnet.serve.routes import (
     ServeContext,
     add_observability_routes,
@@ -90,7 +90,7 @@ def create_app(predictor_or_backend: Predictor | Backend, config: ServeConfig | 
     """
     config = config or ServeConfig()
     predictor = make_predictor(predictor_or_backend, config)
-    ctx = ServeContext(config, predictor, PixelBudget(config.decode_pixel_budget))
+    ctx = ServeContext(config, predictor)
     app = FastAPI(
         title="blindnet segmentation server",
         lifespan=functools.partial(_lifespan, ctx),
@@ -119,8 +119,12 @@ async def _lifespan(ctx: ServeContext, app: FastAPI) -> AsyncIterator[None]:
         max_batch_size=config.max_batch_size,
         max_queue_delay_ms=config.max_queue_delay_ms,
         max_queue_size=config.max_queue_size,
+        max_batch_pixels=config.batch_pixel_budget,
+        max_queue_pixels=config.queue_pixel_budget,
         on_batch=ctx.metrics.observe_batch,
     )
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(RateLimitedLoopErrors(loop.get_exception_handler()))
     log.info("serving model %r on backend %s", config.model_name, predictor.backend.describe())
     try:
         yield
@@ -130,6 +134,7 @@ async def _lifespan(ctx: ServeContext, app: FastAPI) -> AsyncIterator[None]:
         b = ctx.batcher
         log.info("draining %d queued image(s) before exit", b.queue_depth)
         await run_in_threadpool(b.close, drain=True, timeout=_drain_left(app, config.drain_timeout_s))
+        app.state.queue_drained = not b.alive
 
 
 def _drain_left(app: FastAPI, drain_timeout_s: float) -> float:
@@ -177,25 +182,127 @@ def check_bind(host: str, api_key: str | None, *, allow_unauthenticated: bool = 
     log.warning("!!! serving on %s WITHOUT authentication: anyone who can reach this port can run the model !!!", host)
 
 
-def _framing_error_response(msg: str) -> bytes:
-    """A complete HTTP/1.1 400 response with a JSON ``{"error": ...}`` body, for requests uvicorn cannot parse."""
-    body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+def _raw_json_response(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 response with a JSON ``{"error": ...}`` body that closes the connection (for answers
+    given below the app: framing errors, header timeouts, refused connections)."""
+    body = json.dumps({"error": message}).encode()
     head = (
-        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 
 
-class JsonErrorHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP protocol, answering unparsable requests (bad framing, bad headers) in the JSON error shape.
+def _framing_error_response(msg: str) -> bytes:
+    """A complete HTTP/1.1 400 response with a JSON ``{"error": ...}`` body, for requests uvicorn cannot parse."""
+    return _raw_json_response(400, "Bad Request", f"malformed HTTP request: {msg}")
 
-    Those never reach the app, so uvicorn answers them itself, by default in plain text.
+
+class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP protocol with the connection hygiene the app cannot do itself (it only sees whole requests):
+
+    * unparsable requests (bad framing, bad headers) are answered in the JSON error shape (uvicorn: plain text);
+    * a connection that has not sent a complete request's headers within :attr:`header_timeout_s` of connecting, or
+      of starting a new request, is closed (408 when it sent part of one), so idle sockets cannot pile up;
+    * beyond :attr:`max_connections` open connections, a new one is answered 503 and closed at once.
+
+    :func:`uvicorn_config` makes a subclass with the server's settings.
     """
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 64
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer: asyncio.TimerHandle | None = None
+        if len(self.connections) > self.max_connections:
+            transport.write(
+                _raw_json_response(
+                    503,
+                    "Service Unavailable",
+                    f"server at its limit of {self.max_connections} connections; retry shortly",
+                    "retry-after: 1\r\n",
+                )
+            )
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is None and self._idle() and not self.transport.is_closing():
+            self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _idle(self) -> bool:
+        """No request is being handled (none yet, or the last one answered)."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout, self.cycle)
+
+    def _header_timeout(self, armed_cycle) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not self._idle():
+            return
+        if self.cycle is not armed_cycle:  # a request came and went since: time the next one from now
+            self._arm_header_timer()
+            return
+        if self.conn.trailing_data[0]:  # part of a request arrived, not all its headers
+            message = f"request headers did not arrive within {self.header_timeout_s:g} s"
+            self.transport.write(_raw_json_response(408, "Request Timeout", message))
+        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         self.transport.write(_framing_error_response(msg))
         self.transport.close()
+
+
+#: Kept for code that names the earlier class.
+JsonErrorHTTPProtocol = GuardedHTTPProtocol
+
+
+class RateLimitedLoopErrors:
+    """An asyncio exception handler that logs each kind of event-loop error at most once per ``interval_s``, as one
+    line without a traceback, counting what it left out.
+
+    At the file-descriptor limit asyncio reports every failed ``accept()`` with a traceback; unthrottled that grew
+    the log by megabytes per second.
+    """
+
+    def __init__(self, previous=None, interval_s: float = 10.0) -> None:
+        self.previous = previous
+        self.interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        now = time.monotonic()
+        if now - self._last.get(message, -math.inf) < self.interval_s:
+            self._suppressed[message] = self._suppressed.get(message, 0) + 1
+            return
+        self._last[message] = now
+        left_out = self._suppressed.pop(message, 0)
+        more = f" ({left_out} more like it in the last {self.interval_s:g} s)" if left_out else ""
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        log.error("%s%s%s", message, detail, more)
+
+
+def guarded_protocol(config: ServeConfig) -> type[GuardedHTTPProtocol]:
+    """The HTTP protocol class with ``config``'s header timeout and connection limit."""
+    return type(
+        "GuardedHTTPProtocol",
+        (GuardedHTTPProtocol,),
+        {"header_timeout_s": config.header_timeout_s, "max_connections": config.max_connections},
+    )
 
 
 def uvicorn_config(
@@ -211,8 +318,9 @@ def uvicorn_config(
     ``drain_timeout_s`` (default: the app's ``ServeConfig.drain_timeout_s``) caps how long shutdown waits for
     in-flight requests; whatever is left of it then goes to the queue (see :class:`DrainingServer`).
     """
+    config: ServeConfig = app.state.config
     if drain_timeout_s is None:
-        drain_timeout_s = app.state.config.drain_timeout_s
+        drain_timeout_s = config.drain_timeout_s
     return uvicorn.Config(
         app,
         host=host,
@@ -220,23 +328,72 @@ def uvicorn_config(
         log_level=log_level,
         access_log=False,  # per-request log lines cost more than the metrics that already count requests
         timeout_graceful_shutdown=max(1, math.ceil(drain_timeout_s)),
-        timeout_keep_alive=30,
-        http=JsonErrorHTTPProtocol,
+        # An idle kept-alive connection is closed after this; one that starts a request gets header_timeout_s.
+        timeout_keep_alive=max(1, min(5, math.ceil(config.header_timeout_s))),
+        http=guarded_protocol(config),
     )
+
+
+class PortInUseError(OSError):
+    """The address the server should listen on is taken."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (as uvicorn would open it), or :class:`PortInUseError` naming the port.
+
+    Binding before the app starts means a busy port is reported in one line before anything is loaded, not as a
+    bind error after "Application startup complete".
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets whose protocol says TCP; without it
+    # every answer written in two parts waits out the peer's delayed ACK (40 ms per request on Linux).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PortInUseError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running?)"
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit (connections are files); returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 class DrainingServer(uvicorn.Server):
     """A ``uvicorn.Server`` that records on the app when shutdown was requested (SIGTERM, Ctrl-C or
-    :meth:`request_exit`), so that in-flight requests and the queue drain share one drain time."""
+    :meth:`request_exit`), so that in-flight requests and the queue drain share one drain time.
+
+    Unlike uvicorn, it does not re-raise the signal after a graceful shutdown: :attr:`clean` tells whether every
+    request was answered and the queue drained, and ``blindnet serve`` exits 0 or 1 accordingly.
+    """
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self._stamp()
         super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
     def request_exit(self) -> None:
         """Shut down as on SIGTERM."""
         self._stamp()
         self.should_exit = True
+
+    @property
+    def clean(self) -> bool:
+        """The server ran, and shut down with every request answered and the queue drained."""
+        state = self.config.app.state
+        return bool(self.started) and getattr(state, "queue_drained", False) and state.metrics.cut == 0
 
     def _stamp(self) -> None:
         state = getattr(self.config.app, "state", None)

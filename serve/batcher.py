@@ -9,8 +9,12 @@ groups queued requests into backend batches:
 * Only images with the same *network input shape* share a batch (a backend runs one ``N x H x W x 3`` array). When
   the predictor has an ``input_size`` every image is resized to it, so everything shares one bucket; without one,
   images are bucketed by their exact ``H x W`` and each bucket is batched separately (FIFO by the oldest request).
-* The queue is bounded: ``max_queue_size`` counts *images* waiting (not requests), so memory stays bounded whatever
-  the request mix. A full queue raises :class:`QueueFullError` at submit time; nothing is buffered beyond it.
+* The queue is bounded: ``max_queue_size`` counts *images* waiting (not requests) and ``max_queue_pixels`` their
+  pixels, so memory stays bounded whatever the request mix. A full queue raises :class:`QueueFullError` at submit
+  time; nothing is buffered beyond it.
+* A batch holds at most ``max_batch_pixels`` network input pixels (but always at least one image), so large images
+  queue and run in small batches instead of being stacked into one huge allocation; a request whose images exceed
+  it is split into parts that run in separate batches (its future resolves when all parts are done).
 * A backend exception fails only the requests of that batch (:class:`BatchFailedError`); the worker keeps going.
 * :meth:`close` with ``drain=True`` refuses new work and finishes everything already queued (SIGTERM path).
 
@@ -95,6 +99,9 @@ class DynamicBatcher:
         max_batch_size: most images per backend call; a single request may not exceed it.
         max_queue_delay_ms: longest the oldest waiting request is held back to fill a batch.
         max_queue_size: most images waiting in the queue (not counting the batch being computed).
+        max_batch_pixels: most network input pixels in one batch (None: no limit); at least one image always fits.
+        max_queue_pixels: most image pixels waiting in the queue (None: no limit); one image always fits an empty
+            queue.
         on_batch: called on the worker thread after each batch (for metrics); exceptions in it are ignored.
     """
 
@@ -105,6 +112,8 @@ class DynamicBatcher:
         max_batch_size: int = 8,
         max_queue_delay_ms: float = 5.0,
         max_queue_size: int = 64,
+        max_batch_pixels: int | None = None,
+        max_queue_pixels: int | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -120,10 +129,13 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.max_batch_pixels = max_batch_pixels
+        self.max_queue_pixels = max_queue_pixels
         self.on_batch = on_batch
         self.stats = BatcherStats()
         self._pending: deque[_Item] = deque()
         self._pending_images = 0
+        self._pending_pixels = 0
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -157,21 +169,42 @@ class DynamicBatcher:
         n = int(images.shape[0])
         if n > self.max_batch_size:
             raise ValueError(f"a request may hold at most max_batch_size={self.max_batch_size} images, got {n}")
-        item = _Item(images, (self.bucket_key(images), want_logits), want_logits, Future(), time.perf_counter())
+        key = self.bucket_key(images)
+        pixels = n * int(images.shape[1]) * int(images.shape[2])
+        parts = self._split(images, key)
+        items = [_Item(p, (key, want_logits), want_logits, Future(), time.perf_counter()) for p in parts]
         with self._cond:
             if not self._accepting:
                 raise ShuttingDownError("server is shutting down and accepts no new requests")
-            if self._pending_images + n > self.max_queue_size:
+            queue_pixels_full = (
+                self.max_queue_pixels is not None
+                and self._pending_pixels > 0
+                and self._pending_pixels + pixels > self.max_queue_pixels
+            )
+            if self._pending_images + n > self.max_queue_size or queue_pixels_full:
                 self.stats.rejected += 1
                 raise QueueFullError(
-                    f"queue full ({self._pending_images} of {self.max_queue_size} image slots in use); retry later",
+                    f"queue full ({self._pending_images} of {self.max_queue_size} image slots, "
+                    f"{self._pending_pixels} pixels in use); retry later",
                     retry_after_s=self._retry_after_locked(),
                 )
-            self._pending.append(item)
+            self._pending.extend(items)
             self._pending_images += n
+            self._pending_pixels += pixels
             self.stats.requests += 1
             self._cond.notify_all()
-        return item.future
+        return items[0].future if len(items) == 1 else _joined([i.future for i in items])
+
+    def _batch_limit(self, key: tuple[int, int]) -> int:
+        """Most images of network size ``key`` one batch may hold: ``max_batch_size``, fewer for large images."""
+        if self.max_batch_pixels is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // max(1, key[0] * key[1])))
+
+    def _split(self, images: np.ndarray, key: tuple[int, int]) -> list[np.ndarray]:
+        """``images`` in parts of at most :meth:`_batch_limit` images (one part when it fits a batch)."""
+        step = self._batch_limit(key)
+        return [images[i : i + step] for i in range(0, len(images), step)]
 
     def predict(
         self, images: np.ndarray, *, want_logits: bool = False, timeout: float | None = None
@@ -183,6 +216,11 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         """Images waiting in the queue (not yet in a running batch)."""
         return self._pending_images
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs (False once :meth:`close` has drained or failed everything)."""
+        return self._thread.is_alive()
 
     @property
     def accepting(self) -> bool:
@@ -203,6 +241,7 @@ class DynamicBatcher:
                     item = self._pending.popleft()
                     item.future.set_exception(ShuttingDownError("server stopped before this request ran"))
                 self._pending_images = 0
+                self._pending_pixels = 0
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
@@ -216,16 +255,17 @@ class DynamicBatcher:
     def _select_locked(self) -> list[_Item]:
         """FIFO items sharing the oldest item's bucket, up to ``max_batch_size`` images (skipping ones that don't fit)."""
         key = self._pending[0].key
+        limit = self._batch_limit(key[0])
         chosen: list[_Item] = []
         count = 0
         for item in self._pending:
             if item.key != key:
                 continue
             n = len(item.images)
-            if count + n <= self.max_batch_size:
+            if count + n <= limit:
                 chosen.append(item)
                 count += n
-                if count == self.max_batch_size:
+                if count == limit:
                     break
         return chosen
 
@@ -239,7 +279,7 @@ class DynamicBatcher:
                 head = self._pending[0]
                 deadline = head.enqueued + self.max_queue_delay_s
                 chosen = self._select_locked()
-                full = sum(len(i.images) for i in chosen) >= self.max_batch_size
+                full = sum(len(i.images) for i in chosen) >= self._batch_limit(head.key[0])
                 now = time.perf_counter()
                 # When stopping we no longer wait for company: drain as fast as possible.
                 if full or now >= deadline or self._stop:
@@ -248,6 +288,7 @@ class DynamicBatcher:
             taken = {id(item) for item in chosen}
             self._pending = deque(item for item in self._pending if id(item) not in taken)
             self._pending_images -= sum(len(item.images) for item in chosen)
+            self._pending_pixels -= sum(i.images.shape[0] * i.images.shape[1] * i.images.shape[2] for i in chosen)
             self._busy = True
             return chosen
 
@@ -307,3 +348,37 @@ class DynamicBatcher:
                 self.on_batch(BatchRecord(len(arrays), len(live), waits, compute, ok))
             except Exception:  # metrics must never break serving
                 pass
+
+
+def _joined(parts: list[Future]) -> Future:
+    """One future for the concatenated results of ``parts`` (in order); the first failure fails it, and cancelling
+    it cancels the parts not yet running."""
+    whole: Future = Future()
+    lock = threading.Lock()
+
+    def part_done(_: Future) -> None:
+        with lock:
+            if whole.done() or not all(p.done() for p in parts) and not any(_failed(p) for p in parts):
+                return
+            failed = next((p for p in parts if _failed(p)), None)
+            if failed is not None:
+                if failed.cancelled():
+                    whole.cancel()
+                else:
+                    whole.set_exception(failed.exception())  # type: ignore[arg-type]
+                return
+            whole.set_result([pred for p in parts for pred in p.result()])
+
+    def whole_done(f: Future) -> None:
+        if f.cancelled():
+            for p in parts:
+                p.cancel()
+
+    whole.add_done_callback(whole_done)
+    for p in parts:
+        p.add_done_callback(part_done)
+    return whole
+
+
+def _failed(f: Future) -> bool:
+    return f.done() and (f.cancelled() or f.exception() is not None)

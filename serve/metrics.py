@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -10,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from blindnet.serve.batcher import BatchRecord
 from blindnet.serve.errors import error_response
 
+log = logging.getLogger("blindnet.serve")
 # Endpoints a load balancer / orchestrator probes without credentials.
 _UNAUTHENTICATED_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
@@ -50,6 +53,8 @@ class ServerMetrics:
         )
         self.batches = Counter("blindnet_batches", "Backend batches run, by outcome", ["outcome"], registry=r)
         self.images = Counter("blindnet_inference_images", "Images run through the backend", registry=r)
+        #: Requests cut off by the drain timeout at shutdown (answered 503 when their answer had not started).
+        self.cut = 0
 
     def observe_batch(self, rec: BatchRecord) -> None:
         self.batch_size.observe(rec.size)
@@ -87,11 +92,14 @@ class MetricsAndAuthMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status_holder = {"status": 500}
+        state = {"status": 500, "started": False}
+        close = _ambiguous_framing(scope["headers"])
 
         async def send_wrapper(message) -> None:
             if message["type"] == "http.response.start":
-                status_holder["status"] = message["status"]
+                state["status"], state["started"] = message["status"], True
+                if close:  # RFC 9112 6.3: after a request framed two ways, close the connection
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -104,9 +112,25 @@ class MetricsAndAuthMiddleware:
                 await response(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when the drain time is over: answer it as the README promises
+            # (JSON 503) instead of uvicorn's plain-text 500 and a traceback, and let the task end normally.
+            self.metrics.cut += 1
+            if not state["started"]:
+                response = error_response(
+                    503, "server shut down before this request finished; retry", {"Retry-After": "5"}
+                )
+                await response(scope, receive, send_wrapper)
+            log.warning("%s %s cut off by the drain timeout at shutdown", scope["method"], scope["path"])
         finally:  # count crashes too (they leave status 500)
             # The route template (not the raw path) keeps label cardinality bounded.
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, str(status_holder["status"])).inc()
+            self.metrics.requests.labels(endpoint, str(state["status"])).inc()
             self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+def _ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request carries both Content-Length and Transfer-Encoding (its length is read two ways)."""
+    names = {name.lower() for name, _ in headers}
+    return b"content-length" in names and b"transfer-encoding" in names

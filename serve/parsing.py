@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import logging
-import re
 import zlib
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,9 @@ from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationErro
 from starlette.requests import ClientDisconnect
 
 from blindnet.io import ImageError, ImageTooLargeError, check_pixel_limit, decode_image
+from blindnet.serve.config import JSON_BYTES_PER_VALUE
 from blindnet.serve.errors import CLIENT_CLOSED_REQUEST, HTTPError
+from blindnet.serve.jsontext import ParseDeadline, int_list_to_array, parse_json
 
 log = logging.getLogger("blindnet.serve")
 
@@ -32,16 +33,40 @@ SEGMENT_FORMATS = ("labels", "color", "overlay", "json")
 #: Pillow formats ``/v1/segment`` decodes. Each declares its pixel size in a header that is checked before decoding;
 #: containers whose header need not match what they decode to (ICO, ICNS, ...) and animations (GIF) are refused.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
-#: A valid v2 request nests at most 7 deep ({"inputs": [{"data": [[[[...]]]]}]}); deeper JSON is refused unparsed.
-MAX_JSON_DEPTH = 32
+#: Bytes decompressed per step (the deadline is checked between steps).
+_INFLATE_STEP = 1024 * 1024
+
+
+def body_reservation(
+    headers: Mapping[str, str], limit: int, *, json_bytes: int | None = None, json_values: int | None = None
+) -> int:
+    """Bytes a request may need while its body is read, decompressed and parsed, decided from its headers alone.
+
+    The raw body (its Content-Length, or ``limit`` when chunked), the decompressed copy (at most ``limit``, or
+    ``json_bytes`` for an all-JSON body), and, when ``json_values`` is given, the JSON parse: at most one value per
+    two bytes of JSON text, at most ``json_values``, each :data:`~blindnet.serve.config.JSON_BYTES_PER_VALUE`.
+    """
+    declared = headers.get("content-length")
+    raw = min(int(declared) if declared is not None and declared.isdigit() else limit, limit)
+    header_length = headers.get("inference-header-content-length")
+    all_json = json_bytes is not None and header_length is None
+    encoded = headers.get("content-encoding", "").lower() not in ("", "identity")
+    plain = min(limit, json_bytes) if all_json else limit  # type: ignore[type-var]
+    total = raw + (plain if encoded else 0)
+    if json_values is not None:
+        text = int(header_length) if header_length is not None and header_length.isdigit() else plain
+        total += min(json_values, min(text, plain, raw if not encoded else plain) // 2 + 1) * JSON_BYTES_PER_VALUE
+    return max(total, 1)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` bytes before it is all in memory.
+    """The request body as sent (still compressed, if it is), refusing (413) anything over ``limit`` bytes before it
+    is all in memory.
 
     A body that has not fully arrived after ``timeout_s`` seconds is refused (408), so a stalled client holds neither
     a worker nor shutdown; a client that disconnects mid-body is logged once and answered
-    :data:`CLIENT_CLOSED_REQUEST` (which only the metrics see).
+    :data:`CLIENT_CLOSED_REQUEST` (which only the metrics see). Decompress it with :func:`decode_body` (on a worker
+    thread: zlib releases the GIL).
     """
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -50,21 +75,18 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
                 raise HTTPError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
         except ValueError:
             raise HTTPError(400, f"invalid Content-Length header {declared!r}") from None
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding not in ("", "identity", "gzip", "deflate"):  # tritonclient can compress requests
+        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     try:
         async with asyncio.timeout(timeout_s):
-            body = await _read_stream(request, limit)
+            return await _read_stream(request, limit)
     except TimeoutError:
         raise HTTPError(408, f"request body did not arrive within {timeout_s:g} s") from None
     except ClientDisconnect:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
         log.info("%s disconnected before sending the whole body of %s %s", client, request.method, request.url.path)
         raise HTTPError(CLIENT_CLOSED_REQUEST, "client disconnected before sending the whole body") from None
-    encoding = request.headers.get("content-encoding", "").lower()
-    if encoding in ("gzip", "deflate"):  # tritonclient can compress requests
-        body = _decompress(body, encoding, limit)
-    elif encoding not in ("", "identity"):
-        raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
-    return body
 
 
 async def _read_stream(request: Request, limit: int) -> bytes:
@@ -78,17 +100,34 @@ async def _read_stream(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    # Bounded decompression: a small compressed body must not expand past the byte limit.
+def decode_body(body: bytes, encoding: str, limit: int, deadline: ParseDeadline | None = None) -> bytes:
+    """``body`` decompressed per its Content-Encoding (gzip, deflate or none), at most ``limit`` bytes (413 beyond).
+
+    Decompresses 1 MiB at a time, checking the deadline between steps; run it on a worker thread.
+    """
+    encoding = encoding.lower()
+    if encoding in ("", "identity"):
+        return body
+    deadline = deadline or ParseDeadline(None)
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
     d = zlib.decompressobj(wbits)
+    out: list[bytes] = []
+    size = 0
+    data = body
     try:
-        out = d.decompress(body, limit + 1)
+        while True:
+            piece = d.decompress(data, _INFLATE_STEP)
+            size += len(piece)
+            if size > limit:
+                raise HTTPError(413, f"decompressed request body exceeds the limit of {limit} bytes")
+            out.append(piece)
+            data = d.unconsumed_tail
+            if not data and (d.eof or not piece):
+                break
+            deadline.check("the request body")
     except zlib.error as exc:
         raise HTTPError(400, f"request body is not valid {encoding} data ({exc})") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise HTTPError(413, f"decompressed request body exceeds the limit of {limit} bytes")
-    return out
+    return b"".join(out)
 
 
 def probe_upload(data: bytes, *, name: str, max_pixels: int) -> tuple[int, int]:
@@ -156,33 +195,47 @@ def decode_upload(data: bytes, *, name: str, max_pixels: int) -> np.ndarray:
         raise HTTPError(400, str(exc)) from None
 
 
-class PixelBudget:
-    """An asyncio weighted semaphore over pixels: concurrent decodes together hold at most ``capacity`` of them.
+class Budget:
+    """An asyncio weighted semaphore: concurrent holders together hold at most ``capacity`` units (pixels, bytes).
 
     Decoding memory is proportional to pixels, not to upload bytes (a few hundred KB of PNG can declare 16 M
-    pixels), so this is what bounds it.
+    pixels), and a request's parse memory to what its headers declare, so these are what bound them.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, unit: str = "pixels") -> None:
         if capacity < 1:
-            raise ValueError(f"pixel budget must be >= 1, got {capacity}")
+            raise ValueError(f"budget must be >= 1 {unit}, got {capacity}")
         self.capacity = capacity
+        self.unit = unit
         self.free = capacity
         self._cond = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[None]:
-        """Wait until ``pixels`` (capped at the capacity) are free, hold them for the ``async with`` body."""
-        pixels = min(max(pixels, 1), self.capacity)
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.free >= pixels)
-            self.free -= pixels
+    async def hold(self, amount: int, timeout_s: float | None = None) -> AsyncIterator[None]:
+        """Wait until ``amount`` (capped at the capacity) is free, hold it for the ``async with`` body.
+
+        Waiting longer than ``timeout_s`` is answered 503 + Retry-After (the server is busy, not the request bad).
+        """
+        amount = min(max(amount, 1), self.capacity)
+        try:
+            async with asyncio.timeout(timeout_s), self._cond:
+                await self._cond.wait_for(lambda: self.free >= amount)
+                self.free -= amount
+        except TimeoutError:
+            raise HTTPError(
+                503,
+                f"server busy: {amount} {self.unit} of its {self.capacity} budget not free within {timeout_s:g} s",
+                {"Retry-After": "1"},
+            ) from None
         try:
             yield
         finally:
             async with self._cond:
-                self.free += pixels
+                self.free += amount
                 self._cond.notify_all()
+
+
+PixelBudget = Budget
 
 
 class _V2Tensor(BaseModel):
@@ -197,7 +250,7 @@ class _V2Input(_V2Tensor):
 
     datatype: StrictStr | None = None
     shape: list[StrictInt] | None = None
-    data: list[Any] | None = None
+    data: Any = None  # a list, checked while it is converted (validating it here would copy millions of items)
 
 
 class _V2InferRequest(BaseModel):
@@ -207,33 +260,6 @@ class _V2InferRequest(BaseModel):
     inputs: list[_V2Input]
     outputs: list[_V2Tensor] | None = None
     parameters: dict[str, Any] | None = None
-
-
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-
-
-def json_depth(text: bytes) -> int:
-    """Deepest ``[``/``{`` nesting of JSON text, found without parsing it (linear time, no recursion).
-
-    String contents are skipped; on text that is not JSON the number is only an estimate (the parser refuses it).
-    """
-    brackets = np.frombuffer(_JSON_STRING.sub(b'""', text).translate(None, _NOT_BRACKETS), np.uint8)
-    if brackets.size == 0:
-        return 0
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(np.cumsum(steps).max())
-
-
-def parse_json(text: bytes, what: str) -> Any:
-    """Parse JSON text whose nesting is first checked against :data:`MAX_JSON_DEPTH`; 400 on anything wrong."""
-    depth = json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise HTTPError(400, f"{what} is JSON nested {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted")
-    try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise HTTPError(400, f"{what} is not valid JSON ({exc})") from None
 
 
 def validation_message(exc: ValidationError, limit: int = 5) -> str:
@@ -256,14 +282,34 @@ def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memory
     return body[:hlen], memoryview(body)[hlen:]
 
 
-def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_size: int, max_pixels: int):
+@dataclass
+class JsonLimits:
+    """What one JSON text may cost: bytes, values (numbers, strings, containers) and seconds (see jsontext)."""
+
+    max_bytes: int | None = None
+    max_values: int | None = None
+    timeout_s: float | None = None
+
+
+def parse_infer_request(
+    body: bytes,
+    header_length: str | None,
+    *,
+    max_batch_size: int,
+    max_pixels: int,
+    limits: JsonLimits | None = None,
+    deadline: ParseDeadline | None = None,
+):
     """Parse a v2 infer body (JSON, or JSON header + binary tensors) into ``(request_json, images)``.
 
     Returns the decoded JSON header (its structure validated) and the ``N x H x W x 3`` uint8 array of the ``images``
-    input. Anything malformed raises :class:`HTTPError` (400, or 413 for too many pixels).
+    input. Anything malformed raises :class:`HTTPError` (400, or 413 for too many pixels, JSON values or bytes, or a
+    parse past ``limits.timeout_s``). Runs on a worker thread: the JSON parse yields the GIL as it goes.
     """
+    limits = limits or JsonLimits()
+    deadline = deadline or ParseDeadline(limits.timeout_s)
     header, binary = _split_binary(body, header_length)
-    req = parse_json(header, "request")
+    req = parse_json(header, "request", max_bytes=limits.max_bytes, max_values=limits.max_values, deadline=deadline)
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise HTTPError(400, "request JSON must be an object with an 'inputs' list")
     names = [i.get("name") if isinstance(i, dict) else None for i in req["inputs"]]
@@ -273,11 +319,15 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_batch_siz
         _V2InferRequest.model_validate(req)
     except ValidationError as exc:
         raise HTTPError(400, f"malformed v2 request: {validation_message(exc)}") from None
-    return req, _input_images(req["inputs"][0], binary, max_batch_size=max_batch_size, max_pixels=max_pixels)
+    images = _input_images(
+        req["inputs"][0], binary, max_batch_size=max_batch_size, max_pixels=max_pixels, deadline=deadline
+    )
+    req["inputs"][0].pop("data", None)  # millions of Python ints: free them now, not when the answer is sent
+    return req, images
 
 
-def _input_images(spec: dict[str, Any], binary: memoryview, *, max_batch_size: int, max_pixels: int) -> np.ndarray:
-    """The ``N x H x W x 3`` uint8 images of a validated ``images`` input (binary data or JSON ``data``)."""
+def _input_shape(spec: dict[str, Any], *, max_batch_size: int, max_pixels: int) -> tuple[int, int, int, int]:
+    """``(N, H, W, 3)`` of the ``images`` input, checked against the limits before any pixel is read."""
     dtype = spec.get("datatype")
     if dtype != "UINT8":
         raise HTTPError(400, f"input '{INPUT_NAME}' must have datatype UINT8 (RGB pixels 0-255), got {dtype!r}")
@@ -293,13 +343,21 @@ def _input_images(spec: dict[str, Any], binary: memoryview, *, max_batch_size: i
         raise HTTPError(
             413, f"input '{INPUT_NAME}' images of {w}x{h} = {h * w} pixels exceed the limit of {max_pixels}"
         )
-    expected = n * h * w * 3
+    return n, h, w, c
+
+
+def _input_images(
+    spec: dict[str, Any], binary: memoryview, *, max_batch_size: int, max_pixels: int, deadline: ParseDeadline
+) -> np.ndarray:
+    """The ``N x H x W x 3`` uint8 images of a validated ``images`` input (binary data or JSON ``data``)."""
+    shape = _input_shape(spec, max_batch_size=max_batch_size, max_pixels=max_pixels)
+    expected = int(np.prod(shape))
     params = spec.get("parameters") or {}
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != expected:
             raise HTTPError(
-                400, f"input '{INPUT_NAME}' binary_data_size {size!r} != {expected} bytes for UINT8 shape {shape}"
+                400, f"input '{INPUT_NAME}' binary_data_size {size!r} != {expected} bytes for UINT8 shape {list(shape)}"
             )
         if len(binary) != size:
             raise HTTPError(
@@ -307,22 +365,30 @@ def _input_images(spec: dict[str, Any], binary: memoryview, *, max_batch_size: i
                 f"input '{INPUT_NAME}' declares {size} binary bytes but the body carries {len(binary)} after the header",
             )
         return np.frombuffer(binary, dtype=np.uint8).reshape(shape)
-    if spec.get("data") is None:
+    data = spec.get("data")
+    if data is None:
         raise HTTPError(400, f"input '{INPUT_NAME}' has neither 'data' nor parameters.binary_data_size")
-    try:
-        arr = np.asarray(spec["data"])
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise HTTPError(400, f"input '{INPUT_NAME}' data is ragged or malformed ({exc})") from None
-    if arr.size != expected:
-        raise HTTPError(400, f"input '{INPUT_NAME}' has {arr.size} values, shape {shape} needs {expected}")
-    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() > 255):
+    if not isinstance(data, list):
+        raise HTTPError(400, f"input '{INPUT_NAME}' data must be a list of integers, got {type(data).__name__}")
+    flat = int_list_to_array(data, f"input '{INPUT_NAME}'", deadline)
+    if flat.size != expected:
+        raise HTTPError(400, f"input '{INPUT_NAME}' has {flat.size} values, shape {list(shape)} needs {expected}")
+    if flat.size and (flat.min() < 0 or flat.max() > 255):
         raise HTTPError(400, f"input '{INPUT_NAME}' UINT8 data must be integers in 0..255")
-    return arr.astype(np.uint8).reshape(shape)
+    return flat.astype(np.uint8).reshape(shape)
+
+
+def _flag(params: Any, key: str, default: bool, where: str) -> bool:
+    """A boolean parameter: a JSON boolean or absent (400 for anything else: ``"false"`` is not false)."""
+    value = (params or {}).get(key, default) if isinstance(params, dict) else default
+    if type(value) is not bool:
+        raise HTTPError(400, f"{where}parameters.{key} must be a JSON boolean (true or false), got {value!r}")
+    return value
 
 
 def requested_outputs(req: dict[str, Any]) -> list[tuple[str, bool]]:
     """``[(output name, binary?)]`` for a v2 request; default: ``labels`` only (logits are large; ask for them)."""
-    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    default_binary = _flag(req.get("parameters"), "binary_data_output", False, "")
     outputs = req.get("outputs")
     if outputs is None:
         return [(OUTPUT_LABELS, default_binary)]
@@ -333,8 +399,32 @@ def requested_outputs(req: dict[str, Any]) -> list[tuple[str, bool]]:
         name = o.get("name") if isinstance(o, dict) else None
         if name not in (OUTPUT_LABELS, OUTPUT_LOGITS):
             raise HTTPError(400, f"unknown output {name!r}; this model has '{OUTPUT_LABELS}' and '{OUTPUT_LOGITS}'")
-        result.append((name, bool((o.get("parameters") or {}).get("binary_data", default_binary))))
+        result.append((name, _flag(o.get("parameters"), "binary_data", default_binary, f"output '{name}' ")))
     return result
+
+
+def check_outputs(
+    outputs: list[tuple[str, bool]], shape: tuple[int, ...], num_classes: int, *, max_json_values: int, max_bytes: int
+) -> None:
+    """Refuse (413), before any work, an answer whose outputs would be too large: JSON outputs over
+    ``max_json_values`` values (binary data has no such limit), or output data over ``max_bytes`` in all."""
+    n, h, w = shape[:3]
+    total = 0
+    for name, binary in outputs:
+        values = n * h * w * (num_classes if name == OUTPUT_LOGITS else 1)
+        item = 4 if (name == OUTPUT_LOGITS or num_classes > 256) else 1
+        total += values * item
+        if not binary and values > max_json_values:
+            raise HTTPError(
+                413,
+                f"output '{name}' as JSON would hold {values} values; at most {max_json_values} are sent as JSON: "
+                f'ask for binary data (outputs: [{{"name": "{name}", "parameters": {{"binary_data": true}}}}])',
+            )
+    if total > max_bytes:
+        raise HTTPError(
+            413,
+            f"the requested outputs hold {total} bytes; at most {max_bytes} per answer (send fewer or smaller images)",
+        )
 
 
 class _RepositoryIndexRequest(BaseModel):
@@ -343,12 +433,20 @@ class _RepositoryIndexRequest(BaseModel):
     ready: StrictBool = False
 
 
-def parse_repository_index(body: bytes) -> bool:
+def parse_repository_index(body: bytes, limits: JsonLimits | None = None) -> bool:
     """The ``ready`` flag of a repository index request (an empty body means all models); 400 when malformed."""
     if not body.strip():
         return False
+    limits = limits or JsonLimits()
+    value = parse_json(
+        body,
+        "repository index request",
+        max_bytes=limits.max_bytes,
+        max_values=limits.max_values,
+        deadline=ParseDeadline(limits.timeout_s),
+    )
     try:
-        return _RepositoryIndexRequest.model_validate(parse_json(body, "repository index request")).ready
+        return _RepositoryIndexRequest.model_validate(value).ready
     except ValidationError as exc:
         raise HTTPError(400, f"malformed repository index request: {validation_message(exc)}") from None
 
@@ -363,7 +461,11 @@ async def upload_bytes(headers: Mapping[str, str], body: bytes) -> tuple[bytes, 
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def replay() -> AsyncIterator[bytes]:
-        yield body
+        # A step at a time, handing the event loop back in between: the parser is pure Python and runs on the loop.
+        view = memoryview(body)
+        for start in range(0, len(body), _INFLATE_STEP):
+            yield bytes(view[start : start + _INFLATE_STEP])
+            await asyncio.sleep(0)
 
     try:
         form = await MultiPartParser(Headers(headers=dict(headers)), replay(), max_files=4, max_fields=16).parse()

@@ -35,17 +35,8 @@ log = logging.getLogger("blindnet.serve.ray")
 
 
 def serve_config(config: RayServeConfig) -> ServeConfig:
-    """The single-machine server's settings that ``config`` implies for each replica."""
-    return ServeConfig(
-        model_name=config.model_name,
-        max_batch_size=config.max_batch_size,
-        max_queue_delay_ms=config.max_queue_delay_ms,
-        max_queue_size=config.max_queue_size,
-        input_size=tuple(config.input_size) if config.input_size else None,
-        api_key=config.api_key,
-        max_request_bytes=int(config.max_request_mb * 1024 * 1024),
-        max_image_pixels=config.max_image_pixels,
-    )
+    """The settings each replica's server runs with: the very ServeConfig ``blindnet serve`` would run with."""
+    return config.serve
 
 
 class BlindNetReplica:

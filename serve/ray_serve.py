@@ -25,6 +25,7 @@ at once and the module imports where Ray is not installed. The Ray side lives in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -33,26 +34,30 @@ from typing import Any
 
 from blindnet.config import from_dict
 from blindnet.extras import require_extra
+from blindnet.serve.config import ServeConfig, add_serve_flags, serve_values
+
+#: ServeConfig keys a YAML file may also give at its top level (as files written before they were nested did).
+_SERVE_KEYS = frozenset(f.name for f in dataclasses.fields(ServeConfig))
 
 
 @dataclass
 class RayServeConfig:
     """Settings of the Ray Serve application (YAML keys = these names; unknown keys are an error).
 
+    ``serve`` holds the server settings every replica runs with: the very :class:`ServeConfig` of ``blindnet serve``
+    (batching, queue, every request limit, timeouts, API key, drain time), so a replica enforces exactly what
+    ``blindnet serve`` enforces. In a YAML file they go under ``serve:`` or, for short, at the top level.
+
     Attributes:
         checkpoint: model file; None: the shipped default checkpoint. A relative path is taken from the folder the
             command runs in; on a cluster the file must exist at that path on every node.
         backend, device, precision: as ``python -m blindnet.serve`` (device/precision None: the backend's defaults).
-        model_name: the name under ``/v2/models/``.
-        input_size: serving resolution ``(H, W)``, or None to run each image at its own size.
-        max_batch_size, max_queue_delay_ms, max_queue_size: each replica's dynamic batcher (as the server's flags).
-        max_request_mb, max_image_pixels: request limits (413 beyond), as the server's flags.
-        api_key: when set, every endpoint except the health probes needs it (as ``--api-key``).
+        serve: the server settings of each replica (see above).
         num_replicas: replica count, or ``"auto"`` (then ``autoscaling`` applies).
         autoscaling: Ray's ``autoscaling_config`` (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``...).
         num_cpus_per_replica, num_gpus_per_replica: resources Ray reserves per replica (fractions allowed).
         threads_per_replica: PyTorch CPU threads in each replica; None: ``num_cpus_per_replica`` rounded, at least 1.
-        max_ongoing_requests: requests a replica holds at once; None: ``2 * max_batch_size``.
+        max_ongoing_requests: requests a replica holds at once; None: ``2 * serve.max_batch_size``.
         max_queued_requests: requests waiting for a replica at Ray's proxy before callers get 503 (-1: unbounded).
         host, port: where Ray's HTTP proxy listens (on every node that runs one).
         proxy_location: ``EveryNode`` (a proxy on each node with replicas: point a load balancer at all of them),
@@ -61,21 +66,13 @@ class RayServeConfig:
         node_ip_address: this machine's address in that cluster; None: Ray's guess, which is wrong when several nodes
             share one host on different loopback addresses.
         name: the Ray Serve application and deployment name.
-        drain_timeout_s: longest a replica waits for its in-flight requests when the service stops.
     """
 
     checkpoint: str | None = None
     backend: str = "torch"
     device: str | None = None
     precision: str | None = None
-    model_name: str = "blindnet"
-    input_size: tuple[int, int] | None = None
-    max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
-    max_queue_size: int = 64
-    max_request_mb: float = 64.0
-    max_image_pixels: int = 4096 * 4096
-    api_key: str | None = None
+    serve: ServeConfig = field(default_factory=ServeConfig)
     num_replicas: int | str = 1
     autoscaling: dict[str, Any] = field(default_factory=dict)
     num_cpus_per_replica: float = 1.0
@@ -89,19 +86,33 @@ class RayServeConfig:
     node_ip_address: str | None = None
     proxy_location: str = "EveryNode"
     name: str = "blindnet"
-    drain_timeout_s: float = 60.0
+
+    def __getattr__(self, name: str) -> Any:
+        # ``cfg.max_batch_size`` reads ``cfg.serve.max_batch_size``: one set of names for both runners.
+        if name in _SERVE_KEYS:
+            return getattr(self.serve, name)
+        raise AttributeError(name)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RayServeConfig:
-        """Build and validate from a mapping (a parsed YAML file); unknown keys raise ``ValueError``."""
+        """Build and validate from a mapping (a parsed YAML file); unknown keys raise ``ValueError``.
+
+        ServeConfig keys at the top level are moved under ``serve`` (a key given in both places is an error).
+        """
+        data = dict(data)
+        flat = {k: data.pop(k) for k in list(data) if k in _SERVE_KEYS}
+        nested = dict(data.get("serve") or {})
+        both = sorted(set(flat) & set(nested))
+        if both:
+            raise ValueError(f"{both} given both at the top level and under 'serve'")
+        if flat:
+            data["serve"] = {**nested, **flat}
         cfg = from_dict(cls, data)
         cfg.validate()
         return cfg
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings Ray would accept but that cannot work."""
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(
                 f"max_ongoing_requests ({self.max_ongoing_requests}) < max_batch_size ({self.max_batch_size}): "
@@ -125,7 +136,7 @@ class RayServeConfig:
             "ray_actor_options": {"num_gpus": self.num_gpus_per_replica, "num_cpus": self.num_cpus_per_replica},
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
             "max_queued_requests": self.max_queued_requests,
-            "graceful_shutdown_timeout_s": self.drain_timeout_s,
+            "graceful_shutdown_timeout_s": self.serve.drain_timeout_s,
             # How often a stopping replica checks whether its requests are done: short, so shutdown is prompt.
             "graceful_shutdown_wait_loop_s": 0.5,
         }
@@ -154,20 +165,12 @@ def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.A
     p.add_argument("--backend", choices=["torch", "onnx", "tensorrt"])
     p.add_argument("--device", help="cpu or cuda (default: the backend's)")
     p.add_argument("--precision", help="float32, float16 or bfloat16 (default: the backend's)")
-    p.add_argument("--model-name", help="name under /v2/models/ (default blindnet)")
-    p.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="serving resolution")
     p.add_argument("--replicas", dest="num_replicas", help="replica count or 'auto' (default 1)")
     p.add_argument("--cpus-per-replica", dest="num_cpus_per_replica", type=float, help="default 1")
     p.add_argument("--gpus-per-replica", dest="num_gpus_per_replica", type=float, help="default 0")
     p.add_argument("--threads-per-replica", type=int, help="PyTorch threads (default: CPUs per replica)")
-    p.add_argument("--max-batch-size", type=int, help="most images per network call, per replica (default 8)")
-    p.add_argument("--max-queue-delay-ms", type=float, help="longest wait for a fuller batch (default 5)")
-    p.add_argument("--max-queue-size", type=int, help="images queued per replica before 503 (default 64)")
     p.add_argument("--max-ongoing-requests", type=int, help="requests a replica holds (default 2x batch size)")
     p.add_argument("--max-queued-requests", type=int, help="requests Ray's proxy queues before 503 (default 256)")
-    p.add_argument("--max-request-mb", type=float, help="largest request body (default 64)")
-    p.add_argument("--max-image-pixels", type=int, help="largest H*W per image")
-    p.add_argument("--api-key", help="required key (env BLINDNET_API_KEY)")
     p.add_argument("--host", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default 8000)")
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default: a private local Ray")
@@ -182,6 +185,7 @@ def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.A
         help="allow a non-loopback --host without --api-key (a proxy in front must authenticate)",
     )
     p.add_argument("--verbose", action="store_true", default=False, help="show Ray's own logs in this terminal")
+    add_serve_flags(p, with_defaults=False)  # each replica's server settings: the flags of blindnet serve
     return p
 
 
@@ -198,15 +202,19 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
             raise ValueError(f"{path}: expected a mapping of RayServeConfig keys")
     for flag_only in ("allow_unauthenticated", "verbose"):
         values.pop(flag_only, None)
+    serve_flags = serve_values(argparse.Namespace(**values))
+    for k in serve_flags:
+        values.pop(k)
     if "num_replicas" in values:
         r = values["num_replicas"]
         values["num_replicas"] = r if r == "auto" else int(r)
-    if "input_size" in values:
-        values["input_size"] = tuple(values["input_size"])
     data.update(values)
+    serve = {**{k: data.pop(k) for k in list(data) if k in _SERVE_KEYS}, **dict(data.pop("serve", None) or {})}
+    serve.update(serve_flags)
     key = (environ or {}).get("BLINDNET_API_KEY")
-    if "api_key" not in data and key:
-        data["api_key"] = key
+    if "api_key" not in serve and key:
+        serve["api_key"] = key
+    data["serve"] = serve
     cfg = RayServeConfig.from_dict(data)
     # imported lazily because the zoo loads PyTorch, which `--help` must not wait for
     from blindnet.zoo import checkpoint_path, is_model_name

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi.responses import JSONResponse, Response
 
 from blindnet.inference import Prediction
+from blindnet.serve.jsontext import json_array_text
 from blindnet.serve.parsing import OUTPUT_LABELS
 
 
@@ -50,9 +51,14 @@ def segment_response(pred: Prediction, fmt: str, *, alpha: float, model_name: st
 def build_infer_response(
     req: dict[str, Any], preds: list[Prediction], outputs: list[tuple[str, bool]], *, model_name: str, version: str
 ) -> Response:
-    """v2 response; binary outputs go after the JSON header (``Inference-Header-Content-Length``)."""
+    """v2 response; binary outputs go after the JSON header (``Inference-Header-Content-Length``).
+
+    JSON ``data`` is written a chunk at a time (:func:`~blindnet.serve.jsontext.json_array_text`), spliced into the
+    header where a placeholder stands, so a large JSON answer never holds the GIL in one long ``json.dumps``.
+    """
     out_json: list[dict[str, Any]] = []
     blobs: list[bytes] = []
+    texts: list[bytes] = []
     for name, binary in outputs:
         if name == OUTPUT_LABELS:
             arr = np.stack([p.labels for p in preds])
@@ -66,12 +72,15 @@ def build_infer_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = _placeholder(len(texts))
+            texts.append(json_array_text(arr))
         out_json.append(entry)
     body: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": out_json}
     if "id" in req:
         body["id"] = req["id"]
     header = json.dumps(body, separators=(",", ":")).encode()
+    for i, text in enumerate(texts):
+        header = header.replace(json.dumps(_placeholder(i)).encode(), text, 1)
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(
@@ -79,3 +88,9 @@ def build_infer_response(
         media_type="application/octet-stream",
         headers={"Inference-Header-Content-Length": str(len(header))},
     )
+
+
+def _placeholder(i: int) -> str:
+    """Stands for the ``i``-th JSON data array until it is spliced in (no request text can produce it: the id is
+    the only request value echoed, and it comes after the outputs)."""
+    return f"\x00blindnet-data-{i}\x00"

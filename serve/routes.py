@@ -23,13 +23,18 @@ from blindnet.inference import Prediction, Predictor
 from blindnet.serve.batcher import BatchFailedError, DynamicBatcher, QueueFullError, ShuttingDownError
 from blindnet.serve.config import ServeConfig
 from blindnet.serve.errors import HTTPError
+from blindnet.serve.jsontext import ParseDeadline
 from blindnet.serve.metrics import ServerMetrics
 from blindnet.serve.parsing import (
     INPUT_NAME,
     OUTPUT_LABELS,
     OUTPUT_LOGITS,
     SEGMENT_FORMATS,
-    PixelBudget,
+    Budget,
+    JsonLimits,
+    body_reservation,
+    check_outputs,
+    decode_body,
     decode_upload,
     parse_infer_request,
     parse_repository_index,
@@ -52,17 +57,25 @@ class _EmptyQueue:
 
 @dataclass
 class ServeContext:
-    """Everything the endpoints share: settings, the predictor, metrics, the decode budget and (once the app's
-    lifespan has started it) the batcher."""
+    """Everything the endpoints share: settings, the predictor, metrics, the decode and memory budgets and (once
+    the app's lifespan has started it) the batcher."""
 
     config: ServeConfig
     predictor: Predictor
-    decode_budget: PixelBudget
+    decode_budget: Budget = field(init=False)
+    memory_budget: Budget = field(init=False)
     batcher: DynamicBatcher | None = None
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.metrics = ServerMetrics(self.queue_source, self.config.max_batch_size)
+        self.decode_budget = Budget(self.config.decode_pixel_budget, "pixels")
+        self.memory_budget = Budget(self.config.memory_budget_bytes, "bytes")
+
+    def json_limits(self, max_bytes: int | None = None) -> JsonLimits:
+        """What one JSON text of a request may cost under these settings."""
+        c = self.config
+        return JsonLimits(max_bytes or c.max_json_bytes, c.max_json_values, c.parse_timeout_s)
 
     def queue_source(self) -> DynamicBatcher | type[_EmptyQueue]:
         """What the queue-depth gauge reads: the batcher, or an empty queue before it starts."""
@@ -209,8 +222,10 @@ def add_v2_health_routes(app: FastAPI, ctx: ServeContext) -> None:
 async def repository_index_response(ctx: ServeContext, request: Request) -> JSONResponse:
     """Triton's repository index: this server's one model, or nothing when only ready models are asked for."""
     config = ctx.config
-    body = await read_body(request, REPOSITORY_INDEX_MAX_BYTES, config.body_timeout_s)
-    ready_only = parse_repository_index(body)
+    limit = REPOSITORY_INDEX_MAX_BYTES
+    async with ctx.memory_budget.hold(body_reservation(request.headers, limit), config.body_timeout_s):
+        body = await read_body(request, limit, config.body_timeout_s)
+        ready_only = await run_in_threadpool(_parse_repository_index, ctx, request, body)
     ok = ctx.ready()
     if ready_only and not ok:
         return JSONResponse([])
@@ -219,19 +234,56 @@ async def repository_index_response(ctx: ServeContext, request: Request) -> JSON
     return JSONResponse([entry])
 
 
-async def infer(ctx: ServeContext, request: Request, name: str, version: str | None) -> Response:
-    """One v2 infer request: parse, queue the images, encode the requested outputs."""
+def _parse_repository_index(ctx: ServeContext, request: Request, body: bytes) -> bool:
+    limits = ctx.json_limits(REPOSITORY_INDEX_MAX_BYTES)
+    deadline = ParseDeadline(limits.timeout_s)
+    text = decode_body(body, request.headers.get("content-encoding", ""), REPOSITORY_INDEX_MAX_BYTES, deadline)
+    return parse_repository_index(text, limits)
+
+
+def _parse_infer(ctx: ServeContext, request: Request, body: bytes) -> tuple[dict[str, Any], np.ndarray]:
+    """Decompress and parse a v2 infer body (on a worker thread), one time budget for both."""
     config = ctx.config
-    ctx.check_model(name, version)
-    body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
-    req, images = await run_in_threadpool(
-        parse_infer_request,
+    limits = ctx.json_limits()
+    deadline = ParseDeadline(limits.timeout_s)
+    header_length = request.headers.get("inference-header-content-length")
+    # An all-JSON body may decompress to no more than a JSON text may be: a bomb stops at 8 MiB, not at 64.
+    limit = (
+        config.max_request_bytes if header_length is not None else min(config.max_request_bytes, config.max_json_bytes)
+    )
+    body = decode_body(body, request.headers.get("content-encoding", ""), limit, deadline)
+    return parse_infer_request(
         body,
-        request.headers.get("inference-header-content-length"),
+        header_length,
         max_batch_size=config.max_batch_size,
         max_pixels=config.max_image_pixels,
+        limits=limits,
+        deadline=deadline,
     )
+
+
+async def infer(ctx: ServeContext, request: Request, name: str, version: str | None) -> Response:
+    """One v2 infer request: reserve its memory, parse, check its outputs fit, queue the images, encode the answer."""
+    config = ctx.config
+    ctx.check_model(name, version)
+    # An all-JSON body may be no larger than a JSON text may be (binary tensor data is what the byte limit is for).
+    json_only = request.headers.get("inference-header-content-length") is None
+    limit = min(config.max_request_bytes, config.max_json_bytes) if json_only else config.max_request_bytes
+    reserve = body_reservation(
+        request.headers, limit, json_bytes=config.max_json_bytes, json_values=config.max_json_values
+    )
+    async with ctx.memory_budget.hold(reserve, config.body_timeout_s):
+        body = await read_body(request, limit, config.body_timeout_s)
+        req, images = await run_in_threadpool(_parse_infer, ctx, request, body)
+        del body
     outputs = requested_outputs(req)
+    check_outputs(
+        outputs,
+        images.shape,
+        ctx.predictor.num_classes,
+        max_json_values=config.max_json_values,
+        max_bytes=config.max_response_bytes,
+    )
     want_logits = any(n == OUTPUT_LOGITS for n, _ in outputs)
     preds = await run_batch(ctx, images, want_logits)
     return await run_in_threadpool(
@@ -268,11 +320,18 @@ async def segment_upload(ctx: ServeContext, request: Request, fmt: str, alpha: f
     a = config.overlay_alpha if alpha is None else alpha
     if not 0.0 <= a <= 1.0:
         raise HTTPError(400, f"alpha must lie in [0, 1], got {a}")
-    body = await read_body(request, config.max_request_bytes, config.body_timeout_s)
-    data, name = await upload_bytes(request.headers, body)
-    w, h = await run_in_threadpool(probe_upload, data, name=name, max_pixels=config.max_image_pixels)
-    async with ctx.decode_budget.hold(w * h):  # decoding memory grows with pixels: bound what decodes at once
-        image = await run_in_threadpool(decode_upload, data, name=name, max_pixels=config.max_image_pixels)
+    limit = config.max_request_bytes
+    async with ctx.memory_budget.hold(2 * body_reservation(request.headers, limit), config.body_timeout_s):
+        body = await read_body(request, limit, config.body_timeout_s)
+        body = await run_in_threadpool(
+            decode_body, body, request.headers.get("content-encoding", ""), limit, ParseDeadline(config.parse_timeout_s)
+        )
+        data, name = await upload_bytes(request.headers, body)
+        del body
+        w, h = await run_in_threadpool(probe_upload, data, name=name, max_pixels=config.max_image_pixels)
+        async with ctx.decode_budget.hold(w * h):  # decoding memory grows with pixels: bound what decodes at once
+            image = await run_in_threadpool(decode_upload, data, name=name, max_pixels=config.max_image_pixels)
+        del data
     pred = (await run_batch(ctx, image[None], False))[0]
     return await run_in_threadpool(segment_response, pred, fmt, alpha=a, model_name=config.model_name)
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -27,3 +32,82 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_model(model, path)
     return path
+
+
+def free_port_number() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free loopback TCP port."""
+    return free_port_number()
+
+
+class ServeProcess:
+    """``python -m blindnet.serve`` in a subprocess on loopback (stdout and stderr together in :attr:`log_path`)."""
+
+    def __init__(self, checkpoint: Path, *flags: str, log_dir: Path, backend: str = "torch") -> None:
+        self.port = free_port_number()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"serve-{self.port}.log"
+        cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(checkpoint), "--port", str(self.port)]
+        # One thread: several servers and the test share two cores.
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*cmd, "--backend", backend, *flags], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> ServeProcess:
+        """Block until ``/v2/health/ready`` answers 200 (AssertionError with the log if the process dies first)."""
+        import httpx  # only the HTTP tests need it
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"server did not become ready:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, wait (kill after ``timeout``); returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve_process(tmp_path: Path):
+    """Start ``python -m blindnet.serve`` subprocesses (``serve_process(checkpoint, *flags)``); all stopped after."""
+    started: list[ServeProcess] = []
+
+    def start(checkpoint: Path, *flags: str, ready: bool = True, backend: str = "torch") -> ServeProcess:
+        proc = ServeProcess(checkpoint, *flags, log_dir=tmp_path, backend=backend)
+        started.append(proc)
+        return proc.wait_ready() if ready else proc
+
+    yield start
+    for proc in started:
+        proc.stop()
