@@ -94,3 +94,19 @@ def test_help_shows_defaults() -> None:
     assert "overlay opacity of the label colours (default: 0.5)" in text
     assert "frames per synthetic clip (default: 24)" in text
     assert "network call (default: 4)" in text and "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_info_shows_the_file_size_and_dir_lists_the_lazy_names(tiny_checkpoint: Path) -> None:
+    import json
+
+    import blindnet as package
+
+    res = subprocess.run(
+        [sys.executable, "-m", "blindnet", "info", str(tiny_checkpoint)], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    described = json.loads(res.stdout)
+    size = tiny_checkpoint.stat().st_size
+    assert described["size_bytes"] == size and described["size"] == f"{size / 2**20:.1f} MiB"
+    assert {"Predictor", "load_model", "ModelConfig", "__version__"} <= set(dir(package))
+    assert set(package.__all__) <= set(dir(package))
