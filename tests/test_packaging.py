@@ -71,26 +71,49 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
+def _site_dirs_of_this_interpreter() -> list[str]:
+    """The folders this interpreter imports installed packages from, whatever it is: a venv (with or without system
+    site-packages), a system or pyenv interpreter, a user install."""
+    import site
+
+    dirs = [*site.getsitepackages(), site.getusersitepackages()]
+    return [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+
+
+def _new_venv(root: Path) -> Path:
+    """A venv at ``root`` that sees the packages of the interpreter running the tests, not only of its base.
+
+    ``python -m venv --system-site-packages`` run from inside a venv exposes the *base* interpreter's packages, not
+    the venv's (where pip put the dependencies), so the environment is made plain and a ``.pth`` file adds this
+    interpreter's site folders after its own. Entries of a ``.pth`` file are added to ``sys.path`` without running
+    the ``.pth`` files inside them, so an editable install of the checkout stays invisible, and the venv's own
+    site-packages (where the wheel goes) come first.
+    """
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
+    py = root / "bin" / "python"
+    purelib = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(purelib, "test-host-site.pth").write_text("\n".join(_site_dirs_of_this_interpreter()) + "\n")
+    return py
+
+
 @pytest.fixture(scope="module")
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed; its dependencies come from this interpreter's site-packages."""
+    """A fresh venv with the wheel installed; its dependencies come from the test interpreter's site folders."""
     root = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(root)], check=True, timeout=120)
+    py = _new_venv(root)
+    # The venv has no pip of its own: the venv's python imports this interpreter's pip through the .pth file, and
+    # pip installs into the running prefix, the venv (an install of blindnet outside it is left alone).
     out = subprocess.run(
-        [
-            str(root / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-index",
-            "--force-reinstall",
-            str(wheel),
-        ],
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=_clean_env(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return root
