@@ -7,6 +7,7 @@ with the single-machine server (uvicorn, in this process) and with the in-proces
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import os
@@ -30,8 +31,9 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
+from blindnet.serve.__main__ import build_parser as serve_main_parser
 from blindnet.serve.app import BackgroundServer, create_app
-from blindnet.serve.config import ServeConfig
+from blindnet.serve.config import ServeConfig, serve_values
 from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args
 from tests.test_serve import BAD_INPUTS, MAX_BYTES, MAX_PIXELS
 
@@ -69,6 +71,24 @@ def test_flags_override_the_yaml_file_and_paths_resolve_from_the_current_folder(
     (tmp_path / "bad.yaml").write_text("replicas: 2\n")
     with pytest.raises(ValueError, match="unknown config key"):
         config_from_args(build_parser().parse_args(["--config", "bad.yaml"]), {})
+
+
+def test_replicas_get_exactly_the_settings_blindnet_serve_gets() -> None:
+    flags = [
+        "--max-batch-size", "4", "--max-request-mb", "2", "--max-decode-pixels", "5000", "--body-timeout-s", "3",
+        "--overlay-alpha", "0.25", "--max-json-values", "1000", "--header-timeout-s", "2", "--input-size", "8", "16",
+    ]  # fmt: skip
+    single = ServeConfig(**serve_values(serve_main_parser().parse_args(flags)))
+    ray = config_from_args(build_parser().parse_args(flags), {})
+    assert ray.serve == single  # what each replica's app is built with (ray_replica.serve_config)
+    assert single.max_decode_pixels == 5000 and single.overlay_alpha == 0.25 and single.input_size == (8, 16)
+    # Every ServeConfig field is a flag of both commands, and a YAML key of both forms.
+    names = {f.name for f in dataclasses.fields(ServeConfig)}
+    assert names <= set(vars(serve_main_parser().parse_args([])))
+    assert RayServeConfig.from_dict({"serve": {"max_json_values": 7}}).serve.max_json_values == 7
+    assert RayServeConfig.from_dict({"max_json_values": 7}).serve.max_json_values == 7
+    with pytest.raises(ValueError, match="both at the top level and under 'serve'"):
+        RayServeConfig.from_dict({"max_json_values": 7, "serve": {"max_json_values": 8}})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -124,10 +144,12 @@ def service(checkpoint: Path, tmp_path_factory) -> Iterator[tuple[subprocess.Pop
     (folder / "tiny.safetensors").write_bytes(checkpoint.read_bytes())
     settings = {
         "checkpoint": "tiny.safetensors",  # relative: taken from the folder the command runs in
-        "max_batch_size": BATCH,
-        "max_queue_delay_ms": DELAY_MS,
-        "max_request_mb": MAX_BYTES / 2**20,
-        "max_image_pixels": MAX_PIXELS,
+        "serve": {  # the ServeConfig of blindnet serve, nested
+            "max_batch_size": BATCH,
+            "max_queue_delay_ms": DELAY_MS,
+            "max_request_bytes": MAX_BYTES,
+            "max_image_pixels": MAX_PIXELS,
+        },
         "num_cpus_per_replica": 1,
     }
     (folder / "ray.yaml").write_text(yaml.safe_dump(settings))
