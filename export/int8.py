@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from blindnet.backends.onnxruntime_backend import META_PREFIX, io_spec_from_session, ort_session, prepare_input
 from blindnet.data.synthetic import APPEARANCES, render_scene
@@ -177,12 +178,13 @@ def quantize_int8(
     return out_path
 
 
-def _labels(sess: Any, images: np.ndarray) -> np.ndarray:
+def _labels(sess: Any, images: np.ndarray, desc: str = "int8 check") -> np.ndarray:
     spec = io_spec_from_session(sess)
+    steps = tqdm(range(len(images)), desc=desc, unit="img", leave=False, disable=None)  # only on a terminal
     out = np.concatenate(
         [
             sess.run([spec["output_name"]], {spec["input_name"]: prepare_input(images[i : i + 1], spec)})[0]
-            for i in range(len(images))
+            for i in steps
         ]
     )
     return out if spec["output_kind"] == "labels" else out.argmax(1)
@@ -222,7 +224,7 @@ def check_int8(
     sessions = [ort_session(p) for p in (float_onnx, int8_onnx)]
     num_classes = io_spec_from_session(sessions[0])["num_classes"]
     images, masks = generated_scenes(scenes, size, seed)
-    ref, q = (_labels(s, images) for s in sessions)
+    ref, q = (_labels(s, images, f"int8 check ({name})") for s, name in zip(sessions, ("float32", "int8")))
     agreement = float((ref == q).mean())
     miou_f, miou_q = _miou(ref, masks, num_classes), _miou(q, masks, num_classes)
     report = {

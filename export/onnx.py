@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD, normalize
 from blindnet.backends.onnxruntime_backend import (
@@ -609,7 +610,8 @@ def verify_onnx(
     thresholds = thresholds_for(spec["precision"], spec["output_kind"])
     rng = np.random.default_rng(seed)
     checks: list[ParityCheck] = []
-    for b, h, w in shapes:
+    # A bar only on a terminal, and only when the summary line is printed too.
+    for b, h, w in tqdm(shapes, desc="parity check", unit="shape", leave=False, disable=None if verbose else True):
         images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
         ref = reference_logits(model, images)
         out = sess.run([spec["output_name"]], {spec["input_name"]: prepare_input(images, spec)})[0]

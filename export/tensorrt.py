@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from blindnet.backends.onnxruntime_backend import io_spec_from_session, ort_session, prepare_input, read_onnx_metadata
 from blindnet.backends.tensorrt_backend import (
@@ -126,7 +127,8 @@ def verify_engine(
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     checks = []
-    for b, h, w in shapes:
+    # A bar only on a terminal, and only when the summary line is printed too.
+    for b, h, w in tqdm(shapes, desc="parity check", unit="shape", leave=False, disable=None if verbose else True):
         images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
         ref = reference_logits(model, images)
         out = backend.infer(images, return_logits=not backend.outputs_labels)

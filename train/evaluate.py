@@ -91,7 +91,8 @@ def evaluate(
     if progress and info.is_main:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True)
+        # disable=None: a bar on a terminal only, never hundreds of redraw lines in a log file
+        bar = tqdm(total=len(shard), desc=desc, unit="img", leave=False, dynamic_ncols=True, disable=None)
     try:
         for batch in loader:
             image = batch["image"].to(device, non_blocking=True)

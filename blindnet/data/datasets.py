@@ -195,6 +195,8 @@ def map_colors(rgb: np.ndarray, keys: np.ndarray = _GTAV_KEYS, vals: np.ndarray 
 
 
 def _read_rgb(path: Path) -> np.ndarray:
+    # IMREAD_COLOR applies a JPEG's EXIF orientation (as viewers and blindnet.io.decode_image do), so a photo in a
+    # user's folder meets its label drawn on the picture as shown; tests/test_media.py checks it.
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise DatasetError(f"cannot read image {path}")
