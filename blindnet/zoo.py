@@ -427,6 +427,21 @@ def _fetch_backbone(e: ModelEntry, url: str, progress: bool) -> Path:
     return target
 
 
+def backbone_report(backbone: str) -> str:
+    """One line for a training run that starts from ImageNet weights: which file, and whether it is already here."""
+    name = f"imagenet-{backbone}"
+    if name not in MODELS:
+        return f"ImageNet weights for {backbone}: no entry in blindnet models"
+    path = cached_file(name)
+    if path.exists():
+        return f"ImageNet weights: {name} ({path})"
+    return (
+        f"ImageNet weights: {name} is not cached; torchvision downloads it now ({MODELS[name].size}, "
+        f"{MODELS[name].url}); offline, fetch it first with `blindnet models --fetch {name}` where there is network "
+        f"and copy it to {path}"
+    )
+
+
 # ---- listing -------------------------------------------------------------------------------------------------------
 
 

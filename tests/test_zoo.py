@@ -259,6 +259,16 @@ def test_backbone_entries_are_torchvisions_files_and_a_bad_download_is_refused(
     assert not zoo.cached_file("imagenet-resnet50").exists()
 
 
+def test_a_training_run_is_told_which_imagenet_file_it_needs(cache: Path) -> None:
+    line = zoo.backbone_report("mobilenetv2")
+    assert "imagenet-mobilenetv2 is not cached" in line and "blindnet models --fetch imagenet-mobilenetv2" in line
+    target = zoo.cached_file("imagenet-mobilenetv2")
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"weights")  # what torchvision would have fetched (content is torchvision's concern)
+    assert zoo.backbone_report("mobilenetv2") == f"ImageNet weights: imagenet-mobilenetv2 ({target})"
+    assert zoo.describe("imagenet-mobilenetv2")["cached"] is True
+
+
 def test_names_resolve_wherever_a_checkpoint_is_taken(cache: Path) -> None:
     from blindnet.resolve import DEFAULT_CHECKPOINT, is_shipped_model, resolve_checkpoint
 

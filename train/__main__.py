@@ -16,6 +16,7 @@ resumes it, and exits with status 130.
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -128,7 +129,10 @@ def _run(cfg: object, out: Path, ckpt: dict | None, overwrite: bool, prog: str) 
     from blindnet.checkpoint import CheckpointError
     from blindnet.config import ConfigError
     from blindnet.train.loop import DiskFullError, NonFiniteLossError, TrainingInterrupted, train
+    from blindnet.zoo import backbone_report
 
+    if cfg.model.pretrained_backbone and ckpt is None and os.environ.get("RANK", "0") == "0":
+        print(backbone_report(cfg.model.backbone), file=sys.stderr)  # before anything downloads, rank 0 only
     try:
         result = train(cfg, out, resume=ckpt, overwrite=overwrite)
     except TrainingInterrupted as exc:
