@@ -61,12 +61,14 @@ def test_cli_segment_convert_info(tmp_path: Path, tiny_checkpoint: Path, capsys:
     assert rc == 0
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["inputs"]["images"] == 1
+    # A path that does not exist is an argument error, reported before the model loads (and nothing is written).
     assert (
         main(
             ["segment", str(tmp_path / "nope.png"), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "o2")]
         )
-        == 1
+        == 2
     )
+    assert not (tmp_path / "o2").exists()
     assert main(["info", str(tiny_checkpoint)]) == 0
     assert '"backbone": "mobilenetv2"' in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing.safetensors")]) == 2

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from blindnet.cliparse import JobParser
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
@@ -336,10 +337,9 @@ def summarise_experiment(
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = JobParser(
         prog="python -m blindnet.train.experiment",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n")[-1],
     )
     p.add_argument("--runs", nargs="+", required=True, help="folder(s) holding <arm>_s<seed> run folders")
