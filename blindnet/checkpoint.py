@@ -148,7 +148,12 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 
 def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
-    """Read ``(model_config, state_dict, metadata)`` from a deployable or training checkpoint, without building."""
+    """Read ``(model_config, state_dict, metadata)`` from a deployable or training checkpoint, without building.
+
+    The tensors' names and shapes are checked against the config first (:func:`check_shapes`; for safetensors from
+    the header, before any weight is read), so a file whose header claims a network it does not hold is refused at
+    once, whatever it claims.
+    """
     path = _existing(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -160,10 +165,15 @@ def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torc
                 "(convert foreign weights with `blindnet convert`)"
             )
         try:
+            cfg = _config_from(json.loads(meta["model_config"]), path)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: model_config metadata is not JSON ({exc})") from exc
+        # The header alone must fit the config before a byte of weights is read or a layer allocated.
+        check_shapes(cfg, header_shapes(path), source=str(path))
+        try:
             state = load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({exc})") from exc
-        cfg = _config_from(json.loads(meta["model_config"]), path)
         return cfg, state, meta
     try:
         # The NumPy scalar globals too: an original snapshot (NumPy ``mean_iu``) then gets the "convert it" advice.
@@ -184,7 +194,11 @@ def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torc
                 f"GTAV model, `blindnet convert {path} --name blindnet-r50-gtav`)"
             )
         raise CheckpointError(f"{path}: no 'model' and 'model_config' entries (keys: {sorted(obj)[:10]})")
-    return _config_from(obj["model_config"], path), obj["model"], {}
+    cfg, state = _config_from(obj["model_config"], path), obj["model"]
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: 'model' is not a mapping of tensors")
+    check_shapes(cfg, {k: tuple(v.shape) for k, v in state.items()}, source=str(path))  # before any layer is built
+    return cfg, state, {}
 
 
 def load_model(
@@ -200,6 +214,55 @@ def load_model(
     model = build_model(cfg)
     load_state_into(model, state, source=str(path))
     return model.to(device=device, dtype=dtype).eval()
+
+
+#: Most classes a checkpoint may declare: far beyond any segmentation label set (Cityscapes 19, ADE20K 150, COCO-Stuff
+#: 171), and small enough that a hostile header cannot make the network's last layer huge.
+MAX_CLASSES = 4096
+
+
+def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no tensor data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the network for ``cfg`` holds, from a build on PyTorch's ``meta`` device (no
+    memory allocated, no weights initialised)."""
+    cfg = ModelConfig.from_dict({**cfg.to_dict(), "pretrained_backbone": False})
+    with torch.device("meta"):
+        model = build_model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, source: str) -> None:
+    """Raise :class:`CheckpointError` unless ``shapes`` (from a checkpoint) are exactly those the config's network
+    holds: same names, same shapes. Costs no allocation, so a forged header is refused before any work."""
+    if not 1 <= cfg.num_classes <= MAX_CLASSES:
+        raise CheckpointError(f"{source}: num_classes={cfg.num_classes} is outside 1..{MAX_CLASSES}")
+    own = expected_shapes(cfg)
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(shapes[k])} vs config {own[k]}"
+        for k in sorted(set(own) & set(shapes))
+        if tuple(shapes[k]) != own[k]
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{source} does not hold the network its config describes ({cfg.backbone}, {cfg.num_classes} classes)"]
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
+        raise CheckpointError("; ".join(parts))
 
 
 def load_state_into(model: DeepLabV3Plus, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:

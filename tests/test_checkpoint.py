@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from blindnet.checkpoint import (
     CheckpointError,
@@ -353,3 +355,24 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path: Path) -> None:
         atomic_write(target, boom)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]
+
+
+def test_a_forged_header_is_refused_before_any_allocation(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    claim = json.dumps({**ModelConfig(backbone="mobilenetv2").to_dict(), "num_classes": 2_000_000})
+    meta = {"format": "blindnet-deployable", "format_version": "1", "model_config": claim}
+    forged = tmp_path / "forged.safetensors"
+    save_file({"final2.0.bias": torch.zeros(1)}, str(forged), metadata=meta)
+    assert forged.stat().st_size < 400  # a header and four bytes of weights
+    # The real 19-class weights under a header that claims 2 M classes: the shapes say otherwise.
+    relabelled = tmp_path / "relabelled.safetensors"
+    save_file(load_file(str(tiny_checkpoint)), str(relabelled), metadata=meta)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match=r"num_classes=2000000 is outside 1\.\.4096"):
+        load_model(forged)
+    claim_4k = json.dumps({**ModelConfig(backbone="mobilenetv2").to_dict(), "num_classes": 4000})
+    save_file(load_file(str(tiny_checkpoint)), str(relabelled), metadata={**meta, "model_config": claim_4k})
+    with pytest.raises(CheckpointError, match=r"final2\.0\.weight: checkpoint \(19, 256, 1, 1\) vs config \(4000,"):
+        load_model(relabelled)
+    # Neither built the network (4000 classes at 256 channels would be small; 2 M would be 2 GB): no new peak memory
+    # beyond what reading a 14 MB checkpoint costs.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200 * 1024  # KiB
