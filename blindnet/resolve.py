@@ -6,7 +6,9 @@ user is told so once, in one line with its card and the published model's name (
 name (``blindnet-r50-gtav``, see :mod:`blindnet.zoo`) resolves to its cached file, fetched on first use.
 
 Cache entries are keyed by the checkpoint's content (not its name) and the export settings, are written atomically,
-and are parity-checked like every export; an entry that failed its check is never used.
+and are parity-checked like every export; an entry that failed its check is never used. The SHA-256 of an entry that
+passed is recorded next to it and compared on every use: a changed, swapped or truncated entry is made again (one
+line says so).
 """
 
 from __future__ import annotations
@@ -74,21 +76,25 @@ def resolve_checkpoint(path: str | Path | None) -> Path:
 
     None or the shipped model's name: the shipped default (announced once per process). A model name
     (:data:`blindnet.zoo.MODELS`): its cached file, downloaded, converted and checked on first use. Anything else:
-    the path itself (its loader reports a missing or corrupt file), except that a missing bare word that is no model
-    name is reported here with the names, since it was most likely meant as one.
+    the path itself, which must exist (its loader reports a corrupt file); a missing bare word is reported with the
+    model names, since it was most likely meant as one.
 
     Raises:
-        blindnet.zoo.ZooError: an unknown bare name, a backbone-only entry, or a model that cannot be fetched.
+        CheckpointError: a missing file or an unknown bare name. blindnet.zoo.ZooError (a CheckpointError): a
+            backbone-only entry, or a model that cannot be fetched.
     """
     if path is None or (str(path) == SHIPPED_NAME and not Path(str(path)).exists()):
         _notice_shipped_model()
         return default_checkpoint()
     resolved = checkpoint_path(path)
-    text = str(path)
-    if not resolved.exists() and text not in MODELS and "/" not in text and "\\" not in text and "." not in text:
-        raise CheckpointError(
-            f"{text!r} is neither a file nor a model name; model names: {', '.join(MODELS)} (`blindnet models`)"
-        )
+    if not resolved.exists():
+        text = str(path)
+        if "/" not in text and "\\" not in text and "." not in text:
+            raise CheckpointError(
+                f"{text!r} is neither a file nor a model name; model names: {', '.join(MODELS)} (`blindnet models`)"
+            )
+        # Here, not in whichever backend opens it first: every backend reports a missing file the same way.
+        raise CheckpointError(f"checkpoint not found: {resolved}")
     return resolved
 
 
@@ -133,6 +139,47 @@ def check_report_passed(artifact: str | Path) -> bool:
         return False
 
 
+def _digest_path(artifact: Path) -> Path:
+    return artifact.with_name(artifact.name + ".sha256")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_digest(artifact: Path) -> None:
+    """Record the content hash of a cache entry that has just passed its check (``<artifact>.sha256``)."""
+    text = f"{file_sha256(artifact)}  {artifact.name}\n"
+    atomic_write(_digest_path(artifact), lambda tmp: Path(tmp).write_text(text))
+
+
+def verified_entry(artifact: Path) -> bool | None:
+    """Whether a cache entry still holds the bytes that passed its check: True (same hash), False (changed,
+    swapped or truncated since: the entry is removed, with one line saying so), None (no hash recorded: an entry
+    from before hashes were kept, or one never checked).
+
+    Why: a cached export is used without a second look, so a truncated file (a full disk, a killed copy) or another
+    model's file put in its place would otherwise run silently, or make every later run fall back to PyTorch.
+    """
+    try:
+        recorded = _digest_path(artifact).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    if artifact.exists() and file_sha256(artifact) == recorded:
+        return True
+    log.warning(
+        "cached %s is not the file that passed its check (changed or truncated since); making it again", artifact.name
+    )
+    for stale in (artifact, _digest_path(artifact), artifact.with_name(artifact.name + ".check.json")):
+        stale.unlink(missing_ok=True)
+    return False
+
+
 def cached_onnx_for_checkpoint(
     checkpoint: str | Path,
     *,
@@ -149,7 +196,8 @@ def cached_onnx_for_checkpoint(
     """
     checkpoint = Path(checkpoint)
     target = cached_onnx_path(checkpoint, fp16=fp16, cache_dir=cache_dir)
-    if target.exists() and (not verify or check_report_passed(target)):
+    state = verified_entry(target) if target.exists() or _digest_path(target).exists() else None
+    if target.exists() and (not verify or (state is True and check_report_passed(target))):
         return target
     model = load_model(checkpoint)  # raises CheckpointError with a clear message for missing/corrupt files
     if not target.exists():
@@ -166,6 +214,7 @@ def cached_onnx_for_checkpoint(
         if not report.passed:
             target.unlink(missing_ok=True)
             raise ExportError(f"cached export of {checkpoint} failed its parity check: {report.summary()}")
+        record_digest(target)
     return target
 
 
@@ -179,7 +228,8 @@ def cached_int8_for_checkpoint(
     """
     float_onnx = cached_onnx_for_checkpoint(checkpoint, cache_dir=cache_dir, exporter=exporter)
     target = float_onnx.with_name(float_onnx.name.replace("-fp32-", f"-int8{INT8_RECIPE}-"))
-    if target.exists() and target.with_name(target.name + ".check.json").exists():
+    state = verified_entry(target) if target.exists() or _digest_path(target).exists() else None
+    if state is True and target.with_name(target.name + ".check.json").exists():
         return target
     log.warning("quantising %s to INT8 once, calibrated and checked on generated scenes", float_onnx.name)
     quantize_int8(float_onnx, target, calibration=CALIBRATION_SCENES, size=SCENE_SIZE)
@@ -192,6 +242,7 @@ def cached_int8_for_checkpoint(
             report["label_agreement"],
             report["miou_change"],
         )
+    record_digest(target)
     return target
 
 
