@@ -161,3 +161,13 @@ def test_exif_orientation_is_applied_when_evaluating_a_folder(tmp_path: Path) ->
     image, label, _ = BDD100K(tmp_path, "val").load(0)
     assert label.shape == (40, 24)
     _assert_upright(image)
+
+
+def test_the_demo_video_tab_turns_a_phone_clip_upright(predictor: Predictor, tmp_path: Path) -> None:
+    from blindnet.demo.video import process_video
+
+    res = process_video(predictor, mc.phone_clip(tmp_path / "phone.mp4"), out_dir=tmp_path / "out", batch_size=4)
+    frames = list(FrameSource(res.path))
+    assert res.path.suffix == ".mp4" and len(frames) == res.frames == mc.N
+    assert frames[0].rgb.shape == (mc.W, mc.H, 3)  # portrait, as the phone showed it
+    assert any("turned by 270 degrees" in n for n in res.notices)

@@ -186,3 +186,57 @@ def test_a_mixed_folder_of_200_images_and_5_videos_is_accounted_for(predictor: P
     assert files == 200 + 5 + 1  # 200 images (one of them the GIF), 5 videos, the text file
     _check_mixed_run(predictor, tmp_path / "in", tmp_path / "out", files)
     assert os.path.isdir(tmp_path / "out" / "day3" / "cam2")  # the tree is mirrored
+
+
+def test_video_overlays_with_a_legend_keep_one_frame_size(predictor: Predictor, tmp_path: Path) -> None:
+    clip = mc.ffmpeg_encode(tmp_path / "clip.mp4", "libx264", ["-pix_fmt", "yuv420p"], mc.frames())
+    report = segment_paths(predictor, [clip], tmp_path / "out", SegmentOptions(legend=True, progress=False))
+    frames = list(FrameSource(tmp_path / "out" / report.items[0]["outputs"][0]))
+    assert len(frames) == mc.N and {f.rgb.shape for f in frames} == {frames[0].rgb.shape}
+    assert frames[0].rgb.shape[0] > mc.H and frames[0].rgb.shape[1] == mc.W  # the legend band under the picture
+
+
+def _run_on_a_terminal(script: str, cwd: Path) -> str:
+    """Run a Python ``script`` with its output on a pseudo-terminal (what a user's shell gives a command); returns
+    what it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    leader, follower = pty.openpty()
+    # a new pseudo-terminal has 0 columns, and tqdm draws nothing that narrow; a user's terminal has 80 or more
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=follower, stderr=follower, cwd=cwd)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_show_on_a_terminal_unless_turned_off(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        _picture(tmp_path / "in" / f"{i}.png", i)
+    args = ["segment", "in", "--checkpoint", str(tiny_checkpoint), "--backend", "torch"]
+    # one interpreter for both runs: the command's own entry point, twice
+    script = (
+        "from blindnet.cli import main\n"
+        f"assert main({[*args, '--out', 'o1']!r}) == 0\n"
+        "print('=' * 20, flush=True)\n"
+        f"assert main({[*args, '--out', 'o2', '--no-progress']!r}) == 0\n"
+    )
+    shown, quiet = _run_on_a_terminal(script, tmp_path).split("=" * 20)
+    assert "segment: 100%" in shown and "3/3" in shown
+    assert "segmented 3 image(s)" in quiet and "%|" not in quiet
