@@ -462,7 +462,13 @@ def run_synthetic_showcase(
         f"rendering a {frames}-frame synthetic clip ({size[0]}x{size[1]}) in {', '.join(appearances)}", file=sys.stderr
     )
     clip = write_clip(
-        out / "synthetic", seed=seed, num_frames=frames, height=size[0], width=size[1], appearances=tuple(appearances)
+        out / "synthetic",
+        seed=seed,
+        num_frames=frames,
+        height=size[0],
+        width=size[1],
+        appearances=tuple(appearances),
+        progress=None if progress is not False else False,
     )
     masks = [np.array(Image.open(p)) for p in clip["masks"]]
     keep = sorted({round(i * (frames - 1) / max(sheet_frames - 1, 1)) for i in range(sheet_frames)})

@@ -1377,18 +1377,25 @@ def render_clip(
     width: int = 512,
     appearances: Sequence[str] = APPEARANCES,
     speed: float = 1.0,
+    progress: bool | None = False,
 ) -> tuple[dict[str, list[np.ndarray]], list[np.ndarray]]:
     """A forward-driving clip: the camera advances ``speed`` metres per frame through one world, other traffic moves.
 
     Returns ``({appearance: [H x W x 3 uint8 RGB] * num_frames}, [H x W uint8 train-id mask] * num_frames)``.
+    ``progress`` None shows a bar over the frames on a terminal (tqdm's ``disable=None``), False never.
     """
+    from tqdm import tqdm
+
     if num_frames < 1:
         raise ValueError(f"render_clip: num_frames must be >= 1, got {num_frames}")
     apps = _check_appearances(appearances)
     world = _build_world(int(seed), length=num_frames * speed, ego_speed=speed)
     frames: dict[str, list[np.ndarray]] = {a: [] for a in apps}
     masks = []
-    for t in range(num_frames):
+    steps = tqdm(
+        range(num_frames), desc="render clip", unit="frame", leave=False, disable=True if progress is False else None
+    )
+    for t in steps:
         imgs, mask = _render_frame(world, int(seed), height, width, apps, t * speed, t)
         for a in apps:
             frames[a].append(imgs[a])
@@ -1501,15 +1508,17 @@ def write_clip(
     appearances: Sequence[str] = APPEARANCES,
     fps: int = 10,
     speed: float = 1.0,
+    progress: bool | None = False,
 ) -> dict[str, object]:
     """Write ``<appearance>.mp4`` (mp4v) per appearance and ``masks/frame_NNNN.png`` per frame into ``out_dir``.
 
     Returns ``{"videos": {appearance: Path}, "masks": [Path], "frames": num_frames, "fps": fps}``. Each video is
     read back with cv2.VideoCapture and must contain ``num_frames`` frames, otherwise ``OSError`` is raised.
+    ``progress`` as in :func:`render_clip`.
     """
     out = Path(out_dir).expanduser()
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    frames, masks = render_clip(seed, num_frames, height, width, appearances, speed)
+    frames, masks = render_clip(seed, num_frames, height, width, appearances, speed, progress)
     videos: dict[str, Path] = {}
     for a, seq in frames.items():
         path = out / f"{a}.mp4"
