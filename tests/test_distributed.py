@@ -38,6 +38,9 @@ from torch import nn
 
 from blindnet.data.synthetic import write_aligned_dataset
 
+# spawns process groups (a minute): a release check, run by CI's second stage
+pytestmark = pytest.mark.release
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -21,6 +21,9 @@ import pytest
 from packaging.markers import Marker
 from PIL import Image
 
+# builds the wheel and fresh venvs (minutes): a release check, run by CI's second stage
+pytestmark = pytest.mark.release
+
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("segment", "convert", "info", "train", "evaluate", "export", "serve", "demo", "bench")
 BASE_REQUIREMENTS = (
