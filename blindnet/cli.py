@@ -73,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _predictor_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", help="checkpoint (.safetensors/.pt) or exported model; default: the shipped model")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint (.safetensors/.pt), exported model, or a model name such as blindnet-r50-gtav (`blindnet "
+        "models`; fetched once); default: the shipped model",
+    )
     p.add_argument(
         "--backend",
         default="auto",
@@ -353,7 +357,9 @@ def info_main(argv: Sequence[str]) -> int:
     """``blindnet info [MODEL]``: what a checkpoint or an ONNX file holds, as JSON."""
     p = JobParser(prog="blindnet info", description=JOBS["info"][1])
     p.add_argument(
-        "model", nargs="?", help="a .safetensors/.pt checkpoint or a .onnx file (default: the shipped model)"
+        "model",
+        nargs="?",
+        help="a .safetensors/.pt checkpoint, a .onnx file or a model name (default: the shipped model)",
     )
     args = p.parse_args(argv)
     # Lazy CLI dispatch, as above.
