@@ -541,6 +541,12 @@ def _wrap(run: _Run) -> None:
         run.net = torch.compile(run.net)
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    # A terminal's Ctrl-C reaches the loader workers too; the main process decides when to stop (after the current
+    # step, with a checkpoint), and a worker dying of KeyboardInterrupt first would turn that into a loader error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(run: _Run) -> tuple[DataLoader, StepBatchSampler]:
     """The batches of this rank from ``run.start_step`` on: a pure function of (data seed, step)."""
     cfg, info = run.cfg, run.info
@@ -560,6 +566,7 @@ def _loader(run: _Run) -> tuple[DataLoader, StepBatchSampler]:
         pin_memory=run.device.type == "cuda",
         persistent_workers=False,
         generator=torch.Generator().manual_seed(cfg.data.seed),  # must not draw from (and shift) the global RNG
+        worker_init_fn=_ignore_sigint,
     )
     return loader, sampler
 
