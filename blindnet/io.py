@@ -1,5 +1,5 @@
-"""The I/O floor: files written atomically, PNGs, images decoded as viewers show them, and a quick video frame
-reader (:mod:`blindnet.media` is the full video path: rotation, timestamps, damaged files, writing).
+"""The I/O floor: files written atomically, PNGs, and images decoded as viewers show them (:mod:`blindnet.media`
+is the video path: rotation, timestamps, damaged files, writing).
 
 Nothing here imports the rest of the package, so every layer above (checkpoints, configs, exports, the jobs) writes
 files the same way: a crash or a kill mid-write leaves the previous file, never a half-written one.
@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -86,25 +85,6 @@ def quiet_native_stderr() -> Iterator[None]:
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def iter_video_frames(path: str | Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
-    """Yield the ``H x W x 3`` RGB uint8 frames of a video file; :class:`MediaError` if none can be decoded."""
-    cap = cv2.VideoCapture(str(path))
-    if not cap.isOpened():
-        raise MediaError(f"{path}: cannot open video (unsupported codec or not a video)")
-    n = 0
-    try:
-        while max_frames is None or n < max_frames:
-            ok, frame = cap.read()
-            if not ok:
-                break
-            n += 1
-            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-    finally:
-        cap.release()
-    if n == 0:
-        raise MediaError(f"{path}: video has no decodable frames")
 
 
 # ---- images --------------------------------------------------------------------------------------------------------

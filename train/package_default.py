@@ -27,7 +27,8 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, read_metadata, save_model
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
-from blindnet.io import MediaError, atomic_write, file_slug, iter_video_frames, write_png
+from blindnet.io import MediaError, atomic_write, file_slug, write_png
+from blindnet.media import FrameSource
 from blindnet.resolve import DEFAULT_CHECKPOINT, MODEL_CARD
 from blindnet.segment import run_synthetic_showcase
 from blindnet.train.config import load_config
@@ -152,7 +153,7 @@ def _score_clips(
 
 
 def _video_frame(path: str | Path, index: int) -> np.ndarray:
-    frames = list(iter_video_frames(path, max_frames=index + 1))
+    frames = [f.rgb for f in FrameSource(path, max_frames=index + 1)]
     if len(frames) <= index:
         raise MediaError(f"{path}: has {len(frames)} frames, frame {index} was asked for")
     return frames[index]
