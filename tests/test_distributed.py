@@ -38,8 +38,9 @@ from torch import nn
 
 from blindnet.data.synthetic import write_aligned_dataset
 
-# spawns process groups (a minute): a release check, run by CI's second stage
-pytestmark = pytest.mark.release
+# spawns process groups (a minute): a release check, run by CI's second stage; its result depends on floating-point
+# kernels, so CI also runs it with a restricted instruction set (numerics)
+pytestmark = [pytest.mark.release, pytest.mark.numerics]
 
 
 def _free_port() -> int:
