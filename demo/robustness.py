@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from blindnet.checkpoint import CheckpointError
 from blindnet.classes import colorize
@@ -37,6 +38,7 @@ def robustness_table(
     *,
     styles: Sequence[str] = tuple(STYLES),
     strength: float = DEFAULT_STRENGTH,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Clean-vs-shifted label agreement for each model, style and image (``H x W x 3`` uint8 RGB), and beside it
     what exposes a model that agrees with itself only because it predicts almost nothing: the classes it predicts and
@@ -45,11 +47,15 @@ def robustness_table(
     Returns ``{"strength", "styles", "images", "agreement": {model: {style: {image: fraction}}}, "mean": {model:
     {style: fraction}}, "classes": {model: {"clean" | style: mean count}}, "entropy": {model: {"clean" | style: mean
     bits}}}``; fractions are of pixels, in [0, 1]; ``classes``/``entropy`` under a style are of the shifted images.
+    ``progress`` None shows a bar over the image and style pairs on a terminal, False never.
     """
     agreement: dict[str, dict[str, dict[str, float]]] = {name: {s: {} for s in styles} for name in predictors}
     stats: dict[str, dict[str, dict[str, list[float]]]] = {
         key: {name: {k: [] for k in ("clean", *styles)} for name in predictors} for key in ("classes", "entropy")
     }
+    bar = tqdm(
+        total=len(images) * len(styles), desc="robustness", unit="shift", disable=True if progress is False else None
+    )
     for image_name, image in images.items():
         for i, style in enumerate(styles):
             # One call per image and style: the shift is computed once and every model segments the same pair.
@@ -61,6 +67,8 @@ def robustness_table(
                 if i == 0:  # the clean prediction is the same under every style
                     stats["classes"][model.name]["clean"].append(st["classes_clean"])
                     stats["entropy"][model.name]["clean"].append(st["entropy_clean"])
+            bar.update(1)
+    bar.close()
     mean = {name: {s: float(np.mean(list(v.values()))) for s, v in per.items()} for name, per in agreement.items()}
     means = {
         key: {name: {k: float(np.mean(v)) for k, v in per.items()} for name, per in by_model.items()}
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(STYLES),
         help="also write figure.png: the first image under STYLE, as the tab shows it, every model's label maps",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal)")
     args = p.parse_args(argv)
     paths = args.images or default_examples()
     if not paths:
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}
     except (CheckpointError, FileNotFoundError) as exc:
         p.error(str(exc))
-    table = robustness_table(predictors, images, strength=args.strength)
+    table = robustness_table(predictors, images, strength=args.strength, progress=False if args.no_progress else None)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "table.json", json.dumps(table, indent=2))
     text = markdown(table)
