@@ -189,7 +189,7 @@ def segment_args_problem(args: argparse.Namespace) -> str | None:
 
 def segment_main(argv: Sequence[str]) -> int:
     """``blindnet segment``: exit 0 when every media input was segmented (or done before), 1 when an image or video
-    could not be used (files that are not media are listed but do not count), 2 on errors."""
+    could not be used or only in part (files that are not media are listed but do not count), 2 on errors."""
     args = segment_parser().parse_args(argv)
     if not args.inputs and not args.synthetic:
         print(
@@ -269,6 +269,8 @@ def _segment_line(report: Any) -> str:
     ]
     if report.replaced:
         parts.append(f"{report.replaced} existing output(s) replaced")
+    if report.partial:
+        parts.append(f"{len(report.partial)} video(s) cut off, segmented up to the damage")
     other = {k: v for k, v in counts.items() if k not in ("segmented", "done before")}
     parts.append(
         f"{sum(other.values())} skipped" + (f" ({', '.join(f'{v} {k}' for k, v in other.items())})" if other else "")

@@ -100,13 +100,20 @@ class SegmentReport:
         return {i["input"]: i["reason"] for i in self.items if i["status"] != "segmented"}
 
     @property
+    def partial(self) -> dict[str, str]:
+        """Input -> problem, for videos segmented only up to damage (cut off mid-way)."""
+        return {i["input"]: i["problem"] for i in self.items if i["status"] == "segmented" and i.get("problem")}
+
+    @property
     def failed(self) -> dict[str, str]:
-        """Input -> reason, for media that could not be used (not the done-before or non-media files)."""
-        return {
+        """Input -> reason, for media that could not be used, or only in part (not the done-before or non-media
+        files)."""
+        unusable = {
             i["input"]: i["reason"]
             for i in self.items
             if i["status"] == "skipped" and not i["reason"].startswith("unsupported type")
         }
+        return {**unusable, **self.partial}
 
     @property
     def written(self) -> list[str]:
@@ -122,6 +129,7 @@ class SegmentReport:
             "existing_outputs": "replaced (--overwrite)" if self.overwrite else "kept: inputs done before are skipped",
             "counts": self.counts(),
             "replaced_outputs": self.replaced,
+            "cut_off_but_segmented": len(self.partial),
             "images": self.images,
             "frames": self.frames,
             "seconds": round(self.seconds, 3),

@@ -49,7 +49,7 @@ def frames(n: int = N, h: int = H, w: int = W) -> np.ndarray:
     (so frames are told apart and the picture's orientation can be read)."""
     out = np.zeros((n, h, w, 3), np.uint8)
     for i in range(n):
-        out[i] = 40 + 20 * i
+        out[i] = 40 + (20 * i) % 200
         out[i, : h // 2, : w // 2] = (220, 30, 30)
     return out
 

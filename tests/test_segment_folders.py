@@ -43,11 +43,16 @@ def _user_folder(root: Path) -> dict[str, str]:
     mc.exif_jpeg(root / "phone.jpg", orientation=6)
     mc.animated_gif(root / "wave.gif")
     mc.ffmpeg_encode(root / "clip.mkv", "libx264", ["-pix_fmt", "yuv420p"], mc.frames())
+    noise = np.random.default_rng(0).integers(0, 256, (20, mc.H, mc.W, 3), dtype=np.uint8)
+    whole = mc.ffmpeg_encode(root / "whole.webm", "libvpx-vp9", ["-pix_fmt", "yuv420p"], noise)
+    mc.cut(whole, root / "pulled.webm")
+    whole.unlink()
     (root / "notes.txt").write_text("shot list")
     (root / "empty.png").write_bytes(b"")
     data = (root / "cam1" / "0001.jpg").read_bytes()
     (root / "cut.jpg").write_bytes(data[: len(data) // 2])
     segmented = ["cam1/0001.jpg", "cam2/0001.png", "x.webp", "x.bmp", "x.tiff", "phone.jpg", "wave.gif", "clip.mkv"]
+    segmented.append("pulled.webm")  # up to the damage
     return {**dict.fromkeys(segmented, "segmented"), "notes.txt": "unsupported type", "empty.png": "empty"} | {
         "cut.jpg": "cut off"
     }
@@ -65,7 +70,7 @@ def test_every_input_once_and_no_output_shared(predictor: Predictor, tmp_path: P
     assert len(report.items) == len(items) == len(expected)
     assert {k: _status(v) for k, v in items.items()} == expected
     outputs = [o for i in report.items for o in i.get("outputs", [])]
-    assert len(outputs) == len(set(outputs)) == 6 * 2 + 1 + 1  # 6 still images x 2 PNGs, the GIF's and the MKV's MP4
+    assert len(outputs) == len(set(outputs)) == 6 * 2 + 3  # 6 still images x 2 PNGs, an MP4 per GIF and video
     assert all((out / o).is_file() for o in outputs)
     # the tree is mirrored, and the stem that three formats share takes the extension into the name
     assert items["cam1/0001.jpg"]["outputs"] == ["cam1/0001_labels.png", "cam1/0001_overlay.png"]
@@ -78,7 +83,10 @@ def test_every_input_once_and_no_output_shared(predictor: Predictor, tmp_path: P
     assert np.array(Image.open(out / "phone_labels.png")).shape == (40, 24)  # upright, as the photo is shown
     assert items["wave.gif"]["frames"] == 5 and len(list(FrameSource(out / "wave_overlay.mp4"))) == 5
     assert items["clip.mkv"]["frames"] == mc.N and items["clip.mkv"]["codec"] == "H.264/MP4"
-    assert set(report.failed) == {str(src / "empty.png"), str(src / "cut.jpg")}  # the text file is no failure
+    assert 0 < items["pulled.webm"]["frames"] < 20 and items["pulled.webm"]["problem"].startswith("cut off")
+    assert len(list(FrameSource(out / "pulled_overlay.mp4"))) == items["pulled.webm"]["frames"]
+    failed = {"empty.png", "cut.jpg", "pulled.webm"}  # the text file is no failure
+    assert set(report.failed) == {str(src / f) for f in failed}
     assert not [p for p in out.rglob(".*")]  # no temporary leftovers
 
 
