@@ -44,10 +44,12 @@ from typing import Any
 import numpy as np
 
 from blindnet.backends.select import make_backend
+from blindnet.benchmarks.soak import png_bomb, run_soak, write_soak_report
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.resolve import DEFAULT_CHECKPOINT
+from blindnet.serve import client
 from blindnet.zoo import checkpoint_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -154,44 +156,11 @@ def process_cpu_seconds(pid: int) -> float | None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _png(image: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", image[:, :, ::-1])
-    assert ok
-    return buf.tobytes()
-
-
-def _v2_body(image: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    raw = np.ascontiguousarray(image[None]).tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "images",
-                    "shape": [1, *image.shape],
-                    "datatype": "UINT8",
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return header + raw, {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-
-
 def _answer_labels(path: str, content: bytes, response_headers) -> np.ndarray:
-    """The label map in a 200 answer: a v2 binary ``labels`` tensor, or a ``/v1/segment`` labels PNG."""
+    """The label map in a 200 answer: a v2 ``labels`` tensor, or a ``/v1/segment`` labels PNG."""
     if path.startswith("/v2/"):
-        hlen = int(response_headers["inference-header-content-length"])
-        shape = json.loads(content[:hlen])["outputs"][0]["shape"]
-        return np.frombuffer(content[hlen:], np.uint8).reshape(shape)[0]
-    import cv2
-
-    return cv2.imdecode(np.frombuffer(content, np.uint8), cv2.IMREAD_UNCHANGED)
+        return client.decode_infer(content, response_headers)["labels"][0]
+    return client.decode_png(content)
 
 
 async def _run_level(
@@ -494,8 +463,8 @@ def _server_command(
 def _request_bodies(images: list[np.ndarray], protocol: str) -> list[tuple[Any, ...]]:
     """``(path, body, headers)`` of one request per image in the chosen protocol."""
     if protocol == "v2":
-        return [("/v2/models/blindnet/infer", *_v2_body(img)) for img in images]
-    return [("/v1/segment", _png(img), {"Content-Type": "image/png"}) for img in images]
+        return [(client.infer_path(), *client.encode_infer(img[None])) for img in images]
+    return [("/v1/segment", client.encode_upload(img), {"Content-Type": "image/png"}) for img in images]
 
 
 def _measure_level(
@@ -617,11 +586,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("BLINDNET_API_KEY"))
     p.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     p.add_argument("--verify", action="store_true", help="check every answer against the in-process Predictor")
+    p.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help="instead of the levels: SECONDS of valid and hostile requests mixed at the largest --concurrency, "
+        "against the server at its default limits (writes soak_*.json)",
+    )
     return p
+
+
+def run_soak_benchmark(args: argparse.Namespace) -> int:
+    """``--soak``: start the server at its default limits, mix valid and hostile traffic, print and write the result."""
+    h, w = args.size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(4)]
+    images += [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(2)]  # small: also sent as JSON
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, ckpt_source = _resolve_checkpoint(args.checkpoint, args.backbone, Path(tmp))
+        predictor = Predictor(make_backend(args.backend, ckpt), batch_size=8)
+        expected = [p.labels for p in predictor.predict(images)]
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(ckpt), "--backend", args.backend]
+        cmd += ["--port", str(port), "--log-level", "warning"]
+        root = str(Path(__file__).resolve().parents[1])
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        )
+        try:
+            _wait_ready(url, proc)
+            _warm_up(url, _request_bodies(images[:4], "v2"), 8, {})
+            setup = {"checkpoint": ckpt_source, "backend": args.backend, "image_size": [h, w], "command": cmd[1:]}
+            report = run_soak(
+                url,
+                proc.pid,
+                images=images,
+                expected=expected,
+                png_bomb=png_bomb(4000, 4000),
+                concurrency=max(args.concurrency),
+                seconds=args.soak,
+                setup=setup,
+            )
+        finally:
+            _stop_server(proc)
+    print(json.dumps({k: v for k, v in asdict(report).items() if k != "setup"}, indent=2))
+    print(f"written: {write_soak_report(report, args.out)}")
+    return 0 if not report.mismatches and not report.hostile_unexpected else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.soak:
+        return run_soak_benchmark(args)
     report = run_load_benchmark(
         checkpoint=args.checkpoint,
         backbone=args.backbone,

@@ -41,14 +41,18 @@ def encode_infer(
     outputs: Sequence[str] = ("labels",),
     binary_outputs: bool = True,
     request_id: str | None = None,
+    input_name: str = "images",
+    datatype: str = "UINT8",
 ) -> tuple[bytes, dict[str, str]]:
     """``(body, headers)`` of a v2 infer request for ``images`` (``N x H x W x 3`` uint8).
 
     ``binary``: tensor data after the JSON header (the binary tensor extension) or as a JSON ``data`` list.
     ``outputs``: the outputs to ask for (``labels``, ``logits``), each binary or JSON per ``binary_outputs``.
+    ``input_name``, ``datatype``: what the input declares (other values than the defaults make a request the server
+    refuses, for tests).
     """
     images = np.ascontiguousarray(images, dtype=np.uint8)
-    spec: dict[str, Any] = {"name": "images", "shape": list(images.shape), "datatype": "UINT8"}
+    spec: dict[str, Any] = {"name": input_name, "shape": list(images.shape), "datatype": datatype}
     raw = b""
     if binary:
         raw = images.tobytes()

@@ -6,7 +6,6 @@ Every test talks HTTP to uvicorn running the app (in a thread, or ``python -m bl
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
+from blindnet.serve import client
 from blindnet.serve.__main__ import main as serve_main
 from blindnet.serve.app import BackgroundServer, InsecureBindError, check_bind, create_app
 from blindnet.serve.config import ServeConfig
@@ -76,39 +76,18 @@ def _image(seed: int, h: int = H, w: int = W) -> np.ndarray:
 
 
 def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
+    return client.encode_upload(image)
 
 
 def _v2_binary(images: np.ndarray, *, name: str = "images", datatype: str = "UINT8") -> tuple[bytes, dict]:
-    """A hand-built binary-tensor v2 request (the wire format, independent of our server code)."""
-    raw = np.ascontiguousarray(images).tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(images.shape),
-                    "datatype": datatype,
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return header + raw, {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
+    """A binary-tensor v2 request (tritonclient, in the tests above, checks the wire format independently)."""
+    return client.encode_infer(images, input_name=name, datatype=datatype)
 
 
 def _v2_labels(response: httpx.Response) -> np.ndarray:
-    hlen = int(response.headers["Inference-Header-Content-Length"])
-    header = json.loads(response.content[:hlen])
-    out = header["outputs"][0]
-    assert out["name"] == "labels" and out["datatype"] == "UINT8"
-    return np.frombuffer(response.content[hlen:], np.uint8).reshape(out["shape"])
+    labels = client.decode_infer(response.content, response.headers)["labels"]
+    assert labels.dtype == np.uint8
+    return labels
 
 
 def _stats(url: str) -> dict:

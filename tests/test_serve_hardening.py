@@ -36,6 +36,7 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
+from blindnet.serve import client
 from blindnet.serve.app import BackgroundServer, create_app
 from blindnet.serve.config import DECODE_BYTES_PER_PIXEL, ServeConfig
 from blindnet.serve.errors import HTTPError
@@ -116,27 +117,11 @@ def _tiff_small_first_frame() -> bytes:
 
 
 def _v2_body(images: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    raw = np.ascontiguousarray(images).tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "images",
-                    "shape": list(images.shape),
-                    "datatype": "UINT8",
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "outputs": [{"name": "labels", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+    return client.encode_infer(images)
 
 
 def _v2_labels(r: httpx.Response) -> np.ndarray:
-    hlen = int(r.headers["Inference-Header-Content-Length"])
-    out = json.loads(r.content[:hlen])["outputs"][0]
-    return np.frombuffer(r.content[hlen:], np.uint8).reshape(out["shape"])
+    return client.decode_infer(r.content, r.headers)["labels"]
 
 
 def _raw_http(url: str, payload: bytes, *, read: bool = True, timeout: float = 30.0) -> bytes:
