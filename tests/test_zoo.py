@@ -276,7 +276,9 @@ def test_names_resolve_wherever_a_checkpoint_is_taken(cache: Path) -> None:
     assert resolve_checkpoint(zoo.SHIPPED_NAME) == DEFAULT_CHECKPOINT and is_shipped_model(zoo.SHIPPED_NAME)
     with pytest.raises(blindnet.CheckpointError, match="neither a file nor a model name.*blindnet-r50-gtav"):
         resolve_checkpoint("blindnet-r50-gta")
-    assert resolve_checkpoint("runs/x/model.safetensors") == Path("runs/x/model.safetensors")  # a path stays a path
+    with pytest.raises(blindnet.CheckpointError, match="checkpoint not found: runs/x/model.safetensors"):
+        resolve_checkpoint("runs/x/model.safetensors")  # a missing path is named as one, before any backend opens it
+    assert resolve_checkpoint(str(DEFAULT_CHECKPOINT)) == DEFAULT_CHECKPOINT  # a path stays a path
     demo_main = importlib.import_module("blindnet.demo.__main__")
     assert demo_main.model_specs([zoo.SHIPPED_NAME], None) == [("default", DEFAULT_CHECKPOINT)]
 
