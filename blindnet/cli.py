@@ -248,6 +248,8 @@ def segment_main(argv: Sequence[str]) -> int:
             )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"blindnet segment: error: {exc}", file=sys.stderr)
+        if not args.out and not any(out.iterdir()):
+            out.rmdir()  # the numbered folder made for this run holds nothing: do not leave it behind
         return 2
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     print(f"outputs in {out} (summary: {out / 'summary.json'})")

@@ -130,6 +130,9 @@ def test_cli_default_out_is_a_new_numbered_folder(
         assert f"outputs in outputs/segment/{n}" in printed.out
         assert "outputs that exist in" in printed.err and "are kept" in printed.err
         assert (tmp_path / "outputs" / "segment" / str(n) / "a_labels.png").is_file()
+    bad = ["segment", "a.png", "--checkpoint", str(tmp_path / "missing.safetensors"), "--backend", "torch"]
+    assert main(bad) == 2
+    assert sorted(p.name for p in (tmp_path / "outputs" / "segment").iterdir()) == ["7", "8", "9"]  # none left empty
     assert main([*args, "--out", "outputs/segment/9"]) == 0
     assert "1 input(s) done before (skipped)" in capsys.readouterr().out
     assert main([*args, "--out", "outputs/segment/9", "--overwrite", "--legend"]) == 0
