@@ -281,6 +281,9 @@ def test_names_resolve_wherever_a_checkpoint_is_taken(cache: Path) -> None:
     assert resolve_checkpoint(str(DEFAULT_CHECKPOINT)) == DEFAULT_CHECKPOINT  # a path stays a path
     demo_main = importlib.import_module("blindnet.demo.__main__")
     assert demo_main.model_specs([zoo.SHIPPED_NAME], None) == [("default", DEFAULT_CHECKPOINT)]
+    ray_serve = importlib.import_module("blindnet.serve.ray_serve")  # replicas get the cached file, not the name
+    args = ray_serve.build_parser("serve --ray").parse_args(["--checkpoint", zoo.SHIPPED_NAME])
+    assert ray_serve.config_from_args(args).checkpoint == str(DEFAULT_CHECKPOINT)
 
 
 def test_predictor_from_checkpoint_uses_auto_and_takes_paths_arrays_pil_images_and_lists(
