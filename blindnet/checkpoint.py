@@ -17,6 +17,7 @@ that such a value pickles to (:data:`OFFICIAL_SAFE_GLOBALS`), so a pickle that w
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +63,13 @@ def _official_safe_globals() -> list[Any]:
 OFFICIAL_SAFE_GLOBALS: list[Any] = _official_safe_globals()
 
 
+def _numpy_scalars_allowed() -> contextlib.AbstractContextManager:
+    """``torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS)`` where this PyTorch has it (2.5 and later); no
+    change otherwise, so older versions still read every file without NumPy scalars and refuse the rest themselves."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals(OFFICIAL_SAFE_GLOBALS) if safe_globals else contextlib.nullcontext()
+
+
 def load_official_snapshot(path: str | Path) -> dict[str, Any]:
     """Read a file written by the original's ``torch.save`` (zip or pre-zip format) without running any pickled code.
 
@@ -81,7 +89,7 @@ def load_official_snapshot(path: str | Path) -> dict[str, Any]:
             f"{path}: is a web page, not a checkpoint (a download that returned an error or confirmation page)"
         )
     try:
-        with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+        with _numpy_scalars_allowed():
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
@@ -177,7 +185,7 @@ def load_checkpoint_state(path: str | Path) -> tuple[ModelConfig, dict[str, torc
         return cfg, state, meta
     try:
         # The NumPy scalar globals too: an original snapshot (NumPy ``mean_iu``) then gets the "convert it" advice.
-        with torch.serialization.safe_globals(OFFICIAL_SAFE_GLOBALS):
+        with _numpy_scalars_allowed():
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
