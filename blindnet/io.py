@@ -19,6 +19,13 @@ from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+# HEIC/HEIF (what iPhones save photos as) decodes through the maintained pillow-heif plugin when the `heic` extra is
+# installed; it turns the picture upright itself and clears the EXIF orientation, so nothing is turned twice.
+with contextlib.suppress(ImportError):
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
 #: Why an input could not be used, as ``MediaError.kind`` and in ``summary.json``.
 MEDIA_PROBLEMS = ("unsupported type", "unreadable", "empty", "cut off")
 

@@ -171,3 +171,13 @@ def test_the_demo_video_tab_turns_a_phone_clip_upright(predictor: Predictor, tmp
     assert res.path.suffix == ".mp4" and len(frames) == res.frames == mc.N
     assert frames[0].rgb.shape == (mc.W, mc.H, 3)  # portrait, as the phone showed it
     assert any("turned by 270 degrees" in n for n in res.notices)
+
+
+def test_iphone_heic_photos_are_read_upright(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_heif", reason="the heic extra (pillow-heif) is not installed")
+    stored = np.full((24, 40, 3), 90, np.uint8)
+    stored[:12, :20] = (220, 30, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # as an iPhone held upright stores it
+    Image.fromarray(stored).save(tmp_path / "IMG_0001.HEIC", exif=exif.tobytes(), quality=95)
+    _assert_upright(load_image(tmp_path / "IMG_0001.HEIC"))
