@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -256,11 +257,29 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     if e.kind == "backbone":
         return _fetch_backbone(e, url, progress)
     models_dir().mkdir(parents=True, exist_ok=True)
+    remove_stale_downloads(name)
     # A private folder inside the cache (same file system: the final move is a rename); removed whatever happens.
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=f".{name}-download-") as tmp:
         download = Path(tmp) / "download.pth"
         _download(url, download, name=name, progress=progress)
         return register(name, download, source=url)
+
+
+#: A download folder this old is left from a killed process (a live download of a few hundred MB takes minutes).
+STALE_DOWNLOAD_SECONDS = 24 * 3600
+
+
+def remove_stale_downloads(name: str) -> int:
+    """Delete the temporary folders of ``name`` that a killed process left (older than a day); returns how many.
+
+    They are never cache entries (no record is written until the end), only space on the disk.
+    """
+    removed = 0
+    for folder in models_dir().glob(f".{name}-*-*"):
+        if folder.is_dir() and time.time() - folder.stat().st_mtime > STALE_DOWNLOAD_SECONDS:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def register(name: str, src: str | Path, *, source: str | None = None) -> Path:

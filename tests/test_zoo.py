@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,6 +184,18 @@ def test_interrupted_and_wrong_downloads_leave_no_cache_entry(
             with pytest.raises(zoo.ZooError, match=reason):
                 zoo.fetch(NAME, progress=False)
             assert not zoo.is_cached(NAME) and _cache_is_empty(cache), path
+
+
+def test_folders_left_by_a_killed_download_are_removed_later(cache: Path) -> None:
+    models = cache / "models"
+    old, live = models / f".{NAME}-download-abc", models / f".{NAME}-download-def"
+    for folder in (old, live):
+        folder.mkdir(parents=True)
+        (folder / "download.pth").write_bytes(b"partial")
+    day_ago = time.time() - zoo.STALE_DOWNLOAD_SECONDS - 60
+    os.utime(old, (day_ago, day_ago))
+    assert zoo.remove_stale_downloads(NAME) == 1
+    assert not old.exists() and live.exists() and not zoo.is_cached(NAME)  # a recent one may be another download
 
 
 def test_offline_gives_one_line_with_the_url_and_the_manual_command(
