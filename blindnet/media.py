@@ -139,19 +139,23 @@ class FrameSource:
                     t = float(frame.time) if frame.time is not None else self.read / self.info.fps
                     t0 = t if t0 is None else t0
                     rgb = frame.to_ndarray(format="rgb24")
-                    # The display matrix (side data FFmpeg attaches to each frame) in degrees counter-clockwise.
-                    self.info.rotation = round(frame.rotation or 0) % 360
+                    # The display matrix (side data FFmpeg attaches to each frame) in degrees counter-clockwise;
+                    # getattr: a PyAV too old to expose it shows the stored pixels.
+                    self.info.rotation = round(getattr(frame, "rotation", 0) or 0) % 360
                     turns = round(self.info.rotation / 90) % 4
                     if turns:
                         rgb = np.ascontiguousarray(np.rot90(rgb, turns))
                     step = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
-                    last_end = t + (step or 1.0 / self.info.fps)
+                    last_end = t - t0 + (step or 1.0 / self.info.fps)  # from the first frame, as durations are
                     yield Frame(rgb, max(t - t0, 0.0))
                     self.read += 1
             except av.error.FFmpegError as exc:
                 self.problem = f"cut off or damaged after {self.read} frames ({exc.strerror or exc})"
         if self.read == 0:
-            raise MediaError(f"{self.path}: no frame could be decoded ({self.problem or 'empty stream'})", kind="empty")
+            why = self.problem or "the video stream holds no frame"
+            raise MediaError(
+                f"{self.path}: no frame could be decoded ({why})", kind="unreadable" if self.problem else "empty"
+            )
         if not stopped and self.problem is None:
             self.problem = _shortfall(self.info, self.read, last_end)
 
