@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.export")
     if formats:
         require_extra("export")
     # Lazy CLI dispatch: --help answers before PyTorch is imported.
-    from blindnet.backends.tensorrt_backend import TensorRTUnavailable
     from blindnet.checkpoint import CheckpointError
+    from blindnet.export.engine import TensorRTUnavailable
     from blindnet.export.pipeline import run_export
 
     try:

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from blindnet.backends.onnxruntime_backend import META_PREFIX, io_spec_from_session, ort_session, prepare_input
 from blindnet.data.synthetic import APPEARANCES, render_scene
+from blindnet.export.ort import META_PREFIX, io_spec_from_session, ort_session, prepare_input
 from blindnet.io import atomic_write
 from blindnet.metrics import ConfusionMatrix
 

@@ -37,8 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from blindnet.backends.base import IMAGENET_MEAN, IMAGENET_STD, normalize
-from blindnet.backends.onnxruntime_backend import (
+from blindnet.export.ort import (
     INPUT_NAME,
     LABEL_DTYPES,
     LABELS_NAME,
@@ -52,6 +51,7 @@ from blindnet.backends.onnxruntime_backend import (
     read_onnx_metadata,
 )
 from blindnet.io import atomic_write
+from blindnet.models.inputs import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 #: Smallest height/width the dynamic graph accepts. Below 32 px the /16 feature map collapses to 1 x 1 and
 #: torch.export specialises on it; nobody segments thumbnails that small.

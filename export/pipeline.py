@@ -9,19 +9,33 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
+from tqdm import tqdm
 
-from blindnet.backends.tensorrt_backend import Profile, TensorRTUnavailable, import_tensorrt
+from blindnet.backends.tensorrt_backend import TensorRTBackend
 from blindnet.checkpoint import load_model
 from blindnet.export.cost import cost_report as make_cost_report
 from blindnet.export.cost import render_markdown
+from blindnet.export.engine import Profile, TensorRTUnavailable, import_tensorrt
 from blindnet.export.int8 import INT8_MIN_AGREEMENT, check_int8, quantize_int8
-from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
-from blindnet.export.tensorrt import build_tensorrt, verify_engine
+from blindnet.export.onnx import (
+    FP16_MIN_AGREEMENT,
+    FP32_MAX_REL_ERROR,
+    FP32_MIN_AGREEMENT,
+    ExportError,
+    compare_outputs,
+    export_onnx,
+    reference_logits,
+    verify_onnx,
+    write_check_report,
+)
+from blindnet.export.tensorrt import QUANTIZED_MIN_AGREEMENT, build_tensorrt
 from blindnet.export.triton import write_triton_repository
 from blindnet.io import write_text
 from blindnet.resolve import resolve_checkpoint
@@ -284,3 +298,72 @@ def _cost_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]
     write_text(out / "cost.md", render_markdown(cost))
     print(render_markdown(cost))
     return {"cost": {"json": str(out / "cost.json"), "markdown": str(out / "cost.md")}}
+
+
+def verify_engine(
+    engine_path: str | Path,
+    model: nn.Module,
+    *,
+    shapes: tuple[tuple[int, int, int], ...] | None = None,
+    seed: int = 0,
+    write_report: bool = True,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Parity of a TensorRT engine against PyTorch float32, like :func:`export.onnx.verify_onnx`.
+
+    Thresholds: float32 (built without TF32) logits rel error <= 1e-4 and labels >= 99.9%, float16 labels >= 99.5%,
+    int8/fp8 labels >= 98%.
+    """
+
+    engine_path = Path(engine_path)
+    backend = TensorRTBackend(engine_path)
+    if shapes is None:
+        p = backend.profiles[0]
+        shapes = (
+            (p.opt[0], p.opt[1], p.opt[2]),
+            (p.min[0], max(p.min[1], (p.opt[1] // 2) | 1), max(p.min[2], (p.opt[2] // 2) | 1)),
+        )
+    minimum = {"float32": FP32_MIN_AGREEMENT, "float16": FP16_MIN_AGREEMENT}.get(
+        backend.precision, QUANTIZED_MIN_AGREEMENT
+    )
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    checks = []
+    # A bar only on a terminal, and only when the summary line is printed too.
+    for b, h, w in tqdm(shapes, desc="parity check", unit="shape", leave=False, disable=None if verbose else True):
+        images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
+        ref = reference_logits(model, images)
+        out = backend.infer(images, return_logits=not backend.outputs_labels)
+        kind = "labels" if backend.outputs_labels else "logits"
+        agreement, max_abs, rel = compare_outputs(ref, out.labels if kind == "labels" else out.logits, output_kind=kind)
+        checks.append(
+            {
+                "batch": b,
+                "height": h,
+                "width": w,
+                "label_agreement": agreement,
+                "max_abs_error": max_abs,
+                "rel_error": rel,
+                "passed": agreement >= minimum
+                and (backend.precision != "float32" or rel is None or rel <= FP32_MAX_REL_ERROR),
+            }
+        )
+    report = {
+        "path": str(engine_path),
+        "runtime": f"tensorrt {backend.meta['tensorrt_version']}",
+        "gpu": backend.meta["gpu_name"],
+        "precision": backend.precision,
+        "thresholds": {"min_label_agreement": minimum},
+        "checks": checks,
+        "passed": all(c["passed"] for c in checks),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if write_report:
+        report["report_path"] = str(write_check_report(engine_path, report))
+    if verbose:
+        worst = min(c["label_agreement"] for c in checks)
+        print(
+            f"[{'PASS' if report['passed'] else 'FAIL'}] {engine_path} (TensorRT, {backend.precision}): "
+            f"min label agreement {worst:.5f}, threshold {minimum}"
+        )
+    return report

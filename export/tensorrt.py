@@ -1,7 +1,8 @@
-"""TensorRT export (library): calibration data, ModelOpt Q/DQ quantisation, engine build, parity check.
+"""TensorRT export (library): calibration data, ModelOpt Q/DQ quantisation, engine build.
 
-The build core and the runtime live in :mod:`blindnet.tensorrt_backend` (an installed package can build an engine
-on first use); this module adds the export-stage pieces. Everything needs ``tensorrt`` and an NVIDIA GPU except
+Engine files and profiles live in :mod:`blindnet.export.engine`, the runtime in
+:mod:`blindnet.backends.tensorrt_backend`, and the parity check of a built engine (which runs it through that
+backend) in :mod:`blindnet.export.pipeline`. Everything needs ``tensorrt`` and an NVIDIA GPU except
 :func:`load_calibration_images` and the metadata helpers; without TensorRT, :func:`import_tensorrt` raises
 :class:`TensorRTUnavailable` whose message says ``pip install 'blindnet[tensorrt]'``.
 """
@@ -16,14 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
 
-from blindnet.backends.onnxruntime_backend import io_spec_from_session, ort_session, prepare_input, read_onnx_metadata
-from blindnet.backends.tensorrt_backend import (
+from blindnet.export.engine import (
     PRECISIONS,
     Profile,
-    TensorRTBackend,
     _dtype_name,
     current_platform,
     default_profiles,
@@ -31,14 +28,7 @@ from blindnet.backends.tensorrt_backend import (
     metadata_path,
     trt_major,
 )
-from blindnet.export.onnx import (
-    FP16_MIN_AGREEMENT,
-    FP32_MAX_REL_ERROR,
-    FP32_MIN_AGREEMENT,
-    compare_outputs,
-    reference_logits,
-    write_check_report,
-)
+from blindnet.export.ort import io_spec_from_session, ort_session, prepare_input, read_onnx_metadata
 from blindnet.io import IMAGE_SUFFIXES, atomic_write, load_image
 
 #: Label agreement asked of quantised engines (reported next to latency; int8 typically loses ~0.2-1 mIoU).
@@ -96,75 +86,6 @@ def quantize_onnx(onnx_path: str | Path, out_path: str | Path, calibration: np.n
         high_precision_dtype="fp16",
     )
     return Path(out_path)
-
-
-def verify_engine(
-    engine_path: str | Path,
-    model: nn.Module,
-    *,
-    shapes: tuple[tuple[int, int, int], ...] | None = None,
-    seed: int = 0,
-    write_report: bool = True,
-    verbose: bool = True,
-) -> dict[str, Any]:
-    """Parity of a TensorRT engine against PyTorch float32, like :func:`export.onnx.verify_onnx`.
-
-    Thresholds: float32 (built without TF32) logits rel error <= 1e-4 and labels >= 99.9%, float16 labels >= 99.5%,
-    int8/fp8 labels >= 98%.
-    """
-
-    engine_path = Path(engine_path)
-    backend = TensorRTBackend(engine_path)
-    if shapes is None:
-        p = backend.profiles[0]
-        shapes = (
-            (p.opt[0], p.opt[1], p.opt[2]),
-            (p.min[0], max(p.min[1], (p.opt[1] // 2) | 1), max(p.min[2], (p.opt[2] // 2) | 1)),
-        )
-    minimum = {"float32": FP32_MIN_AGREEMENT, "float16": FP16_MIN_AGREEMENT}.get(
-        backend.precision, QUANTIZED_MIN_AGREEMENT
-    )
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    checks = []
-    # A bar only on a terminal, and only when the summary line is printed too.
-    for b, h, w in tqdm(shapes, desc="parity check", unit="shape", leave=False, disable=None if verbose else True):
-        images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
-        ref = reference_logits(model, images)
-        out = backend.infer(images, return_logits=not backend.outputs_labels)
-        kind = "labels" if backend.outputs_labels else "logits"
-        agreement, max_abs, rel = compare_outputs(ref, out.labels if kind == "labels" else out.logits, output_kind=kind)
-        checks.append(
-            {
-                "batch": b,
-                "height": h,
-                "width": w,
-                "label_agreement": agreement,
-                "max_abs_error": max_abs,
-                "rel_error": rel,
-                "passed": agreement >= minimum
-                and (backend.precision != "float32" or rel is None or rel <= FP32_MAX_REL_ERROR),
-            }
-        )
-    report = {
-        "path": str(engine_path),
-        "runtime": f"tensorrt {backend.meta['tensorrt_version']}",
-        "gpu": backend.meta["gpu_name"],
-        "precision": backend.precision,
-        "thresholds": {"min_label_agreement": minimum},
-        "checks": checks,
-        "passed": all(c["passed"] for c in checks),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if write_report:
-        report["report_path"] = str(write_check_report(engine_path, report))
-    if verbose:
-        worst = min(c["label_agreement"] for c in checks)
-        print(
-            f"[{'PASS' if report['passed'] else 'FAIL'}] {engine_path} (TensorRT, {backend.precision}): "
-            f"min label agreement {worst:.5f}, threshold {minimum}"
-        )
-    return report
 
 
 def build_tensorrt(

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from blindnet.backends.onnxruntime_backend import read_onnx_metadata
-from blindnet.backends.tensorrt_backend import metadata_path, read_engine_metadata
 from blindnet.classes import class_names
+from blindnet.export.engine import metadata_path, read_engine_metadata
+from blindnet.export.ort import read_onnx_metadata
 from blindnet.io import write_text
 
 #: ONNX TensorProto element type -> Triton data type.

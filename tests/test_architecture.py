@@ -1,4 +1,5 @@
-"""The shape of the code, read statically from the source: the project's import graph has no cycle, a project
+"""The shape of the code, read statically from the source: modules import only their own layer or lower ones, the
+project's import graph has no cycle, a project
 module is imported inside a function only where a comment says why, functions are short enough to read at once,
 and nothing cites documents outside the repository or work items."""
 
@@ -128,6 +129,96 @@ def test_import_graph_has_no_cycle() -> None:
         top, _ = _imports(tree)
         graph[name] = {t for _, t in top if t != name}
     assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph) or [])
+
+
+# The layers, bottom to top: a module may import its own layer and the ones below it, never one above (imports
+# inside functions included: a lazy import upward is still an upward dependency). A module belongs to the layer of its
+# longest matching prefix; docs/CONTRIBUTING.md draws this same table (checked below).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "I/O and config",
+        (
+            "blindnet.io",
+            "blindnet.media",
+            "blindnet.legend",
+            "blindnet.config",
+            "blindnet.classes",
+            "blindnet.extras",
+            "blindnet.cliparse",
+            "blindnet.modelnames",
+        ),
+    ),
+    (
+        "models, checkpoints, data",
+        (
+            "blindnet.models",
+            "blindnet.checkpoint",
+            "blindnet.zoo",
+            "blindnet.data",
+            "blindnet.losses",
+            "blindnet.task",
+            "blindnet.metrics",
+        ),
+    ),
+    ("the export library", ("blindnet.export",)),
+    ("runtimes and the Predictor", ("blindnet.backends", "blindnet.resolve", "blindnet.inference")),
+    (
+        "jobs",
+        (
+            "blindnet",
+            "blindnet.export.pipeline",
+            "blindnet.export.__main__",
+            "blindnet.train",
+            "blindnet.serve",
+            "blindnet.demo",
+            "blindnet.benchmarks",
+        ),
+    ),
+)
+
+
+def _layer_of(module: str) -> int:
+    """Index into :data:`LAYERS` of ``module`` (its longest matching prefix); -1 when none matches."""
+    best, length = -1, -1
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > length:
+                best, length = index, len(prefix)
+    return best
+
+
+def _upward_imports(parsed: dict[str, ast.Module]) -> list[str]:
+    found = []
+    for name, tree in parsed.items():
+        top, inner = _imports(tree)
+        for line, target in top + inner:
+            if _layer_of(target) > _layer_of(name):
+                found.append(
+                    f"{name}:{line} ({LAYERS[_layer_of(name)][0]}) imports {target} ({LAYERS[_layer_of(target)][0]})"
+                )
+    return found
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_layers() -> None:
+    assert all(_layer_of(name) >= 0 for name in MODULES)
+    # The jobs' packages are themselves jobs, but what they build on must sit lower.
+    assert _layer_of("blindnet.export.onnx") < _layer_of("blindnet.backends.onnxruntime_backend")
+    assert _layer_of("blindnet.export.pipeline") == len(LAYERS) - 1
+    upward = _upward_imports(PARSED)
+    assert not upward, "imports from a lower layer into a higher one:\n" + "\n".join(upward)
+
+
+def test_an_upward_import_is_found() -> None:
+    tree = ast.parse("from blindnet.inference import Predictor\n")
+    assert _upward_imports({"blindnet.io": tree}) == [
+        "blindnet.io:1 (I/O and config) imports blindnet.inference (runtimes and the Predictor)"
+    ]
+
+
+def test_contributing_draws_the_layers_of_this_test() -> None:
+    text = (REPO / "docs" / "CONTRIBUTING.md").read_text()
+    for index, (title, prefixes) in enumerate(LAYERS, start=1):
+        assert f"{index}. **{title}**: " + ", ".join(f"`{p}`" for p in prefixes) in text, title
 
 
 def test_a_cycle_is_found_when_there_is_one() -> None:

@@ -1,5 +1,5 @@
 """The backend contract: what every runtime (PyTorch, ONNX Runtime, TensorRT) takes and returns, and the two
-rules they share: ImageNet normalisation and the dtype of label maps.
+rules they share: ImageNet normalisation (:mod:`blindnet.models.inputs`) and the dtype of label maps.
 
 A backend receives a batch of RGB uint8 images ``N x H x W x 3`` (all the same size) and returns
 :class:`BackendOutput`: label maps ``N x H x W`` and, when asked, float32 logits ``N x C x H x W``. Normalisation is
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
+# The input rule is the model's; re-exported here because every backend applies it.
+from blindnet.models.inputs import IMAGENET_MEAN as IMAGENET_MEAN
+from blindnet.models.inputs import IMAGENET_STD as IMAGENET_STD
+from blindnet.models.inputs import normalize as normalize
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,18 +92,3 @@ def argmax_channels(logits: np.ndarray, dtype: np.dtype | type = np.int64) -> np
         np.maximum(best, logits[:, c], out=best)
         labels[higher] = c
     return labels
-
-
-def normalize(images: np.ndarray | torch.Tensor, *, channels_last: bool = True) -> np.ndarray | torch.Tensor:
-    """ImageNet normalisation of 0-255 pixel values: ``(x - 255 * mean) / (255 * std)`` per channel, as float32.
-
-    ``images`` is ``N x H x W x 3`` (``channels_last``) or ``N x 3 x H x W``, a numpy array or a torch tensor (kept
-    on its device; traced into an exported graph as constants). The one place this rule is written.
-    """
-    shape = (1, 1, 1, 3) if channels_last else (1, 3, 1, 1)
-    mean = np.asarray(IMAGENET_MEAN, np.float32).reshape(shape) * 255.0
-    std = np.asarray(IMAGENET_STD, np.float32).reshape(shape) * 255.0
-    if isinstance(images, torch.Tensor):
-        x = images.float()
-        return (x - torch.as_tensor(mean, device=x.device)) / torch.as_tensor(std, device=x.device)
-    return (images.astype(np.float32) - mean) / std

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 
-from blindnet.backends.base import normalize as imagenet_normalize
+from blindnet.models.inputs import normalize as imagenet_normalize
 
 IGNORE_INDEX = 255
 _GRAY = np.asarray([0.299, 0.587, 0.114], np.float32)  # torchvision rgb_to_grayscale weights
