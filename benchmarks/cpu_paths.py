@@ -6,7 +6,7 @@ Paths (each network-only and end to end through the :class:`~blindnet.inference.
 * ``torch-best``: channels_last under ``torch.inference_mode`` (same maths);
 * ``ort-fp32``: ONNX Runtime on the deployment export the ``auto`` backend uses (uint8 NHWC in, normalisation
   in-graph, logits out);
-* ``ort-int8``: the Q/DQ INT8 version of that file (:mod:`blindnet.int8`).
+* ``ort-int8``: the Q/DQ INT8 version of that file (:mod:`blindnet.export.int8`).
 
 Every trial runs every path once, in turn, so that a shared machine's changing load hits all paths alike: the ratios
 are the result, the absolute times only describe this run. Writes ``<out>/<name>.json``, ``.md`` and ``.png``.

@@ -216,7 +216,7 @@ def _cost_section(rows: Sequence[dict[str, Any]]) -> list[str]:
         "",
         "Network only (normalised float input -> logits). Times in ms over the trials shown after warm-up; "
         "TFLOP/s = FLOPs (FlopCounterMode, 2 per MAC) / median time. MACs follow the thop convention the paper "
-        "used where `blindnet.cost` is available.",
+        "used where `blindnet.export.cost` is available.",
         "",
     ]
     body = [_cost_cells(r) for r in _ok(rows, scope="network", batch=1)]

@@ -4,17 +4,16 @@ One file serves two runtimes: ONNX Runtime's CPU provider runs the Q/DQ graph wi
 builds an INT8 engine from the same Q/DQ nodes (explicit quantisation). That is why the format is QDQ with signed
 int8 activations *and* weights, activations symmetric (zero point 0) and weights per output channel: TensorRT
 accepts only that form. ONNX Runtime's x86 kernels want uint8 activations, so the runtime shifts the activation zero
-points to 128 when it loads the file (:func:`blindnet.backends.onnxruntime_backend.unsigned_activations`, exact).
+points to 128 when it loads the file (:func:`blindnet.export.ort.unsigned_activations`, exact).
 
-Two choices keep the labels close to float32 (measured on the BlindNet ShuffleNetV2 that was the default model then:
-agreement on 8 held-out scenes at 256x512, time at 512x1024 on a 2-core AVX2 CPU):
+Two choices keep the labels close to float32, at no cost in speed (the measurements behind them are in
+``benchmarks/results/README.md``, "CPU paths"):
 
 - Weights use 7 of their 8 bits (``reduce_range``). x86 CPUs without VNNI multiply uint8 by int8 with an
-  instruction that adds pairs of products into a saturating int16; full-range weights overflow it on bright
-  inputs. Label agreement 94.1% -> 95.7% (with the next choice), and no loss of speed (345 -> 322 ms).
+  instruction that adds pairs of products into a saturating int16; full-range weights overflow it on bright inputs.
 - Every InstanceNorm layer and the node feeding it stay float ("float islands"). InstanceNorm divides each channel
   by its own spread in this image, so a channel that one global activation scale quantises coarsely comes out as
-  amplified rounding noise. Agreement 92.5% -> 95.3%, and no loss of speed either (382 -> 345 ms).
+  amplified rounding noise.
 
 The parity check runs the float32 and the int8 graphs on held-out generated scenes (seeds disjoint from the
 calibration scenes) and reports label agreement with the float32 graph and the mIoU change against the scenes'
@@ -131,7 +130,7 @@ def quantize_int8(
     """Write the Q/DQ INT8 version of ``float_onnx`` (a float32 export) to ``out_path``.
 
     Args:
-        float_onnx: float32 graph from :func:`~blindnet.onnx_backend.export_onnx`.
+        float_onnx: float32 graph from :func:`~blindnet.export.onnx.export_onnx`.
         out_path: destination ``.onnx``.
         calibration: generated scenes used to calibrate activation ranges (min/max).
         size: ``(H, W)`` of the calibration scenes.

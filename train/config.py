@@ -135,8 +135,8 @@ class RuntimeConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         amp: bfloat16 autocast; ``auto`` = on for CUDA, and on CPUs with native bfloat16 (AVX512-BF16/AMX), off on
             other CPUs (where bfloat16 is emulated and slower than float32).
-        channels_last: NHWC memory format; ``auto`` = on for CUDA, off on CPU (for the ShuffleNetV2 step at 2 pairs of
-            256x512 it measured 1.03x-1.27x and once 0.58x of the eager step on a shared 2-core VM: no reliable gain).
+        channels_last: NHWC memory format; ``auto`` = on for CUDA, off on CPU (no reliable gain for the CPU training
+            step; the measurements are in ``benchmarks/results/README.md``).
         compile: wrap the training module in ``torch.compile``.
         sync_bn: convert BatchNorm to SyncBatchNorm when running on several ranks (the original always did).
         log_interval: iterations between CSV/TensorBoard rows.
