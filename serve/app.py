@@ -289,6 +289,10 @@ class RateLimitedLoopErrors:
         if now - self._last.get(message, -math.inf) < self.interval_s:
             self._suppressed[message] = self._suppressed.get(message, 0) + 1
             return
+        if isinstance(exc, ValueError) and "_start_serving" in message:
+            # asyncio's retry of a failed accept() firing after shutdown closed the socket: nothing to report.
+            log.debug("%s: %s", message, exc)
+            return
         self._last[message] = now
         left_out = self._suppressed.pop(message, 0)
         more = f" ({left_out} more like it in the last {self.interval_s:g} s)" if left_out else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -50,7 +51,9 @@ def free_port() -> int:
 class ServeProcess:
     """``python -m blindnet.serve`` in a subprocess on loopback (stdout and stderr together in :attr:`log_path`)."""
 
-    def __init__(self, checkpoint: Path, *flags: str, log_dir: Path, backend: str = "torch") -> None:
+    def __init__(
+        self, checkpoint: Path, *flags: str, log_dir: Path, backend: str = "torch", max_open_files: int | None = None
+    ) -> None:
         self.port = free_port_number()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"serve-{self.port}.log"
@@ -58,8 +61,16 @@ class ServeProcess:
         # One thread: several servers and the test share two cores.
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
         self._log = self.log_path.open("wb")
+
+        def limit_files() -> None:  # in the child, before it starts: its soft and hard open-file limits
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_open_files, max_open_files))
+
         self.proc = subprocess.Popen(
-            [*cmd, "--backend", backend, *flags], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            [*cmd, "--backend", backend, *flags],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit_files if max_open_files else None,
         )
 
     @property

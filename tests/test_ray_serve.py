@@ -12,7 +12,6 @@ import importlib.util
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
-from blindnet.models import ModelConfig, build_model
 from blindnet.serve.__main__ import build_parser as serve_main_parser
 from blindnet.serve.app import BackgroundServer, create_app
 from blindnet.serve.config import ServeConfig, serve_values
 from blindnet.serve.ray_serve import RayServeConfig, build_parser, config_from_args
+from tests.conftest import free_port_number
 from tests.test_serve import BAD_INPUTS, MAX_BYTES, MAX_PIXELS
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -96,12 +93,6 @@ def test_replicas_get_exactly_the_settings_blindnet_serve_gets() -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
 
@@ -113,10 +104,8 @@ def _png(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +142,7 @@ def service(checkpoint: Path, tmp_path_factory) -> Iterator[tuple[subprocess.Pop
         "num_cpus_per_replica": 1,
     }
     (folder / "ray.yaml").write_text(yaml.safe_dump(settings))
-    port = _free_port()
+    port = free_port_number()
     cmd = [sys.executable, "-m", "blindnet.serve.ray_serve", "--config", "ray.yaml", "--replicas", "2"]
     cmd += ["--port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,11 +6,7 @@ Every test talks HTTP to uvicorn running the app (in a thread, or ``python -m bl
 from __future__ import annotations
 
 import io
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,9 +21,7 @@ from PIL import Image
 
 from blindnet.backends.base import BackendOutput
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
-from blindnet.models import ModelConfig, build_model
 from blindnet.serve import client
 from blindnet.serve.__main__ import main as serve_main
 from blindnet.serve.app import BackgroundServer, InsecureBindError, check_bind, create_app
@@ -41,10 +35,8 @@ MAX_BYTES = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -377,50 +369,20 @@ def test_cli_reports_a_missing_checkpoint(tmp_path, capsys) -> None:
     assert "missing.safetensors" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_finishes_queued_requests_before_exit(checkpoint, reference) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(checkpoint), "--port", str(port)]
-    # torch: this test is about shutdown, and the auto backend's first ONNX export would eat the start-up deadline.
-    cmd += ["--backend", "torch"]
+def test_sigterm_finishes_queued_requests_before_exit(checkpoint, reference, serve_process) -> None:
     # A long queue delay keeps the request queued when SIGTERM arrives.
-    cmd += ["--max-queue-delay-ms", "1500", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-        image = _image(11)
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(lambda: httpx.post(f"{url}/v1/segment", content=_png(image), timeout=60))
-            while httpx.get(f"{url}/v1/stats", timeout=5).json()["queue_depth"] < 1:
-                time.sleep(0.01)
-            proc.send_signal(signal.SIGTERM)
-            r = pending.result()
-        assert r.status_code == 200
-        np.testing.assert_array_equal(
-            np.asarray(Image.open(io.BytesIO(r.content))), reference.predict_one(image).labels
-        )
-        # uvicorn re-raises the captured SIGTERM once shutdown is complete: the conventional "terminated" status.
-        assert proc.wait(60) in (0, -signal.SIGTERM)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = serve_process(checkpoint, "--max-queue-delay-ms", "1500", "--log-level", "warning")
+    image = _image(11)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(lambda: httpx.post(f"{proc.url}/v1/segment", content=_png(image), timeout=60))
+        while httpx.get(f"{proc.url}/v1/stats", timeout=5).json()["queue_depth"] < 1:
+            time.sleep(0.01)
+        proc.proc.send_signal(signal.SIGTERM)
+        r = pending.result()
+    assert r.status_code == 200
+    np.testing.assert_array_equal(client.decode_png(r.content), reference.predict_one(image).labels)
+    # Everything was answered: a clean drain, exit status 0.
+    assert proc.proc.wait(60) == 0
 
 
 def test_png_helper_roundtrip_matches_cv2() -> None:

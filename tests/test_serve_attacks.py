@@ -298,3 +298,31 @@ def test_a_clean_sigterm_drain_exits_0(tiny_checkpoint: Path, serve_process) -> 
     assert httpx.post(proc.url + INFER, content=body, headers=headers, timeout=60).status_code == 200
     assert proc.stop() == 0
     assert "Traceback" not in proc.log()
+
+
+def test_accept_errors_at_the_file_limit_are_logged_once_without_tracebacks(tiny_checkpoint: Path, tmp_path) -> None:
+    # 80 open files in all, room for 500 connections: accept() itself fails, as at a real descriptor limit.
+    proc = ServeProcess(tiny_checkpoint, "--max-connections", "500", log_dir=tmp_path, max_open_files=80)
+    proc.wait_ready()
+    socks = []
+    try:
+        socks = [socket.create_connection(("127.0.0.1", proc.port), timeout=5) for _ in range(120)]
+        time.sleep(3.5)  # asyncio retries accept() every second
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(1.0)
+    assert httpx.get(proc.url + "/v2/health/live", timeout=10).status_code == 200  # serving again
+    assert proc.stop() == 0
+    log = proc.log()
+    accept_lines = [line for line in log.splitlines() if "accept()" in line]
+    assert 1 <= len(accept_lines) <= 2, log[-3000:]  # at most once per 10 s (two when the window turns over)
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_the_documented_memory_bound_is_the_one_the_settings_give() -> None:
+    parts = ServeConfig().memory_bound(network_bytes_per_pixel=300, num_classes=19)
+    readme = (Path(__file__).resolve().parents[1] / "serve" / "README.md").read_text()
+    assert f"= {parts['total'] // 2**20} MiB ({parts['total'] / 2**30:.1f} GiB) at the defaults" in readme
+    for name, mib in (("bodies and JSON", "bodies_and_json"), ("image decoding", "decoding"), ("queued", "queue")):
+        assert f"{parts[mib] // 2**20} MiB" in readme, name

@@ -13,12 +13,10 @@ import gzip
 import io
 import json
 import logging
-import os
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -27,15 +25,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
-from blindnet.models import ModelConfig, build_model
 from blindnet.serve import client
 from blindnet.serve.app import BackgroundServer, create_app
 from blindnet.serve.config import DECODE_BYTES_PER_PIXEL, ServeConfig
@@ -51,10 +46,8 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))
-    return save_model(model, tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -485,45 +478,12 @@ def test_client_vanishing_mid_body_is_logged_once_and_not_a_500(backend, caplog)
     assert not [r for r in caplog.records if r.exc_info]
 
 
-def _start_serve(checkpoint: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # --backend torch: these tests are about the HTTP layer; the auto default would first export the model to ONNX.
-    cmd = [
-        sys.executable,
-        "-m",
-        "blindnet.serve",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--backend",
-        "torch",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError((proc.stdout.read() if proc.stdout else b"").decode())
-        time.sleep(0.1)
-
-
-def test_sigterm_exits_within_the_drain_time_despite_a_stalled_upload(checkpoint: Path) -> None:
+def test_sigterm_exits_within_the_drain_time_despite_a_stalled_upload(checkpoint: Path, serve_process) -> None:
     drain_s = 2.0
-    proc, url = _start_serve(checkpoint, "--drain-timeout-s", str(drain_s), "--body-timeout-s", "600")
-    host, port = url.removeprefix("http://").split(":")
+    server = serve_process(checkpoint, "--drain-timeout-s", str(drain_s), "--body-timeout-s", "600")
+    proc = server.proc
     try:
-        with socket.create_connection((host, int(port))) as stalled:
+        with socket.create_connection(("127.0.0.1", server.port)) as stalled:
             stalled.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n\x89PNG")
             time.sleep(0.5)  # the request is in flight, its body never completes
             t0 = time.monotonic()
@@ -536,7 +496,7 @@ def test_sigterm_exits_within_the_drain_time_despite_a_stalled_upload(checkpoint
         assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
         assert "shut down" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
         assert proc.returncode == 1
-        log = proc.stdout.read().decode() if proc.stdout else ""
+        log = server.log()
         assert "Traceback" not in log and "CancelledError" not in log, log
         print(f"SIGTERM to exit with a stalled upload: {elapsed:.2f} s (drain time {drain_s} s)")
     finally:
@@ -558,11 +518,12 @@ def _rss_kib(pid: int) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc to read RSS")
-def test_concurrent_oversized_containers_stay_under_the_decode_memory_bound(checkpoint: Path) -> None:
+def test_concurrent_oversized_containers_stay_under_the_decode_memory_bound(checkpoint: Path, serve_process) -> None:
     max_pixels = 2000 * 2000
     budget = 2 * max_pixels
     bound_kib = budget * DECODE_BYTES_PER_PIXEL // 1024
-    proc, url = _start_serve(checkpoint, "--max-image-pixels", str(max_pixels), "--max-decode-pixels", str(budget))
+    server = serve_process(checkpoint, "--max-image-pixels", str(max_pixels), "--max-decode-pixels", str(budget))
+    proc, url = server.proc, server.url
     try:
         # Warm up every code path once (threads, Pillow plugins, the model) before the baseline.
         httpx.post(f"{url}/v1/segment", content=_encode(_image(0), "PNG"), timeout=60)
