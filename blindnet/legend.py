@@ -60,7 +60,8 @@ def _layout(entries: Sequence[LegendEntry], width: int, size: int, shares: bool)
     font, swatch = _font(size), size
     x, row, out = _PAD, 0, []
     for e in entries:
-        text = f"{e.name} {100.0 * e.share:.1f}%" if shares else e.name
+        pct = 100.0 * e.share
+        text = (f"{e.name} {pct:.1f}%" if pct >= 0.05 else f"{e.name} <0.1%") if shares else e.name
         w = swatch + 4 + int(font.getlength(text)) + 3 * _PAD
         if x > _PAD and x + w > width:
             x, row = _PAD, row + 1
