@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from blindnet.architectures import BACKBONE_NAMES
+
 
 def _cuda_available() -> bool:
     import torch  # only when a CUDA run is asked for
@@ -165,7 +167,7 @@ VARIANTS: dict[str, Variant] = {
 
 #: Model ids: ``<network>-<backbone>`` for ours, plus the torchvision peer.
 PEER_MODEL = "peer-torchvision-deeplabv3_resnet50"
-BACKBONES = ("resnet50", "mobilenetv2", "shufflenetv2")
+BACKBONES = BACKBONE_NAMES
 NETWORKS = ("blindnet", "baseline")
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from blindnet.architectures import BACKBONE_NAMES
 from blindnet.models import ModelConfig, build_model
 from blindnet.task import BlindNetTask, ablation
 from blindnet.train.config import cpu_has_native_bf16
@@ -37,7 +38,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
-    p.add_argument("--backbone", default="resnet50", choices=["resnet50", "mobilenetv2", "shufflenetv2"])
+    p.add_argument("--backbone", default="resnet50", choices=BACKBONE_NAMES)
     p.add_argument("--size", type=int, default=768, help="square crop size")
     p.add_argument("--batch", type=int, default=8, help="image pairs per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")

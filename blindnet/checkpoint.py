@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from blindnet.architectures import BACKBONES
 from blindnet.io import atomic_write
 from blindnet.models import DeepLabV3Plus, ModelConfig, build_model
 
@@ -316,8 +317,7 @@ def convert_official_state_dict(official: Mapping[str, torch.Tensor]) -> dict[st
 #: output. Such a conv output has exactly zero mean in every image, so a BlindNet checkpoint's running means there
 #: are ~0 (exponential averages of zeros); in the baseline the same layers see un-normalised, biased features.
 VARIANT_PROBES: dict[str, tuple[str, ...]] = {
-    "mobilenetv2": ("encoder.layer1.0.conv.0.1", "encoder.layer2.0.conv.0.1", "encoder.layer3.0.conv.0.1"),
-    "shufflenetv2": ("encoder.layer2.0.branch2.1", "encoder.layer3.0.branch2.1"),
+    name: b.variant_probes for name, b in BACKBONES.items() if b.variant_probes
 }
 #: Probe scores (mean |running_mean| / running_std) below the first bound look like BlindNet (exact zeros up to
 #: float rounding and the decayed initial statistics), above the second like the baseline; in between: unknown.

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blindnet.architectures import BACKBONE_NAMES
 from blindnet.backends import BACKEND_NAMES
 from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.extras import require_extra
@@ -294,7 +295,7 @@ def convert_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--backbone",
         default="resnet50",
-        choices=["resnet50", "mobilenetv2", "shufflenetv2"],
+        choices=BACKBONE_NAMES,
         help="the checkpoint's backbone",
     )
     variant = p.add_mutually_exclusive_group()

@@ -146,6 +146,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "blindnet.extras",
             "blindnet.cliparse",
             "blindnet.modelnames",
+            "blindnet.architectures",
         ),
     ),
     (

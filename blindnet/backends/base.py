@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from blindnet.architectures import BACKBONES
+
 # The input rule is the model's; re-exported here because every backend applies it.
 from blindnet.models.inputs import IMAGENET_MEAN as IMAGENET_MEAN
 from blindnet.models.inputs import IMAGENET_STD as IMAGENET_STD
@@ -54,17 +56,21 @@ class Backend(abc.ABC):
         return {"backend": self.name}
 
 
-#: Stride of the deepest InstanceNorm of each BlindNet encoder (ResNet-50: stem, layer1, layer2 at /2, /4, /8;
-#: MobileNetV2 and ShuffleNetV2: the last one at /16).
-NORM_STRIDES = {"resnet50": 8, "mobilenetv2": 16, "shufflenetv2": 16}
-
-
 def norm_stride_of(model_config: object) -> int:
-    """:attr:`Backend.norm_stride` for a model config (a ``ModelConfig`` or its dict); 16 when it cannot tell."""
+    """:attr:`Backend.norm_stride` for a model config (a ``ModelConfig`` or its dict).
+
+    0 for the baseline (no InstanceNorm); 16 when the config names no backbone (a foreign file: 16 is a multiple of
+    every backbone's stride, so padding to it is always enough); ValueError for a backbone this package does not know.
+    """
     get = model_config.get if isinstance(model_config, dict) else lambda k, d=None: getattr(model_config, k, d)
     if get("instance_norm", True) is False:
         return 0
-    return NORM_STRIDES.get(str(get("backbone", "")), 16)
+    name = get("backbone", None)
+    if not name:
+        return 16
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name].norm_stride
 
 
 def labels_dtype(num_classes: int) -> np.dtype:

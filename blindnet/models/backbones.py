@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blindnet.architectures import BACKBONES
+
 
 class StyleNorm(nn.Module):
     """Parameter-free per-instance normalisation (BlindNet's ``InstanceWhitening``; eps 1e-5, biased variance).
@@ -147,7 +149,7 @@ class ResNet50Encoder(_Encoder):
         else:
             raise ValueError(f"ResNet-50 supports output_stride 16 or 8, got {output_stride}")
         self.low_level_channels, self.layer3_channels, self.out_channels = 256, 1024, 2048
-        self.style_channels = (64, 256, 512) if instance_norm else ()
+        self.style_channels = BACKBONES["resnet50"].style_channels if instance_norm else ()
 
     def forward(self, x: torch.Tensor) -> EncoderFeatures:
         style: list[torch.Tensor] = []
@@ -266,7 +268,7 @@ class MobileNetV2Encoder(_Encoder):
         self.layer4 = nn.Sequential(f[18])
         _dilate_strided_convs(self.layer3, 2)
         self.low_level_channels, self.layer3_channels, self.out_channels = 32, 320, 1280
-        self.style_channels = (16, 32, 64) if instance_norm else ()
+        self.style_channels = BACKBONES["mobilenetv2"].style_channels if instance_norm else ()
 
     def forward(self, x: torch.Tensor) -> EncoderFeatures:
         style: list[torch.Tensor] = []
@@ -340,7 +342,7 @@ class ShuffleNetV2Encoder(_Encoder):
         self.layer4 = _ShuffleHead(net.conv5)
         _dilate_strided_convs(self.layer3, 2)
         self.low_level_channels, self.layer3_channels, self.out_channels = 116, 464, 1024
-        self.style_channels = (24, 116, 232) if instance_norm else ()
+        self.style_channels = BACKBONES["shufflenetv2"].style_channels if instance_norm else ()
         # Only the stem: its IN is followed by the trunk's in-place ReLU in the original. The stage outputs are not
         # followed by a ReLU (and ResNet-50's post-IN ReLUs are not in place), so those features are unaffected.
         self.style_after_relu_in_original = (True, False, False) if instance_norm else ()
@@ -376,6 +378,7 @@ def _with_weights(builder, weights, name: str) -> nn.Module:
         ) from exc
 
 
+# The encoder class per name of blindnet.architectures.BACKBONES (a test keeps the two key sets equal).
 ENCODERS: dict[str, type[_Encoder]] = {
     "resnet50": ResNet50Encoder,
     "mobilenetv2": MobileNetV2Encoder,

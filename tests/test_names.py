@@ -1,0 +1,44 @@
+"""Every backbone name is defined once (:data:`blindnet.architectures.BACKBONES`); every place that lists or keys by
+backbones agrees with it."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from blindnet.architectures import BACKBONE_NAMES, BACKBONES
+from blindnet.backends.base import norm_stride_of
+from blindnet.benchmarks.config import BACKBONES as BENCH_BACKBONES
+from blindnet.checkpoint import VARIANT_PROBES
+from blindnet.cli import main
+from blindnet.models import ModelConfig, build_model
+from blindnet.models.backbones import ENCODERS
+
+
+def test_model_encoders_config_cli_and_benchmarks_use_the_one_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert tuple(ENCODERS) == BACKBONE_NAMES
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["backbone"]) == BACKBONE_NAMES
+    assert BENCH_BACKBONES == BACKBONE_NAMES
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    assert "{" + ",".join(BACKBONE_NAMES) + "}" in capsys.readouterr().out
+    assert set(VARIANT_PROBES) == {n for n, b in BACKBONES.items() if b.variant_probes}
+
+
+@pytest.mark.parametrize("name", BACKBONE_NAMES)
+def test_each_backbone_entry_matches_the_network_it_builds(name: str) -> None:
+    facts = BACKBONES[name]
+    model = build_model(ModelConfig(backbone=name, instance_norm=True))
+    assert tuple(model.encoder.style_channels) == facts.style_channels
+    modules = dict(model.named_modules())
+    for probe in facts.variant_probes:
+        assert type(modules[probe.removeprefix("model.")]).__name__ == "BatchNorm2d", probe
+    assert norm_stride_of(ModelConfig(backbone=name)) == facts.norm_stride
+    assert norm_stride_of(ModelConfig(backbone=name, instance_norm=False)) == 0
+
+
+def test_an_unknown_backbone_is_named_not_defaulted() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
+        norm_stride_of({"backbone": "vgg16"})
+    assert norm_stride_of({}) == 16  # a foreign file that names no backbone: a multiple of every stride
