@@ -14,7 +14,8 @@ weights map onto ours key for key.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -91,12 +92,21 @@ class _BottleneckIN(nn.Module):
     Keeps the wrapped block's parameter names so original checkpoints load unchanged.
     """
 
+    # taken over from the wrapped block (setattr below)
+    conv1: nn.Conv2d
+    bn1: nn.BatchNorm2d
+    conv2: nn.Conv2d
+    bn2: nn.BatchNorm2d
+    conv3: nn.Conv2d
+    bn3: nn.BatchNorm2d
+    downsample: nn.Module | None
+
     def __init__(self, block: nn.Module, train_stats: str) -> None:
         super().__init__()
         for name in ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample"):
             setattr(self, name, getattr(block, name))
         self.relu = nn.ReLU(inplace=True)
-        self.instance_norm_layer = StyleNorm(block.bn3.num_features, train_stats)
+        self.instance_norm_layer = StyleNorm(self.bn3.num_features, train_stats)
 
     def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -110,15 +120,23 @@ class _BottleneckIN(nn.Module):
         return F.relu(self.forward_pre_act(x))
 
 
+@runtime_checkable
+class _PreActBlock(Protocol):
+    """A block that carries an InstanceNorm: ``forward_pre_act`` returns its output before the block's activation
+    (``activate`` where the block has one, else a ReLU)."""
+
+    def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 def _run_stage(stage: nn.Sequential, x: torch.Tensor, style: list[torch.Tensor]) -> torch.Tensor:
     """Run a stage whose last block may carry an InstanceNorm; collect that block's IN output in ``style``."""
     last = stage[-1]
     for block in list(stage)[:-1]:
         x = block(x)
-    if hasattr(last, "forward_pre_act"):
+    if isinstance(last, _PreActBlock):  # has forward_pre_act
         pre = last.forward_pre_act(x)
         style.append(pre)
-        return last.activate(pre) if hasattr(last, "activate") else F.relu(pre)
+        return getattr(last, "activate", F.relu)(pre)
     return last(x)
 
 
@@ -184,7 +202,7 @@ class _MobileBlockIN(nn.Module):
 
     def __init__(self, block: nn.Module, channels: int, train_stats: str) -> None:
         super().__init__()
-        self.conv = block.conv
+        self.conv = cast(nn.Module, block.conv)
         self.use_res_connect = block.use_res_connect
         self.instance_norm_layer = StyleNorm(channels, train_stats)
 
@@ -206,8 +224,8 @@ class _ShuffleBlockIN(nn.Module):
     def __init__(self, block: nn.Module, channels: int, train_stats: str) -> None:
         super().__init__()
         self.block_stride = block.stride
-        self.branch1 = block.branch1
-        self.branch2 = block.branch2
+        self.branch1 = cast(nn.Module, block.branch1)
+        self.branch2 = cast(nn.Module, block.branch2)
         self.instance_norm_layer = StyleNorm(channels, train_stats)
 
     def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,11 +311,11 @@ class _ShuffleStem(nn.Module):
         self.layer = nn.Sequential(conv1, maxpool)
         self.instance_norm = instance_norm
         if instance_norm:
-            self.instance_norm_layer = StyleNorm(conv1[0].out_channels, train_stats)
+            self.instance_norm_layer = StyleNorm(cast(nn.Conv2d, conv1[0]).out_channels, train_stats)
             conv1[1].requires_grad_(False)
 
     def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor:
-        conv1 = self.layer[0]
+        conv1 = cast(nn.Sequential, self.layer[0])
         return self.instance_norm_layer(conv1[0](x)) if self.instance_norm else conv1[1](conv1[0](x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,9 +378,12 @@ class ShuffleNetV2Encoder(_Encoder):
         return EncoderFeatures(tuple(style), low, l3, l4)
 
 
-def _with_weights(builder, weights, name: str) -> nn.Module:
+def _with_weights(builder: Callable[..., Any], weights: Any, name: str) -> Any:
     """Build a torchvision network, downloading ImageNet weights if asked; offline, fail loudly instead of silently
-    training from scratch."""
+    training from scratch.
+
+    Returns ``Any``: torchvision's networks carry no type information for a checker, and each encoder reads the
+    submodules of its own network (``net.layer1``, ``net.features``, ...)."""
     if weights is None:
         return builder(weights=None)
     try:
