@@ -11,13 +11,16 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 from blindnet.io import write_text
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -60,7 +63,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, path: str = "") -> T
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a type hint: a dataclass, never an instance
         if dataclasses.is_dataclass(value):
             return value
         if not isinstance(value, dict):

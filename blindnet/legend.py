@@ -40,7 +40,8 @@ def legend_entries(source: np.ndarray | Mapping[str, float], num_classes: int = 
     shares = class_shares(source, num_classes) if isinstance(source, np.ndarray) else dict(source)
     lut = palette(num_classes)
     index = {name: i for i, name in enumerate(class_names(num_classes))}
-    entries = [LegendEntry(n, tuple(int(v) for v in lut[index[n]]), float(s)) for n, s in shares.items() if n in index]
+    rgb = [(int(r), int(g), int(b)) for r, g, b in lut]
+    entries = [LegendEntry(n, rgb[index[n]], float(s)) for n, s in shares.items() if n in index]
     return sorted(entries, key=lambda e: -e.share)
 
 
