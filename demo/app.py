@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from blindnet.demo.styles import STYLES
 from blindnet.demo.video import DEFAULT_MAX_VIDEO_FRAMES, DEFAULT_MAX_VIDEO_SIDE, VideoError, process_video
 from blindnet.demo.views import (
     READING_GUIDE,
+    KnownLabels,
     class_colours,
     compare_style,
     describe_predictor,
@@ -110,6 +111,7 @@ class DemoCallbacks:
     max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES
     max_video_side: int = DEFAULT_MAX_VIDEO_SIDE
     video_batch_size: int = 8
+    known_labels: KnownLabels = field(default_factory=KnownLabels)
 
     @property
     def names(self) -> list[str]:
@@ -164,7 +166,8 @@ class DemoCallbacks:
         if upload is None:
             return None, None, None, None, None, None, ""
         chosen = {m: self.pick(m) for m in (model_a or self.names[0], model_b) if m and m != NO_MODEL}
-        result = compare_style(chosen, read_image_upload(upload), style, strength)
+        image = read_image_upload(upload)
+        result = compare_style(chosen, image, style, strength, labels=self.known_labels.find(image))
         a = result.models[0]
         b = result.models[1] if len(result.models) > 1 else None
         return (
@@ -360,9 +363,11 @@ def build_demo(
         raise ValueError("build_demo needs at least one predictor")
     if max_video_frames < 1:
         raise ValueError(f"max_video_frames must be >= 1, got {max_video_frames}")
-    cb = DemoCallbacks(predictors, _output_dir(output_dir), max_video_frames, max_video_side, video_batch_size)
-    names, first = cb.names, cb.names[0]
     examples = [str(p) for p in (default_examples() if examples is None else examples)]
+    cb = DemoCallbacks(
+        predictors, _output_dir(output_dir), max_video_frames, max_video_side, video_batch_size, KnownLabels(examples)
+    )
+    names, first = cb.names, cb.names[0]
     video_examples = [str(p) for p in (default_video_examples() if video_examples is None else video_examples)]
     img0: tuple = (None, None, None, "", None)
     rb0: tuple = (None,) * 6 + ("",)

@@ -1,20 +1,22 @@
 """Render the demo's example inputs with the synthetic scene generator: ``python -m blindnet.demo.make_examples``.
 
-Writes small 256 x 512 street scenes (PNG) and one short driving clip (VP8 WebM, so the browser can preview it; the
+Writes small 256 x 512 street scenes (PNG), their true labels (``labels/<name>``, train ids, which the Robustness
+tab and ``blindnet.demo.robustness`` score predictions against) and one short driving clip (VP8 WebM, so the browser can preview it; the
 demo reads it back with OpenCV like any upload) into ``demo/examples``. Deterministic: the same seeds give the same
 files, so re-running only changes them when the generator changes.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from blindnet.cliparse import JobParser
 from blindnet.data.synthetic import render_clip, render_scene
+from blindnet.io import write_png
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: (file name, seed, appearance): a clean daytime scene first (the Robustness tab shifts it), then real shifts
@@ -36,11 +38,11 @@ def write_examples(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, seed, appearance in SCENES:
-        images, _ = render_scene(seed, height, width, appearances=[appearance])
+        images, mask = render_scene(seed, height, width, appearances=[appearance])
         path = out / name
         if not cv2.imwrite(str(path), np.ascontiguousarray(images[appearance][:, :, ::-1])):
             raise OSError(f"could not write {path}")
-        written.append(path)
+        written += [path, write_png(out / "labels" / name, mask)]
     name, seed, appearance = CLIP
     frames, _ = render_clip(seed, clip_frames, height, width, appearances=[appearance])
     path = out / name
@@ -55,7 +57,7 @@ def write_examples(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m blindnet.demo.make_examples", description=__doc__)
+    p = JobParser(prog="python -m blindnet.demo.make_examples", description=__doc__)
     p.add_argument("--out", type=Path, default=EXAMPLES_DIR, help="output folder (default: demo/examples)")
     args = p.parse_args(argv)
     for path in write_examples(args.out):

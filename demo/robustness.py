@@ -24,9 +24,10 @@ from blindnet.cliparse import JobParser
 from blindnet.demo.__main__ import model_specs
 from blindnet.demo.app import default_examples
 from blindnet.demo.styles import STYLES
-from blindnet.demo.views import RobustnessResult, compare_style
+from blindnet.demo.views import ModelComparison, RobustnessResult, compare_style, label_confusion, labels_beside
 from blindnet.inference import Predictor
 from blindnet.io import ImageError, load_image, write_png, write_text
+from blindnet.metrics import ConfusionMatrix
 
 #: The strength the demo's slider starts at.
 DEFAULT_STRENGTH = 0.8
@@ -39,6 +40,7 @@ def robustness_table(
     styles: Sequence[str] = tuple(STYLES),
     strength: float = DEFAULT_STRENGTH,
     progress: bool | None = None,
+    labels: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Clean-vs-shifted label agreement for each model, style and image (``H x W x 3`` uint8 RGB), and beside it
     what exposes a model that agrees with itself only because it predicts almost nothing: the classes it predicts and
@@ -48,7 +50,12 @@ def robustness_table(
     {style: fraction}}, "classes": {model: {"clean" | style: mean count}}, "entropy": {model: {"clean" | style: mean
     bits}}}``; fractions are of pixels, in [0, 1]; ``classes``/``entropy`` under a style are of the shifted images.
     ``progress`` None shows a bar over the image and style pairs on a terminal, False never.
+    With ``labels`` (image name -> ``H x W`` true train ids, for some or all images) also ``"miou": {model: {"clean" |
+    style: fraction}}`` over the labelled images (one confusion matrix per model and column, summed over the images,
+    as ``blindnet evaluate`` scores a dataset) and ``"labelled_images"``.
     """
+    labels = {k: v for k, v in (labels or {}).items() if k in images}
+    cms: dict[str, dict[str, ConfusionMatrix]] = {}
     agreement: dict[str, dict[str, dict[str, float]]] = {name: {s: {} for s in styles} for name in predictors}
     stats: dict[str, dict[str, dict[str, list[float]]]] = {
         key: {name: {k: [] for k in ("clean", *styles)} for name in predictors} for key in ("classes", "entropy")
@@ -61,6 +68,8 @@ def robustness_table(
             # One call per image and style: the shift is computed once and every model segments the same pair.
             for model in compare_style(predictors, image, style, strength).models:
                 agreement[model.name][style][image_name] = model.agreement
+                if image_name in labels:
+                    _add_confusions(cms, model, style, labels[image_name], first=i == 0)
                 st = model.stats()
                 stats["classes"][model.name][style].append(st["classes_shifted"])
                 stats["entropy"][model.name][style].append(st["entropy_shifted"])
@@ -74,7 +83,7 @@ def robustness_table(
         key: {name: {k: float(np.mean(v)) for k, v in per.items()} for name, per in by_model.items()}
         for key, by_model in stats.items()
     }
-    return {
+    out = {
         "strength": strength,
         "styles": list(styles),
         "images": list(images),
@@ -82,6 +91,21 @@ def robustness_table(
         "mean": mean,
         **means,
     }
+    if cms:
+        out["labelled_images"] = list(labels)
+        out["miou"] = {name: {k: cm.miou() for k, cm in per.items()} for name, per in cms.items()}
+    return out
+
+
+def _add_confusions(
+    cms: dict[str, dict[str, ConfusionMatrix]], model: ModelComparison, style: str, labels: np.ndarray, first: bool
+) -> None:
+    """Add ``model``'s shifted prediction (and, for the first style, its clean one) against ``labels`` to ``cms``."""
+    per = cms.setdefault(model.name, {})
+    pairs = [(style, model.shifted)] + ([("clean", model.clean)] if first else [])
+    for key, pred in pairs:
+        cm = label_confusion(pred.labels, labels, pred.num_classes)
+        per[key] = per[key].merge(cm) if key in per else cm
 
 
 def markdown(table: Mapping[str, Any]) -> str:
@@ -108,6 +132,17 @@ def markdown(table: Mapping[str, Any]) -> str:
     for name in table["mean"]:
         cells = [f"{table['classes'][name][k]:.1f} / {table['entropy'][name][k]:.2f}" for k in ("clean", *styles)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "miou" in table:
+        lines += [
+            "",
+            f"mIoU against the true labels, %, clean and shifted, over the {len(table['labelled_images'])} images "
+            "whose labels are known",
+            "",
+            "| model | clean | " + " | ".join(styles) + " |",
+            "|---|---:|" + "---:|" * len(styles),
+        ]
+        for name, per in table["miou"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100.0 * per[k]:.1f}" for k in ("clean", *styles)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,13 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no images: pass --images (the demo's examples are not installed)")
     try:
         images = {path.name: load_image(path) for path in paths}
+        # True labels where an image has them as <folder>/labels/<name> (the demo's examples do).
+        labels = {path.name: lab for path in paths if (lab := labels_beside(path)) is not None}
     except ImageError as exc:
         p.error(str(exc))
     try:
         predictors = {name: Predictor.from_checkpoint(path) for name, path in model_specs(args.checkpoint, None)}
     except (CheckpointError, FileNotFoundError) as exc:
         p.error(str(exc))
-    table = robustness_table(predictors, images, strength=args.strength, progress=False if args.no_progress else None)
+    progress = False if args.no_progress else None
+    table = robustness_table(predictors, images, strength=args.strength, progress=progress, labels=labels)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "table.json", json.dumps(table, indent=2))
     text = markdown(table)

@@ -4,6 +4,7 @@ browser), plus the legend helpers every tab shares.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,12 +13,15 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 
 from blindnet.classes import class_names, palette
 from blindnet.demo.styles import apply_style
 from blindnet.inference import Prediction, Predictor
-from blindnet.io import ImageError, decode_image, to_rgb_uint8
+from blindnet.io import ImageError, decode_image, load_image, to_rgb_uint8
 from blindnet.legend import legend_entries
+from blindnet.metrics import ConfusionMatrix
 
 #: decompression-bomb guard for uploaded images (a 40 MP photo still fits)
 MAX_IMAGE_PIXELS = 40_000_000
@@ -171,14 +175,58 @@ def label_stats(labels: np.ndarray, num_classes: int) -> tuple[int, float]:
     return int((counts > 0).sum()), float(-(p * np.log2(p)).sum()) + 0.0
 
 
+def label_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int) -> ConfusionMatrix:
+    """The confusion matrix of an ``H x W`` prediction against ``H x W`` true train ids (255 = ignored)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {pred.shape} and labels {target.shape} differ in size")
+    cm = ConfusionMatrix(num_classes)
+    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(target.astype(np.int64)))
+    return cm
+
+
+def labels_beside(image_path: str | Path) -> np.ndarray | None:
+    """The true labels stored for an image as ``<folder>/labels/<name>`` (``H x W`` uint8 train ids), if any."""
+    path = Path(image_path).parent / "labels" / Path(image_path).name
+    if not path.is_file():
+        return None
+    with Image.open(path) as img:
+        labels = np.asarray(img)
+    if labels.ndim != 2:
+        raise ImageError(f"{path}: a label map must be a single-channel PNG of train ids, got shape {labels.shape}")
+    return labels.astype(np.uint8)
+
+
+class KnownLabels:
+    """True labels of known images (the demo's examples), found by image content: Gradio hands a callback a copy of
+    an example under another path, so the pixels, not the file name, identify it."""
+
+    def __init__(self, image_paths: Sequence[str | Path] = ()) -> None:
+        self._by_digest: dict[str, np.ndarray] = {}
+        for path in image_paths:
+            labels = labels_beside(path)
+            if labels is not None:
+                self._by_digest[self.digest(load_image(path))] = labels
+
+    @staticmethod
+    def digest(image: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(image).tobytes() + str(image.shape).encode()).hexdigest()
+
+    def find(self, image: np.ndarray) -> np.ndarray | None:
+        """The labels of ``image`` (``H x W x 3`` uint8 RGB) when it is one of the known images, else None."""
+        return self._by_digest.get(self.digest(image)) if self._by_digest else None
+
+
 @dataclass
 class ModelComparison:
-    """One model on the clean and the shifted image: colour maps ``H x W x 3`` and their pixel agreement."""
+    """One model on the clean and the shifted image: colour maps ``H x W x 3`` and their pixel agreement, and, when
+    the image's true labels are known, the mIoU (0..1) of each prediction against them."""
 
     name: str
     clean: Prediction
     shifted: Prediction
     agreement: float
+    miou_clean: float | None = None
+    miou_shifted: float | None = None
 
     def stats(self) -> dict[str, float]:
         """Classes predicted and label entropy (bits) on the clean and on the shifted image (:func:`label_stats`)."""
@@ -192,8 +240,9 @@ READING_GUIDE = (
     "**How to read this.** *Agreement* is the share of pixels whose label does not change under the shift. On its "
     "own it rewards a useless model: one that paints nearly everything as the same class agrees with itself under "
     "any shift. Read it beside *classes* (how many classes the map contains) and *entropy* (bits; 0 for a map of one "
-    "class, higher for a varied map): a robust model keeps a high agreement **and** keeps its classes and entropy "
-    "on the shifted image."
+    "class, higher for a varied map), and above all beside *mIoU against the true labels*, shown for the example "
+    "images (generated scenes whose labels are known): a robust model keeps a high agreement **and** a high mIoU on "
+    "the shifted image. A barely trained model can keep many labels and many classes while its mIoU stays near zero."
 )
 
 
@@ -211,7 +260,8 @@ class RobustnessResult:
     cross_shifted: float | None = None
 
     def table(self) -> pd.DataFrame:
-        """``model | agreement (%) | classes clean/shifted (n) | entropy clean/shifted (bits) | class names``."""
+        """``model | agreement (%) | classes clean/shifted (n) | entropy clean/shifted (bits) | mIoU clean/shifted
+        (%, or "no labels") | class names``."""
         rows = []
         for m in self.models:
             st = m.stats()
@@ -221,6 +271,9 @@ class RobustnessResult:
                     round(100.0 * m.agreement, 2),
                     f"{st['classes_clean']} / {st['classes_shifted']}",
                     f"{st['entropy_clean']:.2f} / {st['entropy_shifted']:.2f}",
+                    "no labels"
+                    if m.miou_clean is None or m.miou_shifted is None
+                    else f"{100.0 * m.miou_clean:.1f} / {100.0 * m.miou_shifted:.1f}",
                     ", ".join(m.clean.class_shares()),
                     ", ".join(m.shifted.class_shares()),
                 )
@@ -230,6 +283,7 @@ class RobustnessResult:
             "agreement clean vs shifted (%)",
             "classes clean / shifted",
             "entropy clean / shifted (bits)",
+            "mIoU vs true labels, clean / shifted (%)",
             "classes (clean)",
             "classes (shifted)",
         ]
@@ -255,16 +309,29 @@ class RobustnessResult:
 
 
 def compare_style(
-    predictors: Mapping[str, Predictor], image: np.ndarray, style: str, strength: float = 1.0, seed: int = 0
+    predictors: Mapping[str, Predictor],
+    image: np.ndarray,
+    style: str,
+    strength: float = 1.0,
+    seed: int = 0,
+    labels: np.ndarray | None = None,
 ) -> RobustnessResult:
-    """Apply a style shift to ``image`` and segment both versions with each model in ``predictors`` (one or two)."""
+    """Apply a style shift to ``image`` and segment both versions with each model in ``predictors`` (one or two).
+
+    With ``labels`` (``H x W`` true train ids of ``image``; a style shift keeps every object where it is, so they
+    hold for the shifted image too) each model's mIoU on both versions is computed as well.
+    """
     if not predictors:
         raise ValueError("compare_style needs at least one model")
     shifted = apply_style(image, style, strength, seed)
     models = []
     for name, predictor in predictors.items():
         clean, shift = predictor.predict_arrays([image, shifted])
-        models.append(ModelComparison(name, clean, shift, agreement(clean.labels, shift.labels)))
+        m = ModelComparison(name, clean, shift, agreement(clean.labels, shift.labels))
+        if labels is not None:
+            m.miou_clean = label_confusion(clean.labels, labels, clean.num_classes).miou()
+            m.miou_shifted = label_confusion(shift.labels, labels, shift.num_classes).miou()
+        models.append(m)
     result = RobustnessResult(image=image, shifted=shifted, style=style, strength=float(strength), models=models)
     if len(models) >= 2:
         result.cross_clean = agreement(models[0].clean.labels, models[1].clean.labels)

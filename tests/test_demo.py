@@ -19,7 +19,7 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.checkpoint import load_model, save_model
 from blindnet.classes import colorize
 from blindnet.inference import Predictor
-from blindnet.io import ImageError
+from blindnet.io import ImageError, write_png
 from blindnet.models import ModelConfig, build_model
 
 gr = pytest.importorskip("gradio")
@@ -31,7 +31,14 @@ from blindnet.demo.app import build_demo, launch, startup_message  # noqa: E402
 from blindnet.demo.robustness import main as robustness_main  # noqa: E402
 from blindnet.demo.robustness import markdown, robustness_table  # noqa: E402
 from blindnet.demo.video import VideoError, process_video, sampling_stride  # noqa: E402
-from blindnet.demo.views import agreement, compare_style, read_image_upload, segment_image  # noqa: E402
+from blindnet.demo.views import (  # noqa: E402
+    agreement,
+    compare_style,
+    label_confusion,
+    labels_beside,
+    read_image_upload,
+    segment_image,
+)
 
 H, W = 64, 96
 
@@ -51,6 +58,14 @@ def _scene(seed: int = 0) -> np.ndarray:
     img[2 * H // 3 :] = (70, 70, 75)
     noise = rng.integers(-20, 20, size=img.shape)
     return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def _scene_labels() -> np.ndarray:
+    """The true train ids of :func:`_scene`: sky (10) above buildings (2) above road (0)."""
+    labels = np.zeros((H, W), np.uint8)
+    labels[: H // 3] = 10
+    labels[H // 3 : 2 * H // 3] = 2
+    return labels
 
 
 def _write_video(path: Path, frames: int = 8, fourcc: str = "mp4v") -> Path:
@@ -101,6 +116,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("files")
     image = root / "scene.png"
     cv2.imwrite(str(image), _scene()[:, :, ::-1])
+    write_png(root / "labels" / "scene.png", _scene_labels())  # its true labels, as the demo's examples carry them
     bad = root / "notes.png"
     bad.write_text("this is a text file, not a PNG\n")
     empty = root / "empty.mp4"
@@ -291,6 +307,30 @@ def test_robustness_readout_exposes_a_model_that_predicts_one_class(predictors) 
     assert row["classes clean / shifted"] == "1 / 1" and row["entropy clean / shifted (bits)"] == "0.00 / 0.00"
 
 
+def test_miou_against_known_labels(predictors) -> None:
+    # Known answer: scored against its own clean prediction, a model's clean mIoU is exactly 1 and its shifted mIoU is
+    # that of the shifted map against the clean one.
+    model = {"blindnet": predictors["blindnet"]}
+    images = {"a.png": _scene(0), "b.png": _scene(1)}
+    own = {name: predictors["blindnet"].predict_one(img).labels for name, img in images.items()}
+    table = robustness_table(model, images, styles=["fog"], strength=0.8, labels={"a.png": own["a.png"]})
+    assert table["labelled_images"] == ["a.png"] and table["miou"]["blindnet"]["clean"] == 1.0
+    shifted = compare_style(model, images["a.png"], "fog", 0.8).models[0].shifted.labels
+    assert table["miou"]["blindnet"]["fog"] == pytest.approx(label_confusion(shifted, own["a.png"], 19).miou())
+    assert "mIoU against the true labels" in markdown(table)
+    assert "miou" not in robustness_table(model, images, styles=["fog"], strength=0.8)
+
+
+def test_the_examples_carry_their_true_labels() -> None:
+    from blindnet.data.synthetic import render_scene
+    from blindnet.demo.make_examples import EXAMPLES_DIR, SCENES
+
+    for name, seed, appearance in SCENES:
+        image, mask = render_scene(seed, 256, 512, appearances=[appearance])
+        np.testing.assert_array_equal(cv2.imread(str(EXAMPLES_DIR / name))[:, :, ::-1], image[appearance])
+        np.testing.assert_array_equal(labels_beside(EXAMPLES_DIR / name), mask)
+
+
 def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, capsys) -> None:
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), cv2.cvtColor(_scene(2), cv2.COLOR_RGB2BGR))
@@ -376,6 +416,11 @@ def test_compare_endpoint_with_two_models(client, files) -> None:
         assert cv2.imread(p).shape == (H, W, 3)
     assert [row[0] for row in table["data"]] == ["blindnet", "baseline"]
     assert "night" in summary and "agree" in summary
+    # The image is an example whose labels are known: each model's mIoU against them, clean and shifted.
+    miou_column = table["headers"].index("mIoU vs true labels, clean / shifted (%)")
+    for row in table["data"]:
+        clean, shifted = (float(x) for x in row[miou_column].split(" / "))
+        assert 0.0 <= clean <= 100.0 and 0.0 <= shifted <= 100.0
 
 
 @pytest.mark.parametrize(
