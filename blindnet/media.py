@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -138,7 +139,7 @@ class FrameSource:
                         break
                     t = float(frame.time) if frame.time is not None else self.read / self.info.fps
                     t0 = t if t0 is None else t0
-                    rgb = frame.to_ndarray(format="rgb24")
+                    rgb: np.ndarray = frame.to_ndarray(format="rgb24")
                     # The display matrix (side data FFmpeg attaches to each frame) in degrees counter-clockwise;
                     # getattr: a PyAV too old to expose it shows the stored pixels.
                     self.info.rotation = round(getattr(frame, "rotation", 0) or 0) % 360
@@ -286,7 +287,11 @@ class VideoWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         options = {"movflags": "+faststart"} if self.path.suffix == ".mp4" else {}
         self._container = av.open(str(self.tmp), "w", options=options)
-        stream = self._container.add_stream(self._encoder, rate=Fraction(self.fps).limit_denominator(1001))
+        # the encoder is a video codec (H.264 or VP9), so the stream is a VideoStream
+        stream = cast(
+            av.video.stream.VideoStream,
+            self._container.add_stream(self._encoder, rate=Fraction(self.fps).limit_denominator(1001)),
+        )
         stream.width, stream.height = width + width % 2, height + height % 2
         stream.pix_fmt = "yuv420p"
         stream.time_base = self._tb
