@@ -33,7 +33,7 @@ NUM_CLASSES = 19
 class SampleKey(NamedTuple):
     """A class-uniform item: image ``index`` whose crop must contain pixel ``(row, col)`` of class ``class_id``."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index: keys are read by name
     class_id: int
     row: int
     col: int
@@ -74,7 +74,7 @@ def build_centroids(
     if cache_file is not None and Path(cache_file).is_file():
         data = json.loads(Path(cache_file).read_text())
         if data.get("num_images") == num_images and data.get("tile") == tile:
-            return [[tuple(e) for e in lst] for lst in data["centroids"]]  # type: ignore[misc]
+            return [[tuple(e) for e in lst] for lst in data["centroids"]]
     from tqdm import tqdm
 
     cents: Centroids = [[] for _ in range(num_classes)]

@@ -17,7 +17,7 @@ photometric pairs are too.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +81,8 @@ def mmd_alignment(
     # Bandwidth from the data, not learned through: detached so the loss cannot shrink by inflating distances.
     base = (d2.detach().sum((1, 2)) / max(m * m - m, 1)).clamp(min=1e-12)  # N
     base = base / (kernel_mul ** (num_kernels // 2))
-    kernel = sum(torch.exp(-d2 / (base * kernel_mul**i)[:, None, None]) for i in range(num_kernels))
+    # a sum of num_kernels >= 1 tensors (the cast: sum() is typed to start from the int 0)
+    kernel = cast(torch.Tensor, sum(torch.exp(-d2 / (base * kernel_mul**i)[:, None, None]) for i in range(num_kernels)))
     kxx, kyy = kernel[:, :s, :s], kernel[:, s:, s:]
     kxy = kernel[:, :s, s:]
     return (kxx.mean((1, 2)) + kyy.mean((1, 2)) - 2 * kxy.mean((1, 2))).mean()

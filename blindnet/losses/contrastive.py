@@ -163,7 +163,7 @@ class CWCLSample(NamedTuple):
         slot_class: ``N x S`` long class of each slot, -1 for a filler slot of random labelled pixels.
     """
 
-    index: torch.Tensor
+    index: torch.Tensor  # type: ignore[assignment]  # the field shadows tuple.index: read by name
     label: torch.Tensor
     valid: torch.Tensor
     slot_class: torch.Tensor
