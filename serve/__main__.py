@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.serve") 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     raise_open_file_limit()
+    # Worker threads (parsing, decoding, the batcher's pre/post-processing) hand the GIL back every millisecond
+    # instead of every 5: the event loop answers probes and reads sockets sooner while they work.
+    sys.setswitchinterval(0.001)
     backend_kwargs = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
     try:
         backend = make_backend(args.backend, args.checkpoint, **backend_kwargs)

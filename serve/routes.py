@@ -8,7 +8,9 @@ routes are matched and listed in the OpenAPI schema.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,9 @@ from blindnet.serve.parsing import (
 )
 from blindnet.serve.responses import build_infer_response, segment_response
 
+#: Bodies larger than this (or compressed) are decompressed and parsed in one of HEAVY_PARSE_SLOTS slots.
+HEAVY_PARSE_BYTES = 1024 * 1024
+HEAVY_PARSE_SLOTS = 2
 #: Largest body of a repository index request (a tiny JSON object at most).
 REPOSITORY_INDEX_MAX_BYTES = 64 * 1024
 
@@ -67,10 +72,27 @@ class ServeContext:
     batcher: DynamicBatcher | None = None
     metrics: ServerMetrics = field(init=False)
 
+    _heavy_parses: asyncio.Semaphore = field(init=False)
+
     def __post_init__(self) -> None:
+        self._heavy_parses = asyncio.Semaphore(HEAVY_PARSE_SLOTS)
         self.metrics = ServerMetrics(self.queue_source, self.config.max_batch_size)
         self.decode_budget = Budget(self.config.decode_pixel_budget, "pixels")
         self.memory_budget = Budget(self.config.memory_budget_bytes, "bytes")
+
+    @contextlib.asynccontextmanager
+    async def heavy_parse(self, request: Request, body: bytes) -> AsyncIterator[None]:
+        """A slot for decompressing or parsing a large body: at most :data:`HEAVY_PARSE_SLOTS` at once.
+
+        Parsing is CPU work under the GIL: more threads at it than cores only make the event loop wait longer for
+        the GIL (health probes included) without finishing any sooner. Small bodies skip the queue.
+        """
+        encoded = request.headers.get("content-encoding", "").lower() not in ("", "identity")
+        if not encoded and len(body) <= HEAVY_PARSE_BYTES:
+            yield
+            return
+        async with self._heavy_parses:
+            yield
 
     def json_limits(self, max_bytes: int | None = None) -> JsonLimits:
         """What one JSON text of a request may cost under these settings."""
@@ -274,7 +296,8 @@ async def infer(ctx: ServeContext, request: Request, name: str, version: str | N
     )
     async with ctx.memory_budget.hold(reserve, config.body_timeout_s):
         body = await read_body(request, limit, config.body_timeout_s)
-        req, images = await run_in_threadpool(_parse_infer, ctx, request, body)
+        async with ctx.heavy_parse(request, body):
+            req, images = await run_in_threadpool(_parse_infer, ctx, request, body)
         del body
     outputs = requested_outputs(req)
     check_outputs(
@@ -323,9 +346,14 @@ async def segment_upload(ctx: ServeContext, request: Request, fmt: str, alpha: f
     limit = config.max_request_bytes
     async with ctx.memory_budget.hold(2 * body_reservation(request.headers, limit), config.body_timeout_s):
         body = await read_body(request, limit, config.body_timeout_s)
-        body = await run_in_threadpool(
-            decode_body, body, request.headers.get("content-encoding", ""), limit, ParseDeadline(config.parse_timeout_s)
-        )
+        async with ctx.heavy_parse(request, body):
+            body = await run_in_threadpool(
+                decode_body,
+                body,
+                request.headers.get("content-encoding", ""),
+                limit,
+                ParseDeadline(config.parse_timeout_s),
+            )
         data, name = await upload_bytes(request.headers, body)
         del body
         w, h = await run_in_threadpool(probe_upload, data, name=name, max_pixels=config.max_image_pixels)
