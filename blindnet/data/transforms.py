@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import cv2
 import numpy as np
@@ -63,7 +63,7 @@ class ColorJitter:
     hue: float = 0.1
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        x = image.astype(np.float32) * (1.0 / 255.0)
+        x: np.ndarray = image.astype(np.float32) * (1.0 / 255.0)
         ops = []
         if self.brightness > 0:
             ops.append(("b", rng.uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)))
@@ -320,13 +320,14 @@ def build_train_transform(
         float(scale_min),
         float(scale_max),
         bool(flip),
-        tuple(jitter),
+        # the lengths are not checked here: ColorJitter takes four factors, the blur range is two sigmas
+        cast("tuple[float, float, float, float]", tuple(jitter)),
         float(jitter_p),
-        tuple(aug_jitter),
+        cast("tuple[float, float, float, float]", tuple(aug_jitter)),
         bool(blur),
-        tuple(blur_sigma),
+        cast("tuple[float, float]", tuple(blur_sigma)),
         centroid_crop=centroid_crop,
-    )  # type: ignore[arg-type]
+    )
 
 
 def build_eval_transform(protocol: EvalProtocol = "clean", dataset: str | None = None) -> EvalTransform:

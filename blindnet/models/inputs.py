@@ -6,11 +6,19 @@ with the model, below all of them.
 
 from __future__ import annotations
 
+from typing import overload
+
 import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@overload
+def normalize(images: np.ndarray, *, channels_last: bool = True) -> np.ndarray: ...
+@overload
+def normalize(images: torch.Tensor, *, channels_last: bool = True) -> torch.Tensor: ...
 
 
 def normalize(images: np.ndarray | torch.Tensor, *, channels_last: bool = True) -> np.ndarray | torch.Tensor:
