@@ -30,6 +30,7 @@ from blindnet.serve import client
 from blindnet.serve.app import BackgroundServer, create_app
 from blindnet.serve.config import ServeConfig
 from tests.conftest import ServeProcess
+from tests.test_serve_hardening import png_bomb
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
 
@@ -150,6 +151,7 @@ def _hostile_json_cases() -> list[tuple[str, str, bytes, dict[str, str], int]]:
     numbers += b"7]}]}"  # 3 M numbers for a 3-value tensor: parsed, then refused
     floats = b"[" + b"0.5," * 2_000_000 + b"1]"
     over = b"[" + b"1," * 32_000_000 + b"1]"  # 62 KB gzipped, 63 MB of numbers
+    logits = client.encode_infer(np.zeros((1, 768, 768, 3), np.uint8), outputs=["logits"], binary_outputs=False)
     cases = [
         ("escaped quotes, index", "/v2/repository/index", *_gzip(quotes), 400),
         ("escaped quotes, infer", INFER, *_gzip(quotes), 400),
@@ -160,6 +162,8 @@ def _hostile_json_cases() -> list[tuple[str, str, bytes, dict[str, str], int]]:
         ("3 M numbers", INFER, *_gzip(numbers), 400),
         ("2 M floats", INFER, *_gzip(floats), 400),
         ("63 MB of numbers", INFER, *_gzip(over), 413),
+        ("JSON logits of 768x768 (1.2 GB before)", INFER, *logits, 413),
+        ("a 4000x4000 PNG bomb", "/v1/segment", png_bomb(4000, 4000), {"Content-Type": "image/png"}, 413),
     ]
     return cases
 
