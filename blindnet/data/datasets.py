@@ -474,9 +474,10 @@ class SegmentationDataset(Dataset):
     def _item(self, index: int, centroid: tuple[int, int] | None, rng: np.random.Generator) -> dict[str, Any]:
         image, label, s = self.load(index)
         if self.train:
-            item = self.transform(image, label, rng, centroid=centroid)  # type: ignore[call-arg]
+            tensors = self.transform(image, label, rng, centroid=centroid)  # type: ignore[call-arg]
         else:
-            item = self.transform(image, label)  # type: ignore[call-arg]
+            tensors = self.transform(image, label)  # type: ignore[call-arg]
+        item: dict[str, Any] = tensors  # the transform's tensors, then the names added below
         item["name"] = s.name
         if s.appearance is not None:
             item["appearance"] = s.appearance
@@ -857,7 +858,7 @@ class AlignedAppearanceDataset(SegmentationDataset):
                 )
         if image.shape[:2] != label.shape[:2]:
             raise DatasetError(f"aligned: {s.name}: image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
-        item = self.transform(image, label, rng, centroid=centroid, image_aug=image_aug)  # type: ignore[call-arg]
+        item: dict[str, Any] = self.transform(image, label, rng, centroid=centroid, image_aug=image_aug)  # type: ignore[call-arg]
         item["name"] = s.name
         item["appearance"] = app
         if app_aug is not None:
