@@ -20,11 +20,13 @@ Endpoints (all errors are JSON ``{"error": "<message>"}``, the shape ``tritoncli
 ==========================================  =====================================================================
 
 Status codes (one per class of error): 400 malformed input (not an image, truncated file, bad JSON or JSON nested too
-deep, a v2 request of the wrong structure, wrong tensor shape/dtype/size, bad HTTP framing), 401 missing/wrong API
-key, 404 unknown model or endpoint, 405 wrong method, 408 body not received in time, 413 request body or image pixels
-over the limit (from the header, before decoding), 415 image format or Content-Encoding not accepted, 503 +
-``Retry-After`` queue full or shutting down, 500 backend failure (only the requests of that batch). A client that
-leaves mid-body is counted as 499.
+deep, a v2 request of the wrong structure, a boolean parameter that is not a JSON boolean, wrong tensor
+shape/dtype/size, bad HTTP framing), 401 missing/wrong API key, 404 unknown model or endpoint, 405 wrong method, 408
+body (or a request's headers) not received in time, 413 over a size limit, decided before the work (body, JSON text,
+JSON values, image pixels, outputs; a parse past its time budget), 415 image format or Content-Encoding not
+accepted, 503 + ``Retry-After`` queue full, memory budget busy, too many connections, or shutting down (also for a
+request the drain time cut off), 500 backend failure (only the requests of that batch). A client that leaves
+mid-body is counted as 499. serve/README.md gives every limit and the server's worst-case memory.
 """
 
 from __future__ import annotations
