@@ -219,3 +219,31 @@ class CrossAppearanceConsistency:
                     miou[i][j] = self._cm[(min(i, j), max(i, j))].miou()
         scenes = [[self._scenes[i][j] for j in range(n)] for i in range(n)]
         return ConsistencyScores(list(self.appearances), agreement, miou, scenes)
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment between two representations of the same samples.
+
+    ``x`` is ``n x p`` and ``y`` is ``n x q`` (row i of both describes sample i), or feature maps ``N x C x H x W``
+    (each pixel of each image is a sample, its channels the features; both maps must have the same ``N, H, W``).
+    Returns ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on column-centred features: 1 for representations that
+    differ by an orthogonal transform and an isotropic scale, near ``min(p, q) / n`` for independent random ones.
+    Computed in float64 in feature space (``p x q`` Gram matrices), so ``n`` may be large. Used to ask whether an
+    encoder maps two appearances of one layout to the same features.
+    """
+    if x.dim() == 4 and y.dim() == 4:
+        if (x.shape[0], *x.shape[2:]) != (y.shape[0], *y.shape[2:]):
+            raise ValueError(f"feature maps must share N, H, W; got {tuple(x.shape)} and {tuple(y.shape)}")
+        x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        y = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"expected n x p and n x q with the same n, got {tuple(x.shape)} and {tuple(y.shape)}")
+    x = x.detach().double()
+    y = y.detach().double()
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    if float(norm) == 0.0:
+        raise ValueError("CKA is undefined for a constant representation (all samples equal)")
+    return float(cross / norm)
