@@ -234,3 +234,42 @@ def test_bad_requests_are_refused_before_queueing(model, images: np.ndarray, mes
 def test_invalid_settings() -> None:
     with pytest.raises(ValueError, match="max_queue_size"):
         DynamicBatcher(None, max_batch_size=8, max_queue_size=4)  # type: ignore[arg-type]
+
+
+def test_large_images_are_split_over_batches_within_the_pixel_budget(model) -> None:
+    predictor = Predictor(TorchBackend(model), batch_size=8)
+    images = _images(5, 32, 48, seed=7)
+    records: list[BatchRecord] = []
+    # Two 32 x 48 images per batch at most; the queue holds at most 8 such images' pixels.
+    batcher = DynamicBatcher(
+        predictor,
+        max_batch_size=8,
+        max_queue_delay_ms=0,
+        max_queue_size=64,
+        max_batch_pixels=2 * 32 * 48,
+        max_queue_pixels=8 * 32 * 48,
+        on_batch=records.append,
+    )
+    try:
+        got = batcher.predict(np.stack(images), timeout=60)  # one request of five, run as 2 + 2 + 1
+        gate = threading.Event()
+        orig = predictor.backend.infer
+
+        def held(batch: np.ndarray, **kw) -> BackendOutput:  # the real call, after the queue has been filled
+            gate.wait(30)
+            return orig(batch, **kw)
+
+        predictor.backend.infer = held  # type: ignore[method-assign]
+        first = batcher.submit(np.stack(images[:1]))  # taken by the worker, which then waits
+        while batcher.queue_depth:
+            time.sleep(0.001)
+        queued = [batcher.submit(np.stack(images[:4])), batcher.submit(np.stack(images[:4]))]  # 8 images queued
+        with pytest.raises(QueueFullError, match="pixels in use"):
+            batcher.submit(np.stack(images[:1]))
+        gate.set()
+        assert [len(f.result(60)) for f in (first, *queued)] == [1, 4, 4]
+    finally:
+        batcher.close()
+    want = predictor.predict(images)
+    assert [g.labels.tobytes() for g in got] == [w.labels.tobytes() for w in want]
+    assert [r.size for r in records[:3]] == [2, 2, 1] and max(r.size for r in records) == 2
