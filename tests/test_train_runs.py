@@ -87,6 +87,7 @@ def _snapshot(run: Path) -> dict[str, bytes]:
 
 def test_a_second_train_out_leaves_a_finished_run_alone(scenes: Path, finished: Path, tmp_path: Path) -> None:
     from blindnet.train.__main__ import main
+    from blindnet.train.loop import describe_existing_run
 
     run = _copy(finished, tmp_path)
     before = _snapshot(run)
@@ -95,6 +96,14 @@ def test_a_second_train_out_leaves_a_finished_run_alone(scenes: Path, finished: 
     assert "already holds a finished run (2 iterations)" in res.stderr and "--resume" in res.stderr
     assert "Traceback" not in res.stderr
     assert _snapshot(run) == before  # not one byte changed
+
+    # A folder whose run stopped before its first checkpoint holds nothing to resume: a new run may start there.
+    stopped_early = tmp_path / "early"
+    stopped_early.mkdir()
+    for name in ("config.yaml", "train_log.csv"):
+        shutil.copy(run / name, stopped_early / name)
+    assert describe_existing_run(stopped_early) is None
+    assert describe_existing_run(run) == "a finished run (2 iterations)"
 
     # --overwrite moves the old run aside, whole, and starts a new one in its place.
     assert main([*tiny_args(scenes, run, **{"optim.max_iter": 1}), "--overwrite"]) == 0

@@ -174,19 +174,18 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-RUN_FILES = ("config.yaml", "train_log.csv", "eval.csv", "model.safetensors")
-
-
 def describe_existing_run(run_dir: str | Path) -> str | None:
     """What run ``run_dir`` holds, in words (``"a finished run (10 iterations)"``), or None when it holds none.
 
-    A folder holds a run when it has a checkpoint or any file a run writes (``config.yaml``, the logs, the model).
+    A folder holds a run when it has a checkpoint or a saved model. The config and logs of a run that stopped before
+    its first checkpoint (a data error, a kill in the first iterations) hold nothing to resume, and a new run in that
+    folder replaces them.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
     ckpts = sorted((run_dir / CKPT_DIR).glob("ckpt_*.pt"))
-    if not ckpts and not any((run_dir / name).exists() for name in RUN_FILES):
+    if not ckpts and not (run_dir / "model.safetensors").is_file():
         return None
     step = int(ckpts[-1].stem.split("_")[-1]) if ckpts else None
     model = run_dir / "model.safetensors"
@@ -196,9 +195,7 @@ def describe_existing_run(run_dir: str | Path) -> str | None:
         except (CheckpointError, OSError, ValueError):
             done = "?"
         return f"a finished run ({done} iterations)"
-    if step is not None:
-        return f"an unfinished run (last checkpoint at iteration {step})"
-    return "the files of a run that wrote no checkpoint yet"
+    return f"an unfinished run (last checkpoint at iteration {step})"
 
 
 def move_run_aside(run_dir: str | Path) -> Path:
