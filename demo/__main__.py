@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from blindnet.backends import BACKEND_NAMES
-from blindnet.cliparse import JobParser
+from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.extras import require_extra
 
 
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m blindnet.demo") -
     args = build_parser(prog).parse_args(argv)
     if args.max_video_frames < 1 or args.batch_size < 1:
         print("error: --max-video-frames and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    if args.device and args.device.startswith("cuda") and cuda_device_count() == 0:  # before PyTorch and the models
+        print(f"error: --device {args.device}: no CUDA device is available here (use --device cpu)", file=sys.stderr)
         return 2
     require_extra("demo")
     # Lazy CLI dispatch: --help answers before PyTorch and Gradio are imported.

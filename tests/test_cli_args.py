@@ -67,6 +67,9 @@ def test_device_cuda_without_a_gpu_fails_before_pytorch_loads() -> None:
     assert res.stdout.strip() == "torch not loaded"
     res = blindnet("evaluate", "--checkpoint", __file__, "--dataset", "aligned", "--root", ".", "--device", "cuda")
     assert res.returncode == 2 and "no CUDA device" in res.stderr
+    res = blindnet("demo", "--device", "cuda", code=NOT_TORCH)
+    assert res.returncode == 2 and "--device cuda: no CUDA device is available here" in res.stderr
+    assert res.stdout.strip() == "torch not loaded"
 
 
 def test_the_synthetic_names_are_the_renderers() -> None:
