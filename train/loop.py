@@ -5,7 +5,8 @@ global batch of 8 split across ranks, SyncBN across ranks. Differences from the 
 
 * SyncBN conversion happens **before** the optimizer is built (the original converted after).
 * bfloat16 autocast and channels_last on GPU (the original ran FP32 with anomaly detection on).
-* Evaluation reports the **last** weights on every target; no per-target best-checkpoint selection.
+* Evaluation reports the **last** weights on every target; no per-target best-checkpoint selection. The final
+  evaluation runs in float32 whatever ``runtime.amp`` says, so it equals ``blindnet evaluate`` on the saved model.
 * Checkpoints are atomic and hold every random state, and the data stream is a pure function of (seed, step), so
   ``resume`` continues the exact same run.
 """
