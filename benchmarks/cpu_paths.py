@@ -39,7 +39,7 @@ from blindnet.checkpoint import load_model
 from blindnet.export.int8 import check_int8, quantize_int8
 from blindnet.export.onnx import export_onnx
 from blindnet.inference import Predictor
-from blindnet.models import ModelConfig, build_model
+from blindnet.models import build_model
 from blindnet.resolve import DEFAULT_CHECKPOINT
 
 PATHS = ("torch-eager", "torch-best", "ort-fp32", "ort-int8")
@@ -50,7 +50,7 @@ def _model(backbone: str, seed: int) -> tuple[torch.nn.Module, str]:
     if backbone == "shufflenetv2" and DEFAULT_CHECKPOINT.exists():
         return load_model(DEFAULT_CHECKPOINT).eval(), "shipped checkpoint"
     torch.manual_seed(seed)
-    return build_model(ModelConfig(backbone=backbone)).eval(), "random init"
+    return build_model({"backbone": backbone}).eval(), "random init"
 
 
 def build_paths(

@@ -47,7 +47,7 @@ from blindnet.backends.select import make_backend
 from blindnet.benchmarks.soak import png_bomb, run_soak, write_soak_report
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
-from blindnet.models import ModelConfig, build_model
+from blindnet.models import build_model
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.serve import client
 from blindnet.zoo import checkpoint_path
@@ -257,7 +257,7 @@ def _resolve_checkpoint(checkpoint: str | Path | None, backbone: str, tmpdir: Pa
     import torch
 
     torch.manual_seed(0)
-    path = save_model(build_model(ModelConfig(backbone=backbone)), tmpdir / f"random_{backbone}.safetensors")
+    path = save_model(build_model({"backbone": backbone}), tmpdir / f"random_{backbone}.safetensors")
     return path, f"random-init {backbone} (weights do not change throughput)"
 
 

@@ -54,7 +54,7 @@ def _peer_model() -> nn.Module:
 def model_specs(cfg: BenchConfig) -> list[ModelSpec]:
     """Models in measuring order: the headline (first backbone, first network) first, the peer last."""
     specs = [
-        ModelSpec(f"{net}-{bb}", net, bb, ModelConfig(backbone=bb, instance_norm=(net == "blindnet")))
+        ModelSpec(f"{net}-{bb}", net, bb, ModelConfig.from_dict({"backbone": bb, "instance_norm": net == "blindnet"}))
         for bb in cfg.backbones
         for net in cfg.networks
     ]

@@ -158,7 +158,7 @@ def _cpu_setup(
     (``channels_last`` layout, bf16 autocast where the CPU has it natively, and ``torch.compile`` of the network's
     ``forward_features`` when ``compile``)."""
     torch.manual_seed(seed)
-    task = BlindNetTask(build_model(ModelConfig(backbone=backbone)), ablation(config_name)).train()
+    task = BlindNetTask(build_model({"backbone": backbone}), ablation(config_name)).train()
     if best and compile:
         task.model.forward_features = torch.compile(task.model.forward_features)  # the losses stay eager
     fmt = torch.channels_last if best and channels_last else torch.contiguous_format

@@ -437,8 +437,13 @@ def convert_official_state(
         if "final2.0.weight" not in converted:
             raise CheckpointError("official state dict has no 'final2.0.weight'; is it a DeepV3Plus checkpoint?")
         num_classes = int(converted["final2.0.weight"].shape[0])
-    cfg = ModelConfig(
-        backbone=backbone, num_classes=num_classes, output_stride=output_stride, instance_norm=instance_norm
+    cfg = ModelConfig.from_dict(  # checks the backbone name (a str here)
+        {
+            "backbone": backbone,
+            "num_classes": num_classes,
+            "output_stride": output_stride,
+            "instance_norm": instance_norm,
+        }
     )
     model = build_model(cfg)
     load_state_into(model, converted, source="official state dict")

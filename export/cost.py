@@ -82,7 +82,7 @@ def _as_model(model_or_config: nn.Module | ModelConfig | dict[str, Any] | str) -
     elif isinstance(model_or_config, dict):
         cfg = ModelConfig.from_dict(model_or_config)
     elif isinstance(model_or_config, str):
-        cfg = ModelConfig(backbone=model_or_config)
+        cfg = ModelConfig.from_dict({"backbone": model_or_config})
     else:
         raise TypeError(f"expected a model, ModelConfig, dict or backbone name, got {type(model_or_config).__name__}")
     cfg = ModelConfig.from_dict({**cfg.to_dict(), "pretrained_backbone": False})

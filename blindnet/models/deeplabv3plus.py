@@ -16,6 +16,10 @@ from torch import nn
 from blindnet.config import from_dict
 from blindnet.models.backbones import ENCODERS
 
+#: The backbone names as a type (blindnet.architectures.BACKBONES holds their facts; a test keeps the two equal).
+#: A name from the command line or a file is a ``str``: :meth:`ModelConfig.validate` checks it.
+BackboneName = Literal["resnet50", "mobilenetv2", "shufflenetv2"]
+
 
 @dataclass
 class ModelConfig:
@@ -32,7 +36,7 @@ class ModelConfig:
             conversion made of those layers during training). Eval is per-instance either way.
     """
 
-    backbone: Literal["resnet50", "mobilenetv2", "shufflenetv2"] = "resnet50"
+    backbone: BackboneName = "resnet50"
     num_classes: int = 19
     output_stride: int = 16
     instance_norm: bool = True
