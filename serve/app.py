@@ -46,7 +46,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from blindnet.backends.base import Backend
 from blindnet.inference import Predictor
@@ -200,15 +200,16 @@ def _framing_error_response(msg: str) -> bytes:
     return _raw_json_response(400, "Bad Request", f"malformed HTTP request: {msg}")
 
 
-class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP protocol with the connection hygiene the app cannot do itself (it only sees whole requests):
+class GuardedHTTPProtocol(H11Protocol):
+    """uvicorn's h11 HTTP protocol with the connection hygiene the app cannot do itself (it only sees whole requests):
 
     * unparsable requests (bad framing, bad headers) are answered in the JSON error shape (uvicorn: plain text);
     * a connection that has not sent a complete request's headers within :attr:`header_timeout_s` of connecting, or
       of starting a new request, is closed (408 when it sent part of one), so idle sockets cannot pile up;
     * beyond :attr:`max_connections` open connections, a new one is answered 503 and closed at once.
 
-    :func:`uvicorn_config` makes a subclass with the server's settings.
+    :func:`uvicorn_config` makes a subclass with the server's settings. Built on the h11 protocol whatever else is
+    installed (uvicorn would pick httptools when present): one parser, so framing is handled the same everywhere.
     """
 
     header_timeout_s: float = 10.0
