@@ -156,6 +156,11 @@ def test_resume_extends_a_finished_run_and_refuses_what_cannot_change(finished: 
     assert finals == [("2", "1"), ("4", "1")]  # the step-2 result stays on record, once
     assert load_training_checkpoint(run)["step"] == 4
     assert main(["--resume", str(run), "--set", "optim.max_iter=3"]) == 2  # shorter than done: refused
+    # Resuming into another folder that holds a run would take it over: refused like a new run.
+    other = _copy(finished, tmp_path / "other")
+    before = _snapshot(other)
+    assert main(["--resume", str(run), "--out", str(other), "--set", "optim.max_iter=5"]) == 2
+    assert _snapshot(other) == before
 
 
 def test_final_evaluation_equals_blindnet_evaluate_on_the_saved_model(scenes: Path, finished: Path) -> None:

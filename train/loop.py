@@ -754,6 +754,13 @@ def _is_finished(run_dir: Path, step: int, cfg: TrainConfig) -> bool:
         return False
 
 
+def _same_run(run_dir: Path, ckpt_path: Path) -> bool:
+    """Whether checkpoint ``ckpt_path`` lies in run folder ``run_dir`` (``run_dir/checkpoints/ckpt_N.pt`` or
+    ``run_dir/ckpt_N.pt``): resuming into another folder must not take over a run that lives there."""
+    home = ckpt_path.parent.parent if ckpt_path.parent.name == CKPT_DIR else ckpt_path.parent
+    return home.resolve() == run_dir.resolve()
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -792,7 +799,7 @@ def train(
     out = Path(out_dir)
     if ckpt is not None and _is_finished(out, int(ckpt["step"]), cfg):
         return _result(out, int(ckpt["step"]), ckpt["path"], {}, [], 0.0, finished_before=True)
-    existing = describe_existing_run(out) if ckpt is None else None
+    existing = describe_existing_run(out) if ckpt is None or not _same_run(out, ckpt["path"]) else None
     if existing and not overwrite:
         raise RunExistsError(
             f"{out} already holds {existing}; continue it with --resume {out}, write to another --out, or pass "
