@@ -152,7 +152,7 @@ class LossConfig:
 
 
 def _blindnet_only(**weights: float) -> LossConfig:
-    base: dict[str, float] = {"cml": 0.0, "ccl": 0.0, "cwcl": 0.0, "sdcl": 0.0}
+    base: dict[str, Any] = {"cml": 0.0, "ccl": 0.0, "cwcl": 0.0, "sdcl": 0.0}  # LossConfig keyword arguments
     base.update(weights)
     return LossConfig(**base)
 
@@ -237,6 +237,7 @@ class BlindNetTask(nn.Module):
                 raise ValueError(f"align level {lv!r}: the model has only {n_style} style features")
 
         self.dsn = build_aux_head(encoder.layer3_channels, model.config.num_classes) if loss.aux > 0 else None
+        self.projection: nn.ModuleDict | None
         if loss.cwcl > 0 or loss.sdcl > 0:
             widths = {"layer4": encoder.out_channels, "dec0": model.dec0_channels, "dec1": model.dec1_channels}
             self.projection = nn.ModuleDict(
