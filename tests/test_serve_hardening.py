@@ -16,7 +16,6 @@ import logging
 import signal
 import socket
 import struct
-import subprocess
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,6 @@ from blindnet.serve.config import DECODE_BYTES_PER_PIXEL, ServeConfig
 from blindnet.serve.errors import HTTPError
 from blindnet.serve.parsing import PixelBudget, decode_upload, parse_infer_request, upload_bytes
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 200 * 200
 MAX_BYTES = 1024 * 1024
 FUZZ = settings(
@@ -549,12 +547,7 @@ def test_concurrent_oversized_containers_stay_under_the_decode_memory_bound(chec
         assert peak - before <= bound_kib
         assert httpx.get(f"{url}/v2/health/ready").status_code == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop()
 
 
 def test_pixel_budget_never_lets_concurrent_holders_exceed_it() -> None:
