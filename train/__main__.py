@@ -1,6 +1,6 @@
 """``blindnet train`` / ``python -m blindnet.train``: train BlindNet from a preset.
 
-Examples::
+Examples:
 
     blindnet train --config synthetic_smoke --out runs/smoke                 # a preset by name (see --list-presets)
     blindnet train --config my_recipe.yaml --set optim.max_iter=1000         # your own YAML (only what differs)
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
+from blindnet.modelnames import is_model_name
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -59,7 +60,12 @@ def build_parser(prog: str) -> JobParser:
         action="store_true",
         help="if --out holds a run, move it aside to <out>.replaced-<time> (never deleted) and start a new one",
     )
-    p.add_argument("--init", default=None, metavar="CKPT", help="start from these weights (.safetensors or .pt)")
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="CKPT",
+        help="start a new run from these weights: a .safetensors/.pt file or a model name (blindnet models)",
+    )
     p.add_argument(
         "--init-part",
         default=None,
@@ -78,8 +84,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
         p.error("--init-part needs --init CKPT")
     if args.init and args.resume:
         p.error("--init starts a new run; --resume continues one: give one of them")
-    if args.init and not Path(args.init).is_file():
-        p.error(f"--init: no such file: {args.init}")
+    if args.init and not Path(args.init).is_file() and not is_model_name(args.init):
+        p.error(f"--init: no such file or model name: {args.init}")
     if args.resume and not Path(args.resume).exists():
         p.error(f"--resume: no such run folder or checkpoint: {args.resume}")
     if args.overwrite and args.resume:
@@ -92,18 +98,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
     if args.config is None and args.resume is None:
         p.error("give --config PRESET (or --resume RUN_DIR)")
     overrides = list(args.overrides)
-    if args.init:
-        overrides += [f"init.checkpoint={Path(args.init).resolve()}", f"init.part={args.init_part or 'model'}"]
 
     require_extra("train")
     # Lazy CLI dispatch: --help answers before PyTorch is imported.
     from blindnet.checkpoint import CheckpointError
     from blindnet.config import ConfigError, dump_yaml
+    from blindnet.resolve import resolve_checkpoint
     from blindnet.train.config import config_from_dict, load_config
     from blindnet.train.loop import load_training_checkpoint
 
     ckpt = None
     try:
+        if args.init:  # a file, or a model name (blindnet models): its cached file, fetched on first use
+            init = Path(args.init).resolve() if Path(args.init).is_file() else resolve_checkpoint(args.init)
+            overrides += [f"init.checkpoint={init}", f"init.part={args.init_part or 'model'}"]
         if args.resume:
             ckpt = load_training_checkpoint(args.resume)  # read once; train() takes it as it is
         if ckpt is not None and args.config is None:
