@@ -263,6 +263,10 @@ def cached_engine(path: str | Path, *, precision: str | None = None, cache_dir: 
     plat = current_platform()
     tag = f"{plat['gpu_name'].replace(' ', '_')}-trt{plat['tensorrt_version']}-{precision}"
     engine = Path(cache_dir or default_cache_dir() / "tensorrt") / f"{onnx_path.stem}-{tag}.plan"
+    state = verified_entry(engine) if engine.exists() or _digest_path(engine).exists() else None
     if not engine.exists():
         build_engine(onnx_path, engine, precision=precision, timing_cache=engine.parent / "timing.cache")
+        record_digest(engine)
+    elif state is None:  # built before hashes were kept: TensorRT refuses a corrupt plan when loading it
+        record_digest(engine)
     return engine
