@@ -224,6 +224,11 @@ def test_ctrl_c_saves_names_the_checkpoint_and_the_resume_command(scenes: Path, 
     assert f"interrupted after iteration {step}; last checkpoint: {ckpt}" in err
     assert f"python -m blindnet.train --resume {run}" in err
     assert torch.load(ckpt, map_location="cpu", weights_only=True)["step"] == step
+    # The printed command continues from there (shortened here to one more iteration).
+    from blindnet.train.__main__ import main
+
+    assert main(["--resume", str(run), "--set", f"optim.max_iter={step + 1}"]) == 0
+    assert [int(r["step"]) for r in _rows(run / "train_log.csv")][-2:] == [step, step + 1]
 
 
 def _userns_tmpfs_works() -> bool:
