@@ -46,6 +46,8 @@ class Backend(abc.ABC):
     norm_stride: int = 16
     #: smallest ``(H, W)`` the backend runs (an exported graph's or engine's lower bound); the Predictor pads up to it
     min_size: tuple[int, int] = (1, 1)
+    #: the line saying which path runs and why, where the ``auto`` choice built this backend
+    selection: str = ""
 
     @abc.abstractmethod
     def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:

@@ -29,7 +29,7 @@ def _torch(path: str | Path | None, *, device: str = "cpu", precision: str | Non
     return TorchBackend(load_model(resolve_checkpoint(path)), device=device, precision=precision or "float32", **kw)
 
 
-def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> Backend:
+def _onnx(path: str | Path | None, *, device: str = "cpu", precision: str | None = None, **kw) -> OnnxBackend:
     """An ``.onnx`` file as it is, or a checkpoint through its cached export (INT8 Q/DQ with ``precision="int8"``;
     float16 with ``"float16"``; else float32)."""
     path = resolve_checkpoint(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class TorchBackend(Backend):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.num_classes = int(getattr(getattr(model, "config", None), "num_classes", 19))
         self.norm_stride = norm_stride_of(getattr(model, "config", None))
-        self._run = self.model
+        self._run: Callable[[torch.Tensor], torch.Tensor] = self.model  # or its compiled form
         if compile:
             mode = compile if isinstance(compile, str) else None
             self._run = torch.compile(self.model, mode=mode)
