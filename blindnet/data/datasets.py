@@ -858,7 +858,8 @@ class AlignedAppearanceDataset(SegmentationDataset):
                 )
         if image.shape[:2] != label.shape[:2]:
             raise DatasetError(f"aligned: {s.name}: image {image.shape[:2]} and label {label.shape[:2]} sizes differ")
-        item: dict[str, Any] = self.transform(image, label, rng, centroid=centroid, image_aug=image_aug)  # type: ignore[call-arg]
+        tensors = self.transform(image, label, rng, centroid=centroid, image_aug=image_aug)  # type: ignore[call-arg]
+        item: dict[str, Any] = tensors  # the transform's tensors, then the names added below
         item["name"] = s.name
         item["appearance"] = app
         if app_aug is not None:

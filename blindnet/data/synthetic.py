@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypedDict
 
 import cv2
 import numpy as np
@@ -621,7 +622,7 @@ def _build_world(seed: int, length: float = 0.0, ego_speed: float = 0.0) -> _Wor
     )
 
 
-_GROUND_KW = dict(surf=_S_GROUND, normal=(0, 1, 0))
+_GROUND_KW: dict[str, Any] = dict(surf=_S_GROUND, normal=(0, 1, 0))
 
 
 def _road(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
@@ -643,7 +644,7 @@ def _road(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
         **_GROUND_KW,
     )
     mark = (0.85, 0.85, 0.8)
-    mk = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
+    mk: dict[str, Any] = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
     # solid edges, dashed lane dividers, centre line maybe yellow
     b.add(
         [b.ground(left + 0.2, left + 0.35, z_back, 3000), b.ground(right - 0.35, right - 0.2, z_back, 3000)],
@@ -663,7 +664,7 @@ def _road(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
 def _crossing_and_tram(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
     """Maybe a zebra crossing with pedestrians, maybe tram rails in the opposite lane with a tram on them."""
     mark = (0.85, 0.85, 0.8)
-    mk = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
+    mk: dict[str, Any] = dict(layer=_L_MARK, fine=0.1, coarse=0.1, **_GROUND_KW)
     left, right = st.left, st.right
     if rng.random() < 0.5:
         zc = rng.uniform(12, 45)
@@ -827,7 +828,7 @@ def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: flo
                 0.15,
             )
         )
-        kw = dict(layer=_L_SIDE, key=z, fine=0.08, coarse=0.18)
+        kw: dict[str, Any] = dict(layer=_L_SIDE, key=z, fine=0.08, coarse=0.18)
         # near face (towards the camera) first so the facade and windows drawn after it stay on top where they meet
         b.add(
             b.zplane(z, min(front, front + side * 15), max(front, front + side * 15), 0, h),
@@ -912,7 +913,7 @@ def _fence(b: _Builder, x: float, side: float, z0: float, z1: float) -> None:
     r = b.rng
     h = r.uniform(1.0, 2.0)
     col = b.jitter(r.choice([(0.45, 0.4, 0.35), (0.35, 0.38, 0.35), (0.6, 0.6, 0.62)]))
-    kw = dict(layer=_L_SIDE, key=z0 - 0.02, surf=_S_SIDE, normal=(-side, 0, 0), fine=0.05, coarse=0.1)
+    kw: dict[str, Any] = dict(layer=_L_SIDE, key=z0 - 0.02, surf=_S_SIDE, normal=(-side, 0, 0), fine=0.05, coarse=0.1)
     pitch = r.uniform(0.15, 0.4)
     slats = [b.xplane(x, zz, zz + pitch * 0.45, 0.05, h) for zz in np.arange(z0, z1, pitch)]
     b.add(slats, FENCE, col, **kw)
@@ -992,12 +993,12 @@ def _flatten(world: _World) -> dict[str, np.ndarray]:
             vz.append(np.full(len(poly), p.vz, np.float32))
             poly_len.append(len(poly))
             n += 1
-    poly_len = np.asarray(poly_len, np.int64)
-    flat = {
+    lengths = np.asarray(poly_len, np.int64)
+    flat: dict[str, np.ndarray] = {
         "verts": np.concatenate(verts).astype(np.float32),
         "vz": np.concatenate(vz),
-        "poly_start": np.concatenate([[0], np.cumsum(poly_len)[:-1]]).astype(np.int64),
-        "poly_len": poly_len,
+        "poly_start": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+        "poly_len": lengths,
         "part_first": np.asarray(part_first, np.int64),
         "part_count": np.asarray(part_count, np.int64),
     }
@@ -1118,7 +1119,7 @@ def _noise_fields(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.n
     small = rng.standard_normal((max(h2 // 24, 4), max(w2 // 24, 4)), dtype=np.float32)
     coarse = cv2.resize(small, (w2, h2), interpolation=cv2.INTER_CUBIC)
     coarse = (coarse / (coarse.std() + 1e-6)).astype(np.float32)
-    streaks = np.zeros((h2, w2), np.float32)
+    streaks: np.ndarray = np.zeros((h2, w2), np.float32)
     n = int(h2 * w2 / 700)
     x = rng.uniform(0, w2, n)
     y = rng.uniform(0, h2, n)
@@ -1262,7 +1263,7 @@ def _shade(app: str, fr: _Frame, world: _World, rng: np.random.Generator) -> np.
         wet = np.take(r.wet.astype(np.float32) * 0.35, r.ids)
         rows = np.clip(2 * int(vh) - np.arange(0, h, 2), 0, h - 1)
         # mirrored about the horizon and smeared vertically: streaky reflections on the wet road (at half size)
-        refl = cv2.resize(cv2.blur(img[rows, ::2], (3, 13)), (w, h), interpolation=cv2.INTER_LINEAR)
+        refl: np.ndarray = cv2.resize(cv2.blur(img[rows, ::2], (3, 13)), (w, h), interpolation=cv2.INTER_LINEAR)
         refl *= cv2.merge([wet, wet, wet])
         img += refl
         t = np.exp(-fr.depth() / (world.fog_visibility * 4))
@@ -1285,7 +1286,7 @@ def _bloom(emit_lut: np.ndarray, ids: np.ndarray, sigma: float, gain: float) -> 
 def _night_lights(r: _Raster, world: _World, width: int, height: int) -> np.ndarray:
     """Light pools of street lamps and headlight beams on the ground (additive irradiance, H x W)."""
     s = 4
-    small = np.zeros((max(height // s, 1), max(width // s, 1)), np.float32)
+    small: np.ndarray = np.zeros((max(height // s, 1), max(width // s, 1)), np.float32)
     f, cx, vh = r.focal / s, width / 2 / s, r.horizon / s
 
     def ground_poly(pts):
@@ -1499,6 +1500,15 @@ def write_aligned_dataset(
     return split_dir
 
 
+class ClipFiles(TypedDict):
+    """What :func:`write_clip` wrote: one video per appearance and one label PNG per frame."""
+
+    videos: dict[str, Path]
+    masks: list[Path]
+    frames: int
+    fps: int
+
+
 def write_clip(
     out_dir: str | Path,
     seed: int = 0,
@@ -1509,12 +1519,12 @@ def write_clip(
     fps: int = 10,
     speed: float = 1.0,
     progress: bool | None = False,
-) -> dict[str, object]:
+) -> ClipFiles:
     """Write ``<appearance>.mp4`` (mp4v) per appearance and ``masks/frame_NNNN.png`` per frame into ``out_dir``.
 
-    Returns ``{"videos": {appearance: Path}, "masks": [Path], "frames": num_frames, "fps": fps}``. Each video is
-    read back with cv2.VideoCapture and must contain ``num_frames`` frames, otherwise ``OSError`` is raised.
-    ``progress`` as in :func:`render_clip`.
+    Returns :class:`ClipFiles`: ``{"videos": {appearance: Path}, "masks": [Path], "frames": num_frames,
+    "fps": fps}``. Each video is read back with cv2.VideoCapture and must contain ``num_frames`` frames, otherwise
+    ``OSError`` is raised. ``progress`` as in :func:`render_clip`.
     """
     out = Path(out_dir).expanduser()
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -1523,7 +1533,7 @@ def write_clip(
     for a, seq in frames.items():
         path = out / f"{a}.mp4"
         tmp = out / f".{a}.tmp.mp4"
-        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter.fourcc(*"mp4v"), float(fps), (width, height))
         if not writer.isOpened():
             raise OSError(f"cv2.VideoWriter could not open {tmp} with codec mp4v")
         for img in seq:
@@ -1538,7 +1548,7 @@ def write_clip(
             raise OSError(f"{tmp}: wrote {num_frames} frames but cv2.VideoCapture read back {count}")
         os.replace(tmp, path)
         videos[a] = path
-    mask_paths = []
+    mask_paths: list[Path] = []
     for t, m in enumerate(masks):
         p = out / "masks" / f"frame_{t:04d}.png"
         _atomic_write_png(p, m)
