@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,7 +230,7 @@ def segment_paths(
     jobs = collect_jobs(inputs, out)
     bar = tqdm(jobs, desc="segment", unit="file", disable=_disabled(opts.progress, len(jobs) > 1))
     for job in bar:
-        item = {"input": job.name, "kind": job.kind}
+        item: dict[str, Any] = {"input": job.name, "kind": job.kind}
         report.items.append(item)
         reason = _reason_not_to_run(job, opts)
         if reason is not None:
