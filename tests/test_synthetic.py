@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -60,27 +58,6 @@ def test_all_19_classes_appear_over_20_scenes():
         assert seen[c] >= 15, (c, seen[c])
 
 
-def test_generator_speed_is_reported():
-    """Measured, not asserted (target: >= 20 scenes/s for mask + 1 appearance at 512x1024 on one core). CPU time of
-    this process is printed next to wall time because the machine may be shared."""
-    prev = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        render_scene(0, 512, 1024, appearances=("noon",))
-        rates = {}
-        for label, apps, n in (("mask+1 appearance", ("noon",), 6), ("mask+5 appearances", APPEARANCES, 3)):
-            wall, cpu = time.perf_counter(), time.process_time()
-            for s in range(n):
-                render_scene(s, 512, 1024, appearances=apps)
-            rates[label] = (n / (time.perf_counter() - wall), n / (time.process_time() - cpu))
-    finally:
-        cv2.setNumThreads(prev)
-    print(
-        "\nsynthetic 512x1024, 1 cv2 thread: "
-        + "; ".join(f"{k}: {w:.1f} scenes/s wall, {c:.1f} scenes/s CPU" for k, (w, c) in rates.items())
-    )
-
-
 def test_write_aligned_dataset_round_trips(tmp_path):
     split_dir = write_aligned_dataset(tmp_path, 4, seed=5, height=H, width=W, progress=False)
     assert (split_dir / "meta.json").is_file()
@@ -91,7 +68,7 @@ def test_write_aligned_dataset_round_trips(tmp_path):
     item = ev[0]
     assert item["image"].shape == (3, H, W) and item["label"].shape == (H, W) and item["label"].dtype == torch.int64
     # the stored label is exactly the generator's mask and the stored image its pixels (PNG is lossless)
-    from blindnet.data.synthetic import _scene_seed
+    from blindnet.data.synthetic.dataset import _scene_seed
 
     imgs, mask = render_scene(_scene_seed(5, 0), H, W)
     night = AlignedAppearanceDataset(tmp_path, "train", train=False, appearance="night")
@@ -160,7 +137,8 @@ def test_clip_objects_approach():
     """A static object ahead covers more pixels as the camera drives towards it."""
     import dataclasses
 
-    from blindnet.data.synthetic import POLE, _build_world, _rasterise
+    from blindnet.data.synthetic.raster import _rasterise
+    from blindnet.data.synthetic.world import POLE, _build_world
 
     world = _build_world(9, length=20)
     lamp = next(p for p in world.parts if p.cls == POLE and p.vz == 0 and 80 < p.key < 140)
