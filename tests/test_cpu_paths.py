@@ -48,6 +48,8 @@ def test_cpu_paths_report(tmp_path: Path) -> None:
     [bb] = result["inference"]
     assert [r["path"] for r in bb["rows"]] == list(PATHS)
     med = {name: statistics.median(ts) for name, ts in bb["times_ms"].items()}
+    # The report rounds each ratio to 3 decimals (<= 5e-4 absolute) and keeps the raw times: the speedup check holds
+    # for any speedup above 0.05 (measured <= 5.2e-4 relative), the overhead check with 4x margin (measured 4.3e-4).
     for r in bb["rows"]:
         assert r["trials"] == 2
         assert r["network_speedup"] == pytest.approx(med["torch-eager/network"] / med[f"{r['path']}/network"], rel=1e-2)
