@@ -31,13 +31,13 @@ import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from blindnet.export.onnx import export_onnx
-from blindnet.models import ModelConfig, build_model, count_parameters
+from blindnet.models import DeepLabV3Plus, ModelConfig, build_model, count_parameters
 from blindnet.models.backbones import StyleNorm
 
 #: The paper's Table (BlindNet, ResNet-50): params and "GFLOPs" at 2048 x 1024, 10.03 ms on a V100.
@@ -71,7 +71,7 @@ def projection_head_params(channels: Sequence[int], dim: int = PROJ_DIM) -> int:
     return sum(c * c + c + c * dim + dim for c in channels)
 
 
-def _as_model(model_or_config: nn.Module | ModelConfig | dict[str, Any] | str) -> tuple[nn.Module, ModelConfig]:
+def _as_model(model_or_config: nn.Module | ModelConfig | dict[str, Any] | str) -> tuple[DeepLabV3Plus, ModelConfig]:
     """A network on the meta device (no memory) and its config; an existing module is rebuilt on meta too."""
     if isinstance(model_or_config, nn.Module):
         cfg = getattr(model_or_config, "config", None)
@@ -452,7 +452,7 @@ def cost_report(
         conventions), ``paper`` (which convention reproduces 277.78), and optionally ``baseline`` and ``onnx``.
     """
     net, cfg = _as_model(model_or_config)
-    sizes = [tuple(int(v) for v in s) for s in sizes]
+    sizes = [cast("tuple[int, int]", tuple(int(v) for v in s)) for s in sizes]  # the length is checked below
     for s in sizes:
         if len(s) != 2 or min(s) < 32:
             raise ValueError(f"sizes must be (H, W) pairs with sides >= 32, got {s}")

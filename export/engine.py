@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,7 +68,10 @@ class Profile:
     max: tuple[int, int, int]
 
     def __post_init__(self) -> None:
-        self.min, self.opt, self.max = (tuple(int(v) for v in t) for t in (self.min, self.opt, self.max))
+        # as ints; the checks below read three entries of each
+        self.min, self.opt, self.max = (
+            cast("tuple[int, int, int]", tuple(int(v) for v in t)) for t in (self.min, self.opt, self.max)
+        )
         for i, name in enumerate(("batch", "height", "width")):
             if not 1 <= self.min[i] <= self.opt[i] <= self.max[i]:
                 raise ValueError(

@@ -62,7 +62,8 @@ def generated_scenes(count: int, size: tuple[int, int], seed: int) -> tuple[np.n
 
     The appearance (noon, night, fog, ...) cycles with the index so that calibration covers every style.
     """
-    images, masks = [], []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     scene = seed
     while len(images) < count:
         name = APPEARANCES[len(images) % len(APPEARANCES)]

@@ -113,6 +113,10 @@ class DeployWrapper(nn.Module):
     ``forward``: ``images`` (see module docstring) -> logits ``N x C x H x W`` float32 or labels ``N x H x W``.
     """
 
+    # registered buffers (constants of the exported graph)
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(
         self,
         model: nn.Module,

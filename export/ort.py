@@ -80,7 +80,7 @@ def io_spec_from_session(sess: Any, meta: dict[str, str] | None = None) -> dict[
         # A foreign graph: uint8 with 3 in the last axis is NHWC; everything else NCHW.
         layout = "NHWC" if normalize_input and inp.shape and inp.shape[-1] == 3 else "NCHW"
     output_kind = "labels" if out_dtype in ("uint8", "int32", "int64") else "logits"
-    num_classes = meta.get("num_classes")
+    num_classes: str | int | None = meta.get("num_classes")
     if num_classes is None and output_kind == "logits" and isinstance(out.shape[1], int):
         num_classes = out.shape[1]
     return {

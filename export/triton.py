@@ -85,7 +85,8 @@ def plan_io(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
             f"{meta_file}: build metadata missing; build the engine with `python -m blindnet.export`"
         )
     meta = json.loads(meta_file.read_text())
-    ins, outs = [], []
+    ins: list[TensorSpec] = []
+    outs: list[TensorSpec] = []
     for t in meta["io"]:
         spec = TensorSpec(t["name"], NAME_TO_TRITON[t["dtype"]], [int(d) for d in t["shape"]])
         (ins if t["mode"] == "input" else outs).append(spec)
@@ -177,7 +178,7 @@ def write_triton_repository(
         platform, target_name, kind = "onnxruntime_onnx", "model.onnx", instance_kind or "KIND_AUTO"
         inputs, outputs = onnx_io(model_path)
 
-        meta = read_onnx_metadata(model_path)
+        meta: dict[str, Any] = read_onnx_metadata(model_path)
         classes = num_classes or int(meta.get("num_classes", 0)) or _channels(outputs)
         batch = max_batch_size if max_batch_size is not None else 8
     elif suffix in (".plan", ".engine"):
