@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
@@ -110,7 +110,7 @@ def run_export(
         opset=opset,
         exporter=exporter,
         cost_onnx=cost_onnx,
-        size=tuple(size),
+        size=cast("tuple[int, int]", tuple(size)),  # a list (from JSON or YAML) becomes a tuple
         verify_shapes=verify_shapes,
         precision=precision,
         max_batch=max_batch,
@@ -292,7 +292,7 @@ def _triton_stage(work: Path, repo: Path, o: ExportOptions, *, from_engine: bool
 
 def _cost_stage(model: nn.Module, out: Path, o: ExportOptions) -> dict[str, Any]:
     """``cost.json`` and ``cost.md``: parameters and MACs/FLOPs at 2048x1024, the deployment size and 1024x1024."""
-    sizes = list(dict.fromkeys([(1024, 2048), tuple(o.size), (1024, 1024)]))
+    sizes = list(dict.fromkeys([(1024, 2048), cast("tuple[int, int]", tuple(o.size)), (1024, 1024)]))
     cost = make_cost_report(model, sizes=sizes, onnx=o.cost_onnx, onnx_exporter=o.exporter)
     write_text(out / "cost.json", json.dumps(cost, indent=2, default=str))
     write_text(out / "cost.md", render_markdown(cost))
@@ -328,14 +328,16 @@ def verify_engine(
     )
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    checks = []
+    checks: list[dict[str, Any]] = []
     # A bar only on a terminal, and only when the summary line is printed too.
     for b, h, w in tqdm(shapes, desc="parity check", unit="shape", leave=False, disable=None if verbose else True):
         images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
         ref = reference_logits(model, images)
         out = backend.infer(images, return_logits=not backend.outputs_labels)
         kind = "labels" if backend.outputs_labels else "logits"
-        agreement, max_abs, rel = compare_outputs(ref, out.labels if kind == "labels" else out.logits, output_kind=kind)
+        got = out.labels if kind == "labels" else out.logits
+        assert got is not None  # logits were asked for where the engine outputs them
+        agreement, max_abs, rel = compare_outputs(ref, got, output_kind=kind)
         checks.append(
             {
                 "batch": b,
