@@ -30,7 +30,6 @@ import csv
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ from blindnet.inference import Predictor
 from blindnet.models import build_model
 from blindnet.resolve import DEFAULT_CHECKPOINT
 from blindnet.serve import client
+from blindnet.serve.client import free_port
 from blindnet.zoo import checkpoint_path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -218,12 +218,6 @@ def _stats(url: str, headers: dict[str, str]) -> dict[str, Any]:
     import httpx
 
     return httpx.get(f"{url}/v1/stats", headers=headers, timeout=10).json()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 120.0) -> None:
@@ -426,7 +420,7 @@ def _start_server(
     api_key: str | None,
 ) -> tuple[str, subprocess.Popen]:
     """Start ``python -m blindnet.serve`` on a free local port; returns its URL and process."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = _server_command(
         ckpt, backend, port, max_batch_size, max_queue_delay_ms, concurrencies, device, precision, api_key
@@ -606,7 +600,7 @@ def run_soak_benchmark(args: argparse.Namespace) -> int:
         ckpt, ckpt_source = _resolve_checkpoint(args.checkpoint, args.backbone, Path(tmp))
         predictor = Predictor(make_backend(args.backend, ckpt), batch_size=8)
         expected = [p.labels for p in predictor.predict(images)]
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "blindnet.serve", "--checkpoint", str(ckpt), "--backend", args.backend]
         cmd += ["--port", str(port), "--log-level", "warning"]

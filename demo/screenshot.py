@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from blindnet.serve.client import free_port
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "demo_screenshot.png"
@@ -28,12 +29,6 @@ def find_browser() -> str:
         if path:
             return path
     raise FileNotFoundError(f"no headless browser found (tried {', '.join(BROWSERS)}); e.g. `apt-get install chromium`")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def capture(url: str, out: str | Path, *, size: tuple[int, int] = (1400, 1250), wait_ms: int = 20000) -> Path:
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predictors = _tiny_predictors()
     demo = build_demo(predictors, selected_tab=args.tab)
-    port = _free_port()
+    port = free_port()
     launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
     try:
         path = capture(f"http://127.0.0.1:{port}/", args.out, size=tuple(args.size))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,3 +109,11 @@ def decode_png(content: bytes) -> np.ndarray:
     """The array in a PNG answer of ``/v1/segment`` (``H x W`` class ids, or ``H x W x 3`` colours)."""
     with Image.open(io.BytesIO(content)) as img:
         return np.asarray(img)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (to start a local server on; another process could
+    still take it before the server binds, so a server that fails to bind should be retried on a new port)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -7,7 +7,6 @@ real network (MobileNetV2 DeepLabV3+, random weights) loaded from a checkpoint w
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import cv2
@@ -21,6 +20,7 @@ from blindnet.classes import colorize
 from blindnet.inference import Predictor
 from blindnet.io import ImageError, write_png
 from blindnet.models import ModelConfig, build_model
+from blindnet.serve.client import free_port
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -87,12 +87,6 @@ def _count_frames(path: str | Path) -> int:
     return n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two tiny checkpoints: a BlindNet (InstanceNorm) one and a plain baseline."""
@@ -146,7 +140,7 @@ def client(predictors, files, tmp_path_factory):
             max_video_frames=50,
             output_dir=tmp_path_factory.mktemp("video_out"),
         )
-        port = _free_port()
+        port = free_port()
         # The launcher `blindnet demo` uses (show_error, our startup lines), without blocking this thread.
         _, local_url, _ = launch(demo, host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True)
         assert local_url.startswith("http://127.0.0.1:")

@@ -27,7 +27,6 @@ original's per-GPU processes).
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -37,16 +36,11 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from blindnet.data.synthetic import write_aligned_dataset
+from blindnet.serve.client import free_port
 
 # spawns process groups (a minute): a release check, run by CI's second stage; its result depends on floating-point
 # kernels, so CI also runs it with a restricted instruction set (numerics)
 pytestmark = [pytest.mark.release, pytest.mark.numerics]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(root: Path, batch: int) -> list[str]:
@@ -101,8 +95,8 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_processes_match_one_process_same_global_batch(scenes: Path, tmp_path: Path) -> None:
     results = mp.Manager().dict()
     ov = _overrides(scenes, 4)
-    mp.spawn(_train_worker, args=(2, _free_port(), ov, str(tmp_path / "w2"), results), nprocs=2)
-    mp.spawn(_train_worker, args=(1, _free_port(), ov, str(tmp_path / "w1"), results), nprocs=1)
+    mp.spawn(_train_worker, args=(2, free_port(), ov, str(tmp_path / "w2"), results), nprocs=2)
+    mp.spawn(_train_worker, args=(1, free_port(), ov, str(tmp_path / "w1"), results), nprocs=1)
     two, two_b, one = results[(2, 0)], results[(2, 1)], results[(1, 0)]
     assert two == two_b  # logged terms are rank-averaged: every rank reports the same global numbers
     assert len(one) == 3
@@ -163,7 +157,7 @@ def _syncbn_worker(rank: int, port: int, out: dict) -> None:
 
 def test_cpu_syncbn_matches_single_process_batchnorm() -> None:
     out = mp.Manager().dict()
-    mp.spawn(_syncbn_worker, args=(_free_port(), out), nprocs=2)
+    mp.spawn(_syncbn_worker, args=(free_port(), out), nprocs=2)
     net = _make_bn_net()
     x, y = _bn_data()
     ((net(x) - y) ** 2).mean().backward()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from blindnet.metrics import ConfusionMatrix, CrossAppearanceConsistency
+from blindnet.serve.client import free_port
 
 
 def test_hand_computed_iou_acc_and_nanmean() -> None:
@@ -79,12 +79,6 @@ def test_shape_and_range_errors() -> None:
         cm.update(torch.tensor([7]), torch.tensor([1]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _reduce_worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -100,7 +94,7 @@ def _reduce_worker(rank: int, port: int, out: dict) -> None:
 def test_all_reduce_sums_over_ranks() -> None:
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_reduce_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_reduce_worker, args=(free_port(), out), nprocs=2, join=True)
     expected = [[1, 0, 0], [0, 1, 0], [0, 2, 0]]
     assert out[0] == expected and out[1] == expected
 

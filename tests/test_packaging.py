@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import numpy as np
 import pytest
 from packaging.markers import Marker
 from PIL import Image
+
+from blindnet.serve.client import free_port
 
 # builds the wheel and fresh venvs (minutes): a release check, run by CI's second stage
 pytestmark = pytest.mark.release
@@ -227,14 +228,8 @@ def test_every_job_runs_from_an_installed_wheel(venv: Path, tmp_path: Path) -> N
     _serve_one_request(bindir, tmp_path, image)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_one_request(bindir: Path, cwd: Path, image: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(bindir / "blindnet"), "serve", "--port", str(port), "--log-level", "warning"],
         cwd=cwd,
