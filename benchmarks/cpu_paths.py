@@ -62,11 +62,13 @@ def build_paths(
     calib = (min(256, size[0]), min(512, size[1]))
     int8 = quantize_int8(fp32, workdir / f"{backbone}-int8qdq.onnx", calibration=8, size=calib)
     check = check_int8(int8, fp32, scenes=4, size=calib)
-    backends = {
-        "torch-eager": TorchBackend(model, channels_last=False),
-        "torch-best": TorchBackend(_copy(model), channels_last=True),
-        "ort-fp32": OnnxBackend(fp32, threads=threads),
-        "ort-int8": OnnxBackend(int8, precision="int8", threads=threads),
+    eager, best = TorchBackend(model, channels_last=False), TorchBackend(_copy(model), channels_last=True)
+    ort_fp32, ort_int8 = OnnxBackend(fp32, threads=threads), OnnxBackend(int8, precision="int8", threads=threads)
+    backends: dict[str, TorchBackend | OnnxBackend] = {
+        "torch-eager": eager,
+        "torch-best": best,
+        "ort-fp32": ort_fp32,
+        "ort-int8": ort_int8,
     }
 
     def torch_net(backend: TorchBackend, mode: Callable[[], Any]) -> Callable[[np.ndarray], Any]:
@@ -84,14 +86,17 @@ def build_paths(
         return fn
 
     fns: dict[str, Callable[[np.ndarray], Any]] = {
-        "torch-eager/network": torch_net(backends["torch-eager"], torch.no_grad),
-        "torch-best/network": torch_net(backends["torch-best"], torch.inference_mode),
-        "ort-fp32/network": ort_net(backends["ort-fp32"]),
-        "ort-int8/network": ort_net(backends["ort-int8"]),
+        "torch-eager/network": torch_net(eager, torch.no_grad),
+        "torch-best/network": torch_net(best, torch.inference_mode),
+        "ort-fp32/network": ort_net(ort_fp32),
+        "ort-int8/network": ort_net(ort_int8),
     }
+
+    def end_to_end(p: Predictor) -> Callable[[np.ndarray], Any]:
+        return lambda images: p.predict_arrays(list(images))
+
     for name, backend in backends.items():
-        predictor = Predictor(backend, batch_size=1)
-        fns[f"{name}/end_to_end"] = lambda images, p=predictor: p.predict_arrays(list(images))
+        fns[f"{name}/end_to_end"] = end_to_end(Predictor(backend, batch_size=1))
     return fns, {"weights": weights, "int8_check": check}
 
 

@@ -137,7 +137,8 @@ def _measure_variant(
     cfg = run.cfg
     h, w = cfg.size
     model, weights = load_models(spec, cfg, run.device)
-    model._bench_name = f"{spec.name}-{h}x{w}"  # type: ignore[attr-defined]
+    # nn.Module types its attributes as tensors or modules; a str attribute is fine at runtime (runners read it)
+    model._bench_name = f"{spec.name}-{h}x{w}"  # type: ignore[assignment]
     for batch in batches:
         shape = (batch, 3, h, w)
         trials = cfg.trials if batch == 1 else (cfg.batch_trials or cfg.trials)

@@ -129,7 +129,7 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
         rng = np.random.default_rng(cfg.seed + 2)
         per = math.prod(shape) * np.dtype(in_np).itemsize
         count = int(max(2, min(8, cfg.pool_bytes // per)))
-        inputs = [rng.standard_normal(shape, dtype=np.float32).astype(in_np) for _ in range(count)]
+        arrays = [rng.standard_normal(shape, dtype=np.float32).astype(in_np) for _ in range(count)]
         last: dict[str, np.ndarray] = {}
 
         def fn(x: np.ndarray) -> Any:
@@ -142,9 +142,9 @@ def ort_runner(model: nn.Module, variant: Variant, shape: tuple[int, ...], cfg: 
                 raise RuntimeError("onnxruntime output contains NaN or Inf")
 
         def profile(iterations: int) -> dict[str, Any]:
-            return ort_profile(path, threads, providers, in_meta.name, inputs, iterations, str(workdir))
+            return ort_profile(path, threads, providers, in_meta.name, arrays, iterations, str(workdir))
 
-        return Runner(fn=fn, inputs=inputs, note=note, check=check, profile=profile)
+        return Runner(fn=fn, inputs=arrays, note=note, check=check, profile=profile)
     # CUDA EP: bind torch device buffers so the timed call is GPU compute, not PCIe copies.
     in_t = torch.float16 if in_np is np.float16 else torch.float32
     out_t = torch.float16 if out_np is np.float16 else torch.float32

@@ -173,11 +173,13 @@ async def _soak(url: str, mix: list[Request], concurrency: int, seconds: float, 
                 req = mix[counter % len(mix)]
                 counter += 1
                 t0 = time.perf_counter()
+                r: httpx.Response | None = None
+                status: int | str  # the HTTP status, or the name of the transport error
                 try:
                     r = await http.post(req.path, content=req.body, headers=req.headers)
                     status = r.status_code
                 except httpx.HTTPError as exc:
-                    status, r = type(exc).__name__, None  # type: ignore[assignment]
+                    status = type(exc).__name__
                 if req.expected is None:
                     report.hostile_requests += 1
                     statuses[f"{req.name}: {status}"] += 1
@@ -185,7 +187,7 @@ async def _soak(url: str, mix: list[Request], concurrency: int, seconds: float, 
                         unexpected[f"{req.name}: {status}"] += 1
                     continue
                 report.valid_requests += 1
-                if status != 200:
+                if status != 200 or r is None:  # a 200 status comes with a response
                     report.valid_errors += 1
                     continue
                 latencies.append(time.perf_counter() - t0)

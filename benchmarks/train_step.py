@@ -20,6 +20,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,7 +99,9 @@ def time_step(args: argparse.Namespace, config_name: str, device: torch.device) 
         task = task.to(memory_format=torch.channels_last)
     # The original recipe: SGD lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter.
     opt = torch.optim.SGD(task.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    forward: Callable[..., Any]
     if args.compile == "model":
+        # compiled in place: the task calls the model's forward_features
         model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
         forward = task
     elif args.compile == "task":
@@ -160,7 +163,8 @@ def _cpu_setup(
     torch.manual_seed(seed)
     task = BlindNetTask(build_model({"backbone": backbone}), ablation(config_name)).train()
     if best and compile:
-        task.model.forward_features = torch.compile(task.model.forward_features)  # the losses stay eager
+        # compiled in place (the task calls the model's forward_features); the losses stay eager
+        task.model.forward_features = torch.compile(task.model.forward_features)  # type: ignore[method-assign]
     fmt = torch.channels_last if best and channels_last else torch.contiguous_format
     task = task.to(memory_format=fmt)
     # Each setup samples its loss pixels from its own generator: the interleaved steps do not shift each other's draws,
@@ -244,6 +248,7 @@ def compare_cpu_step(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON row it wrote."""
     args = _parse(argv)
+    row: dict[str, Any]
     if args.compare_eager:
         row = compare_cpu_step(
             args.backbone,
@@ -283,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     names = [args.only] if args.only else ["blindnet", "baseline"]
     results = {name: time_step(args, name, device) for name in names}
-    row: dict[str, Any] = {
+    row = {
         "benchmark": "train_step",
         "device": device_name,
         "torch": torch.__version__,
