@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import io
 import logging
+import sys
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,11 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.requests import ClientDisconnect
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # Python 3.10: the same context manager from the package asyncio's was taken from (the serve extra has it)
+    from async_timeout import timeout
 
 from blindnet.io import ImageError, ImageTooLargeError, check_pixel_limit, decode_image
 from blindnet.serve.config import JSON_BYTES_PER_VALUE
@@ -51,7 +57,7 @@ def body_reservation(
     header_length = headers.get("inference-header-content-length")
     all_json = json_bytes is not None and header_length is None
     encoded = headers.get("content-encoding", "").lower() not in ("", "identity")
-    plain = min(limit, json_bytes) if all_json else limit  # type: ignore[type-var]
+    plain = min(limit, json_bytes) if all_json and json_bytes is not None else limit
     total = raw + (plain if encoded else 0)
     if json_values is not None:
         text = int(header_length) if header_length is not None and header_length.isdigit() else plain
@@ -79,9 +85,9 @@ async def read_body(request: Request, limit: int, timeout_s: float | None = None
     if encoding not in ("", "identity", "gzip", "deflate"):  # tritonclient can compress requests
         raise HTTPError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
     try:
-        async with asyncio.timeout(timeout_s):
+        async with timeout(timeout_s):
             return await _read_stream(request, limit)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on; another class on 3.10
         raise HTTPError(408, f"request body did not arrive within {timeout_s:g} s") from None
     except ClientDisconnect:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
@@ -218,10 +224,10 @@ class Budget:
         """
         amount = min(max(amount, 1), self.capacity)
         try:
-            async with asyncio.timeout(timeout_s), self._cond:
+            async with timeout(timeout_s), self._cond:
                 await self._cond.wait_for(lambda: self.free >= amount)
                 self.free -= amount
-        except TimeoutError:
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on; another class on 3.10
             raise HTTPError(
                 503,
                 f"server busy: {amount} {self.unit} of its {self.capacity} budget not free within {timeout_s:g} s",
@@ -460,7 +466,7 @@ async def upload_bytes(headers: Mapping[str, str], body: bytes) -> tuple[bytes, 
     from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
-    async def replay() -> AsyncIterator[bytes]:
+    async def replay() -> AsyncGenerator[bytes, None]:
         # A step at a time, handing the event loop back in between: the parser is pure Python and runs on the loop.
         view = memoryview(body)
         for start in range(0, len(body), _INFLATE_STEP):
