@@ -116,3 +116,25 @@ def serve_process(tmp_path: Path):
     yield start
     for proc in started:
         proc.stop()
+
+
+def count_video_frames(path: str | Path) -> int:
+    """Frames OpenCV decodes from a video: a second decoder besides the package's own (PyAV) to check what it wrote."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """PyTorch on one thread for a module of tiny tensors: on two shared cores OpenMP with 2 threads thrashes (about 10x
+    slower, measured); one thread is stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from blindnet.checkpoint import load_model
 from blindnet.cli import main
 from blindnet.inference import Predictor
 from blindnet.segment import segment_paths
+from tests.conftest import count_video_frames
 
 
 def _write_video(path: Path, frames: int, h: int = 48, w: int = 64) -> None:
@@ -24,15 +25,6 @@ def _write_video(path: Path, frames: int, h: int = 48, w: int = 64) -> None:
     for _ in range(frames):
         writer.write(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     writer.release()
-
-
-def _count_frames(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 def test_segment_images_folder_video_and_skip_bad(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -51,7 +43,7 @@ def test_segment_images_folder_video_and_skip_bad(tmp_path: Path, tiny_checkpoin
     assert labels.shape == (40, 56) and labels.max() < 19
     assert np.array_equal(labels, predictor.predict(data / "a.png")[0].labels)
     assert np.array(Image.open(tmp_path / "out" / "sub" / "gray_overlay.png")).shape == (30, 30, 3)  # tree mirrored
-    assert _count_frames(next((tmp_path / "out").glob("clip_overlay.*"))) == 7
+    assert count_video_frames(next((tmp_path / "out").glob("clip_overlay.*"))) == 7
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp leftovers
 
 
@@ -112,7 +104,7 @@ def test_synthetic_showcase_scores_against_generated_masks(tmp_path: Path, tiny_
     summary = json.loads((tmp_path / "show" / "summary.json").read_text())["synthetic"]
     for app in ("fog", "night"):
         assert 0.0 <= summary[app]["miou"] <= 100.0 and summary[app]["frames"] == 3
-        assert _count_frames(Path(summary[app]["overlay"])) == 3
+        assert count_video_frames(Path(summary[app]["overlay"])) == 3
         assert summary[app]["codec"] == "H.264/MP4" and summary[app]["overlay"].endswith(".mp4")
         # the contact sheet: 3 frames (first, middle, last) x (input | prediction | truth), 4-pixel gutters, with a
         # title band above and a legend below

@@ -21,6 +21,7 @@ from blindnet.inference import Predictor
 from blindnet.io import ImageError, write_png
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.client import free_port
+from tests.conftest import count_video_frames
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -76,15 +77,6 @@ def _write_video(path: Path, frames: int = 8, fourcc: str = "mp4v") -> Path:
         writer.write(np.roll(base, 6 * i, axis=1)[:, :, ::-1].copy())
     writer.release()
     return path
-
-
-def _count_frames(path: str | Path) -> int:
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +214,7 @@ def test_sampling_stride() -> None:
 def test_segment_video_keeps_every_frame_under_the_cap(predictors, files, tmp_path) -> None:
     res = process_video(predictors["blindnet"], files["video"], out_dir=tmp_path, batch_size=3)
     assert res.frames == 8 and res.stride == 1
-    assert _count_frames(res.path) == 8
+    assert count_video_frames(res.path) == 8
     assert set(res.shares["frame"]) == set(range(8))
     per_frame = res.shares.groupby("frame")["share_pct"].sum()
     assert np.allclose(per_frame, 100.0, atol=0.1)
@@ -234,7 +226,7 @@ def test_long_video_is_subsampled_with_a_notice(predictors, files, tmp_path) -> 
         predictors["blindnet"], files["avi"], max_frames=5, out_dir=tmp_path, progress=lambda f, m: seen.append(f)
     )
     assert res.stride == 3 and res.frames == 4  # frames 0, 3, 6, 9 of 12
-    assert _count_frames(res.path) == 4
+    assert count_video_frames(res.path) == 4
     assert res.fps == pytest.approx(8.0 / 3)
     assert any("every 3rd frame" in n for n in res.notices)
     assert seen and seen[-1] == pytest.approx(1.0)
@@ -397,7 +389,7 @@ def test_video_endpoint_returns_a_video_with_the_same_frame_count(client, files)
     )
     path = video["video"] if isinstance(video, dict) else video
     assert Path(path).suffix in (".mp4", ".webm")
-    assert _count_frames(path) == 8
+    assert count_video_frames(path) == 8
     assert "8 frames" in notice
     assert legend["headers"] == ["colour", "class", "share (%)"]
 

@@ -33,16 +33,7 @@ from blindnet.losses import (
 IGNORE = 255
 
 # Loss values against known answers: float32 kernels decide them, so CI reruns these with a restricted ISA.
-pytestmark = pytest.mark.numerics
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: OpenMP with 2 threads thrashes; 1 thread is stable and fast for tiny tensors.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.numerics, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -22,13 +22,7 @@ from tests.original_reference import original_forward
 NUM_CLASSES = 19
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: OpenMP with 2 threads thrashes (10x slower measured); 1 thread is stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
