@@ -89,7 +89,8 @@ class Predictor:
         if input_size is not None and (len(input_size) != 2 or min(input_size) < 1):
             raise ValueError(f"input_size must be (H, W) with positive sides, got {input_size}")
         self.backend = backend
-        self.input_size = tuple(input_size) if input_size is not None else None
+        # a pair (checked above), as a tuple whatever sequence it came as
+        self.input_size = (input_size[0], input_size[1]) if input_size is not None else None
         self.batch_size = batch_size
         self.num_classes = backend.num_classes
         self.class_names = class_names(self.num_classes)

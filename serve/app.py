@@ -76,7 +76,7 @@ def make_predictor(predictor_or_backend: Predictor | Backend, config: ServeConfi
         base = predictor_or_backend
         if config.input_size is not None and base.input_size not in (None, tuple(config.input_size)):
             raise ValueError(f"config.input_size {config.input_size} contradicts the predictor's {base.input_size}")
-        input_size = tuple(config.input_size) if config.input_size is not None else base.input_size
+        input_size = (config.input_size[0], config.input_size[1]) if config.input_size is not None else base.input_size
         return Predictor(base.backend, input_size=input_size, batch_size=config.max_batch_size)
     if isinstance(predictor_or_backend, Backend):
         return Predictor(predictor_or_backend, input_size=config.input_size, batch_size=config.max_batch_size)
@@ -215,7 +215,7 @@ class GuardedHTTPProtocol(H11Protocol):
     header_timeout_s: float = 10.0
     max_connections: int = 64
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._header_timer: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
@@ -399,7 +399,8 @@ class DrainingServer(uvicorn.Server):
     @property
     def clean(self) -> bool:
         """The server ran, and shut down with every request answered and the queue drained."""
-        state = self.config.app.state
+        app: Any = self.config.app  # the FastAPI app this server was made for (uvicorn types it as any ASGI app)
+        state = app.state
         return bool(self.started) and getattr(state, "queue_drained", False) and state.metrics.cut == 0
 
     def _stamp(self) -> None:

@@ -365,7 +365,7 @@ def _joined(parts: list[Future]) -> Future:
                 if failed.cancelled():
                     whole.cancel()
                 else:
-                    whole.set_exception(failed.exception())  # type: ignore[arg-type]
+                    whole.set_exception(failed.exception())
                 return
             whole.set_result([pred for p in parts for pred in p.result()])
 

@@ -58,7 +58,8 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Answer :class:`HTTPError`, bad parameters, routing misses and crashes all in the JSON error shape."""
-    app.add_exception_handler(HTTPError, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _routing_error)
+    # Starlette types every handler as taking any Exception; each of these is registered for its own class only.
+    app.add_exception_handler(HTTPError, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _routing_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)

@@ -57,7 +57,7 @@ class BlindNetReplica:
 # Rebinding the name makes Ray's wrapper class importable as ``blindnet.serve.ray_replica.BlindNetReplica``, so Ray
 # pickles it by reference: replicas import this module rather than unpickling a copy of the class, whose postponed
 # annotations they could not resolve.
-BlindNetReplica = serve.ingress()(BlindNetReplica)
+BlindNetReplica = serve.ingress()(BlindNetReplica)  # type: ignore[misc]  # the rebinding above, on purpose
 
 
 def build_application(config: RayServeConfig):

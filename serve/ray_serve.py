@@ -219,7 +219,7 @@ def config_from_args(args: argparse.Namespace, environ: dict[str, str] | None = 
     # imported lazily because the zoo loads PyTorch, which `--help` must not wait for
     from blindnet.zoo import checkpoint_path, is_model_name
 
-    if is_model_name(cfg.checkpoint):
+    if cfg.checkpoint is not None and is_model_name(cfg.checkpoint):
         # A model name: fetched (once) here, so every replica gets the cached file, not a download of its own.
         cfg.checkpoint = str(checkpoint_path(cfg.checkpoint))
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_absolute():
