@@ -34,6 +34,7 @@ def export_calls(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
+@pytest.mark.numerics
 def test_auto_on_cpu_is_onnxruntime_on_a_cached_export(
     tiny_checkpoint: Path,
     tmp_path: Path,
@@ -48,13 +49,16 @@ def test_auto_on_cpu_is_onnxruntime_on_a_cached_export(
     assert line.startswith("backend: onnxruntime on CPU (cached export ") and str(first.path) in line
     assert first.path == cached_onnx_path(tiny_checkpoint) and len(export_calls) == 1
     report = json.loads(first.path.with_name(first.path.name + ".check.json").read_text())
-    assert report["passed"] is True and report["min_label_agreement"] >= 0.999  # parity-checked like every export
+    # Parity-checked like every export; 99.9% is the library's float32 label threshold (blindnet.export.onnx). Measured
+    # 100% of labels and 1.8e-5 relative logit error with AVX-512 and with ATEN_CPU_CAPABILITY=default
+    # ONEDNN_MAX_CPU_ISA=SSE41.
+    assert report["passed"] is True and report["min_label_agreement"] >= 0.999
     mtime = first.path.stat().st_mtime_ns
 
     second = make_backend("auto", tiny_checkpoint, device="cpu")
     assert second.path == first.path and first.path.stat().st_mtime_ns == mtime and len(export_calls) == 1
 
-    # Labels equal the torch backend's on the same images.
+    # Labels equal the torch backend's on the same images (measured 100% on both paths; 99.9% allows a near-tie or two).
     images = np.random.default_rng(1).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
     ref = TorchBackend(load_model(tiny_checkpoint)).infer(images).labels
     assert (second.infer(images).labels == ref).mean() >= 0.999
