@@ -8,12 +8,16 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from blindnet.backends.base import BackendOutput
+from blindnet.backends.torch_backend import TorchBackend
 from blindnet.serve.client import free_port as free_port_number
 
 # Two cores: keep each test process from oversubscribing them.
@@ -138,3 +142,30 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class GatedBackend(TorchBackend):
+    """A real TorchBackend whose ``infer`` waits until the test opens ``gate``: makes 'the worker is busy'
+    deterministic. ``entered`` is set once a batch has reached the backend."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
+        self.entered.set()
+        assert self.gate.wait(60), "the test never opened the gate"
+        return super().infer(images, return_logits=return_logits)
+
+
+class FailFirstBackend(TorchBackend):
+    """A real TorchBackend whose first batch raises (a device error, a broken engine, ...); later ones run."""
+
+    calls = 0
+
+    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("simulated device fault")
+        return super().infer(images, return_logits=return_logits)

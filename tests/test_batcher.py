@@ -15,38 +15,13 @@ from blindnet.backends.torch_backend import TorchBackend
 from blindnet.inference import Predictor
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.batcher import BatchFailedError, BatchRecord, DynamicBatcher, QueueFullError, ShuttingDownError
+from tests.conftest import FailFirstBackend, GatedBackend
 
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(0)
     return build_model(ModelConfig(backbone="mobilenetv2", num_classes=19))
-
-
-class GatedBackend(TorchBackend):
-    """A real TorchBackend whose ``infer`` waits for a gate: makes 'the worker is busy' deterministic."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        self.entered.set()
-        assert self.gate.wait(30), "test never opened the gate"
-        return super().infer(images, return_logits=return_logits)
-
-
-class FailFirstBackend(TorchBackend):
-    """A real TorchBackend whose first call raises (a CUDA error, a broken engine, ...)."""
-
-    calls = 0
-
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        self.calls += 1
-        if self.calls == 1:
-            raise RuntimeError("simulated device fault")
-        return super().infer(images, return_logits=return_logits)
 
 
 def _images(n: int, h: int = 64, w: int = 96, seed: int = 0) -> list[np.ndarray]:

@@ -16,16 +16,15 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from blindnet.backends.base import BackendOutput
 from blindnet.backends.torch_backend import TorchBackend
 from blindnet.inference import Predictor
 from blindnet.serve import client
 from blindnet.serve.__main__ import main as serve_main
 from blindnet.serve.app import BackgroundServer, InsecureBindError, check_bind, create_app
 from blindnet.serve.config import ServeConfig
+from tests.conftest import FailFirstBackend, GatedBackend
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
@@ -272,32 +271,6 @@ def test_bad_inputs_get_clear_errors_and_never_hurt_other_callers(server, refere
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
 
-class GatedBackend(TorchBackend):
-    """A real TorchBackend that holds each batch until the test opens the gate (deterministically slow)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        self.entered.set()
-        assert self.gate.wait(60)
-        return super().infer(images, return_logits=return_logits)
-
-
-class BrokenOnceBackend(TorchBackend):
-    """A real TorchBackend whose first batch fails (e.g. a device error)."""
-
-    calls = 0
-
-    def infer(self, images: np.ndarray, *, return_logits: bool = False) -> BackendOutput:
-        self.calls += 1
-        if self.calls == 1:
-            raise RuntimeError("simulated CUDA error")
-        return super().infer(images, return_logits=return_logits)
-
-
 def test_queue_full_gets_503_with_retry_after(backend) -> None:
     gated = GatedBackend(backend.model)
     config = ServeConfig(max_batch_size=1, max_queue_delay_ms=0, max_queue_size=2)
@@ -323,11 +296,11 @@ def test_queue_full_gets_503_with_retry_after(backend) -> None:
 
 
 def test_backend_failure_is_a_500_for_that_batch_only(backend) -> None:
-    broken = BrokenOnceBackend(backend.model)
+    broken = FailFirstBackend(backend.model)
     with BackgroundServer(create_app(broken, ServeConfig(max_queue_delay_ms=0))) as srv:
         r = httpx.post(f"{srv.url}/v1/segment", content=_png(_image(8)), timeout=60)
         assert r.status_code == 500
-        assert "backend failure" in r.json()["error"] and "simulated CUDA error" in r.json()["error"]
+        assert "backend failure" in r.json()["error"] and "simulated device fault" in r.json()["error"]
         assert httpx.post(f"{srv.url}/v1/segment", content=_png(_image(8)), timeout=60).status_code == 200
         assert 'blindnet_batches_total{outcome="error"} 1.0' in httpx.get(f"{srv.url}/metrics").text
 
