@@ -26,8 +26,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from blindnet.checkpoint import load_model
 from blindnet.classes import class_names
 from blindnet.data.datasets import AlignedAppearanceDataset
-from blindnet.io import atomic_write, file_slug
+from blindnet.io import atomic_write, file_slug, write_text
 from blindnet.metrics import ConfusionMatrix, ConsistencyScores, CrossAppearanceConsistency, SegScores
 from blindnet.train.distributed import current_dist_info
 
@@ -73,7 +74,8 @@ def evaluate(
     """
     device = torch.device(device)
     info = current_dist_info()
-    n = len(dataset) if max_images <= 0 else min(len(dataset), max_images)
+    size = len(cast(Sized, dataset))  # a map-style dataset: it has a length
+    n = size if max_images <= 0 else min(size, max_images)
     if n == 0:
         raise ValueError(f"{desc}: the evaluation dataset is empty")
     if consistency is not None and info.world_size > 1:
@@ -327,7 +329,7 @@ def write_tables(
     for stem, (md, cs) in tables.items():
         for ext, text in (("md", md), ("csv", cs)):
             p = out_dir / f"{stem}.{ext}"
-            atomic_write(p, lambda tmp, text=text: Path(tmp).write_text(text))
+            write_text(p, text)
             paths[f"{stem}.{ext}"] = p
     return paths
 

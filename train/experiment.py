@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import re
@@ -332,7 +333,7 @@ def summarise_experiment(
         for name in RUN_FILES:
             if (run.path / name).exists():
                 src = run.path / name
-                atomic_write(out / run.path.name / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+                atomic_write(out / run.path.name / name, functools.partial(shutil.copyfile, src))
     return paths
 
 
