@@ -90,7 +90,7 @@ def package_default(
     """
     run, dest = Path(run), Path(dest)
     reference_run = Path(reference_run) if reference_run is not None else None
-    compare = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
+    extra = {label: _existing_checkpoint(path) for label, path in (compare or {}).items()}
     facts = _run_facts(run)
     reference_facts = _run_facts(reference_run) if reference_run is not None else None
     meta = _header_facts(run, facts, command, device)
@@ -100,13 +100,14 @@ def package_default(
     try:
         checkpoints = {f"{recipe_name(facts['config'])} (shipped)": staged}
         if reference is not None:
+            assert reference_run is not None and reference_facts is not None  # read with the reference model
             half = save_model(reference, reference_run / "model_fp16.safetensors", half=True)
             checkpoints[recipe_name(reference_facts["config"])] = half
-        checkpoints.update(compare)
+        checkpoints.update(extra)
         scores = _evaluate(checkpoints, run / "config.yaml")
         clip = _score_clips(checkpoints, Path(clip_out), showcase_image, clip_frames, clip_size)
         clip_facts = f"{clip_frames} frames at {clip_size[0]}x{clip_size[1]}"
-        card = _card(facts, reference_facts, meta, scores, clip, staged, clip_facts, _compare_lines(compare), why)
+        card = _card(facts, reference_facts, meta, scores, clip, staged, clip_facts, _compare_lines(extra), why)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
