@@ -21,10 +21,14 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blindnet.cliparse import JobParser
 from blindnet.extras import require_extra
 from blindnet.modelnames import is_model_name
+
+if TYPE_CHECKING:  # for the checker only: --help must not import the training stack
+    from blindnet.train.config import TrainConfig
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -131,7 +135,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m blindnet.trai
     return _run(cfg, out, ckpt, args.overwrite, prog)
 
 
-def _run(cfg: object, out: Path, ckpt: dict | None, overwrite: bool, prog: str) -> int:
+def _run(cfg: TrainConfig, out: Path, ckpt: dict | None, overwrite: bool, prog: str) -> int:
     """Train and report; every expected failure is one line on stderr and an exit status, never a traceback."""
     # Lazy CLI dispatch, as in main.
     from blindnet.checkpoint import CheckpointError
