@@ -43,7 +43,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 #: output files older than this are swept from the demo's own output folder
 OUTPUT_TTL_S = 3600.0
 NO_MODEL = "(none)"
-LEGEND_WIDTHS = ["22%", "48%", "30%"]
+LEGEND_WIDTHS: list[str | int] = ["22%", "48%", "30%"]
 #: one inference at a time across tabs (one model, often one GPU)
 COMMON_EVENT = {"concurrency_id": "inference", "concurrency_limit": 1, "preprocess": False}
 
@@ -363,15 +363,20 @@ def build_demo(
         raise ValueError("build_demo needs at least one predictor")
     if max_video_frames < 1:
         raise ValueError(f"max_video_frames must be >= 1, got {max_video_frames}")
-    examples = [str(p) for p in (default_examples() if examples is None else examples)]
+    image_files = [str(p) for p in (default_examples() if examples is None else examples)]
     cb = DemoCallbacks(
-        predictors, _output_dir(output_dir), max_video_frames, max_video_side, video_batch_size, KnownLabels(examples)
+        predictors,
+        _output_dir(output_dir),
+        max_video_frames,
+        max_video_side,
+        video_batch_size,
+        KnownLabels(image_files),
     )
     names, first = cb.names, cb.names[0]
-    video_examples = [str(p) for p in (default_video_examples() if video_examples is None else video_examples)]
+    video_files = [str(p) for p in (default_video_examples() if video_examples is None else video_examples)]
     img0: tuple = (None, None, None, "", None)
     rb0: tuple = (None,) * 6 + ("",)
-    first_example = examples[0] if prefill and examples else None
+    first_example = image_files[0] if prefill and image_files else None
     if first_example is not None:
         for predictor in predictors.values():  # the first call pays one-time setup; keep it out of the shown time
             predictor.predict_one(np.zeros((64, 128, 3), np.uint8))
@@ -389,11 +394,11 @@ def build_demo(
         )
         with gr.Tabs(selected=selected_tab):
             with gr.Tab("Image", id="image"):
-                _image_tab(cb, examples, first_example, img0)
+                _image_tab(cb, image_files, first_example, img0)
             with gr.Tab("Video", id="video"):
-                _video_tab(cb, video_examples, class_colours(predictors[first].num_classes))
+                _video_tab(cb, video_files, class_colours(predictors[first].num_classes))
             with gr.Tab("Robustness", id="robustness"):
-                _robustness_tab(cb, examples, first_example, rb0)
+                _robustness_tab(cb, image_files, first_example, rb0)
     demo.queue(max_size=32, default_concurrency_limit=1)
     return demo
 
@@ -437,7 +442,7 @@ def launch(
     return result
 
 
-def startup_message(local_url: str, share_url: str | None) -> str:
+def startup_message(local_url: str | None, share_url: str | None) -> str:
     """The lines ``blindnet demo`` prints once it listens."""
     public = f"Public link: {share_url}" if share_url else "For a public gradio.live link, run again with --share."
     return f"Running on {local_url}\n{public}"

@@ -46,7 +46,7 @@ def write_examples(
     name, seed, appearance = CLIP
     frames, _ = render_clip(seed, clip_frames, height, width, appearances=[appearance])
     path = out / name
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"VP80"), float(fps), (width, height))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"VP80"), float(fps), (width, height))
     if not writer.isOpened():
         raise OSError(f"this OpenCV build cannot write VP8/WebM ({path})")
     for frame in frames[appearance]:

@@ -62,7 +62,7 @@ def rain(image: np.ndarray, strength: float = 1.0, seed: int = 0) -> np.ndarray:
         return arr.copy()
     h, w = arr.shape[:2]
     rng = np.random.default_rng(seed)
-    streaks = np.zeros((h, w), dtype=np.float32)
+    streaks: np.ndarray = np.zeros((h, w), dtype=np.float32)
     count = int(strength * h * w / 90)
     length = max(3, int(round(0.06 * h * (0.5 + strength))))
     angle = np.deg2rad(rng.uniform(-20.0, -10.0))
