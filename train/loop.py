@@ -23,15 +23,14 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -48,7 +47,7 @@ from blindnet.checkpoint import (
 from blindnet.config import ConfigError, save_yaml, to_dict
 from blindnet.io import atomic_write
 from blindnet.metrics import SegScores
-from blindnet.models import build_model
+from blindnet.models import DeepLabV3Plus, build_model
 from blindnet.task import BlindNetTask
 from blindnet.train.config import TrainConfig, config_from_dict
 from blindnet.train.data import SeededItems, StepBatchSampler, build_eval_dataset, build_train_source, prepare_data
@@ -114,7 +113,7 @@ def poly_lambda(max_iter: int, power: float):
 def get_rng_state(device: torch.device) -> dict[str, Any]:
     """This process's random states as tensors and plain numbers (loadable with ``weights_only=True``)."""
     py = random.getstate()
-    npk = np.random.get_state()
+    npk = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the legacy tuple (default)
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": int(py[0]), "state": torch.tensor(py[1], dtype=torch.int64), "gauss": py[2]},
@@ -300,10 +299,9 @@ class _CsvLog:
 
     def write(self, row: dict[str, Any]) -> None:
         new = self.fields is None
-        if new:
-            self.fields = list(row.keys())
+        fields = self.fields = list(row.keys()) if self.fields is None else self.fields
         with open(self.path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, self.fields, extrasaction="ignore")
+            w = csv.DictWriter(fh, fields, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerow(row)
@@ -358,7 +356,7 @@ class _Run:
     channels_last: bool
     run_dir: Path
     task: BlindNetTask
-    net: nn.Module  # the task, wrapped in DDP and/or torch.compile as configured
+    net: Callable[..., Any]  # the task, wrapped in DDP and/or torch.compile as configured
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     source: Any
@@ -420,7 +418,7 @@ def _prepare_run_dir(run_dir: Path, replace: bool) -> None:
         )
 
 
-def init_weights(model: nn.Module, path: str | Path, part: str) -> list[str]:
+def init_weights(model: DeepLabV3Plus, path: str | Path, part: str) -> list[str]:
     """Load ``part`` (``model``: every tensor; ``encoder``: only ``encoder.*``) of checkpoint ``path`` into ``model``.
 
     The checkpoint may be a deployable ``.safetensors`` or a training ``.pt``. Returns the names of the loaded tensors.
@@ -478,7 +476,8 @@ def _build_run(cfg: TrainConfig, out_dir: str | Path, replace: bool = False) -> 
             print(f"initialised the {cfg.init.part} ({len(loaded)} tensors) from {cfg.init.checkpoint}")
     task = BlindNetTask(net, cfg.loss)
     if info.enabled and rt.sync_bn:
-        task = convert_sync_batchnorm(task, device.type)  # before the optimizer: it must see the final parameters
+        # before the optimizer: it must see the final parameters. In place: the task stays the task.
+        task = cast(BlindNetTask, convert_sync_batchnorm(task, device.type))
     task.to(device)
     channels_last = rt.use_channels_last(device.type)
     if channels_last:
@@ -659,6 +658,7 @@ def run_eval(run: _Run, logs: _Logs, step: int, final: bool) -> dict[str, SegSco
         )
         out[label] = scores
         if run.info.is_main:
+            assert logs.eval_csv is not None  # the main rank's
             logs.eval_csv.write({"step": step, "target": label, "final": int(final), **scores.as_row()})
             logs.scalars(f"eval/{label}", {"mIoU": scores.miou * 100, "mAcc": scores.macc * 100}, step)
             logs.say(f"[step {step}] {label}: mIoU {scores.miou * 100:.2f}  mAcc {scores.macc * 100:.2f}")
@@ -719,6 +719,7 @@ def _steps(run: _Run, logs: _Logs, stop: _StopOnSigint) -> tuple[int, list[dict[
         if run.info.is_main and (step % rt.log_interval == 0 or step == cfg.optim.max_iter):
             now = time.perf_counter()
             mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+            assert logs.train_csv is not None  # the main rank's
             logs.train_csv.write(
                 {
                     "step": step,
