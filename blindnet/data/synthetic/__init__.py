@@ -42,9 +42,14 @@ from blindnet.data.synthetic.dataset import (
     write_aligned_dataset,
     write_clip,
 )
+from blindnet.data.synthetic.style import ALL_APPEARANCES, LIGHTINGS, STYLES, Style
 
 __all__ = [
+    "ALL_APPEARANCES",
     "APPEARANCES",
+    "LIGHTINGS",
+    "STYLES",
+    "Style",
     "LAYOUT_VERSION",
     "ClipFiles",
     "render_clip",

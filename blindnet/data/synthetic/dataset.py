@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -11,12 +12,22 @@ from typing import TypedDict
 import cv2
 import numpy as np
 
-from blindnet.data.synthetic.raster import _rasterise
+from blindnet.data.synthetic.raster import _Raster, _rasterise
 from blindnet.data.synthetic.shading import _Frame, _noise_fields, _shade, _window
+from blindnet.data.synthetic.style import (
+    ALL_APPEARANCES,
+    LIGHTINGS,
+    STYLES,
+    Style,
+    apply_camera,
+    split_appearance,
+    styled_albedo,
+)
 from blindnet.data.synthetic.world import _build_world, _World
 from blindnet.io import atomic_write, write_text
 
-APPEARANCES: tuple[str, ...] = ("noon", "sunset", "night", "fog", "rain")
+#: The appearances of style ``a`` (the renderer's own look), one per lighting; other styles: ``ALL_APPEARANCES``.
+APPEARANCES: tuple[str, ...] = LIGHTINGS
 LAYOUT_VERSION = 1
 
 
@@ -27,32 +38,51 @@ def _scene_seed(seed: int, index: int) -> int:
 
 def _check_appearances(appearances: Sequence[str]) -> tuple[str, ...]:
     apps = tuple(appearances)
-    bad = [a for a in apps if a not in APPEARANCES]
+    bad = [a for a in apps if a not in ALL_APPEARANCES]
     if bad:
-        raise KeyError(f"unknown appearance(s) {bad}; available: {', '.join(APPEARANCES)}")
+        raise KeyError(f"unknown appearance(s) {bad}; available: {', '.join(ALL_APPEARANCES)}")
     return apps
 
 
-def _render_frame(world: _World, seed: int, height: int, width: int, apps: tuple[str, ...], cam_z: float, frame: int):
-    r = _rasterise(world, height, width, cam_z, frame)
-    mask = np.take(r.cls, r.ids)
+def _styled_frame(r: _Raster, seed: int, frame: int, style: Style) -> _Frame:
+    """What every lighting of one style shares in a frame: the albedo table and the material texture."""
+    height, width = r.ids.shape
+    if style.palette_seed is not None:
+        r = dataclasses.replace(r, color=styled_albedo(r.color, r.cls, style))
     rng = np.random.default_rng([seed, frame, 7])
-    fine_f, coarse_f, _ = _noise_fields(height, width)
-    # one material texture for all appearances: the same surface has the same grain in every condition
-    tex = np.take(r.fine, r.ids) * _window(fine_f, height, width, rng)
-    tex += np.take(r.coarse, r.ids) * _window(coarse_f, height, width, rng)
+    fine_f, coarse_f, _ = _noise_fields(height, width, style.noise_seed)
+    # one material texture for all lightings: the same surface has the same grain in every condition
+    tex = np.take(r.fine * style.texture_gain, r.ids) * _window(fine_f, height, width, rng)
+    tex += np.take(r.coarse * style.texture_gain, r.ids) * _window(coarse_f, height, width, rng)
     tex += 1.0
     sky = r.ids == 0
     sky_any = np.flatnonzero(sky.any(axis=1))
     sky_rows = int(sky_any[-1]) + 1 if len(sky_any) else 0
     sky1 = sky[:sky_rows].astype(np.float32)
-    fr = _Frame(
+    return _Frame(
         r,
         cv2.merge([tex, tex, tex]),
         sky_rows,
         cv2.merge([sky1, sky1, sky1]) if sky_rows else np.zeros((0, width, 3), np.float32),
     )
-    images = {a: _shade(a, fr, world, np.random.default_rng([seed, frame, APPEARANCES.index(a)])) for a in apps}
+
+
+def _render_frame(
+    world: _World, seed: int, height: int, width: int, apps: tuple[str, ...], cam_z: float, frame: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    r = _rasterise(world, height, width, cam_z, frame)
+    mask = np.take(r.cls, r.ids)
+    frames: dict[str, _Frame] = {}
+    images: dict[str, np.ndarray] = {}
+    for a in apps:
+        style_name, lighting = split_appearance(a)
+        style = STYLES[style_name]
+        if style_name not in frames:
+            frames[style_name] = _styled_frame(r, seed, frame, style)
+        img = _shade(
+            lighting, frames[style_name], world, np.random.default_rng([seed, frame, LIGHTINGS.index(lighting)])
+        )
+        images[a] = apply_camera(img, style, np.random.default_rng([seed, frame, 11, ALL_APPEARANCES.index(a)]))
     return images, mask
 
 

@@ -14,10 +14,10 @@ from blindnet.data.synthetic.world import _S_CONST, _S_GROUND, _S_SIDE, CAR, SKY
 
 
 @lru_cache(maxsize=4)
-def _noise_fields(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fine grain, coarse blotches and rain streaks at twice the image size, made once from a fixed seed; each scene
-    takes a window at a seeded offset, which costs nothing and stays deterministic."""
-    rng = np.random.default_rng(12345)
+def _noise_fields(height: int, width: int, seed: int = 12345) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fine grain, coarse blotches and rain streaks at twice the image size, made once per seed; each scene takes a
+    window at a seeded offset, which costs nothing and stays deterministic. A style's texture uses its own seed."""
+    rng = np.random.default_rng(seed)
     h2, w2 = 2 * height, 2 * width
     fine = rng.standard_normal((h2, w2), dtype=np.float32)
     fine = 0.6 * fine + 0.4 * cv2.GaussianBlur(fine, (0, 0), 1.2) * 2.5
