@@ -105,7 +105,7 @@ def apply_camera(image: np.ndarray, style: Style, rng: np.random.Generator) -> n
         and style.jpeg_quality is None
     ):
         return image
-    x = image.astype(np.float32) / 255.0
+    x: np.ndarray = image.astype(np.float32) / 255.0
     x *= np.asarray(style.white_balance, np.float32)
     np.clip(x, 0.0, 1.0, out=x)
     if style.gamma != 1.0:
@@ -117,12 +117,13 @@ def apply_camera(image: np.ndarray, style: Style, rng: np.random.Generator) -> n
         x = cv2.GaussianBlur(x, (0, 0), style.blur_sigma * image.shape[0] / 512.0)
     if style.sensor_noise:
         x += rng.normal(0.0, style.sensor_noise, x.shape).astype(np.float32)
-    out = cv2.convertScaleAbs(np.clip(x, 0.0, 1.0), alpha=255.0)
+    out: np.ndarray = cv2.convertScaleAbs(np.clip(x, 0.0, 1.0), alpha=255.0)
     if style.jpeg_quality is not None:
         ok, buf = cv2.imencode(".jpg", out[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(style.jpeg_quality)])
-        if not ok:
-            raise RuntimeError("JPEG encoding failed")
-        out = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
+        decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
+        if decoded is None:
+            raise RuntimeError("JPEG round trip failed (encoding or decoding)")
+        out = decoded[:, :, ::-1]
     return np.ascontiguousarray(out)
 
 
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         out / "style_shift.md",
         "R^2 of a per-channel affine map of A-noon (mean over scenes)\n\n" + "\n".join(rows) + "\n",
     )
-    images, _ = render_scene(3, *args.size, appearances=ALL_APPEARANCES)
+    height, width = args.size
+    images, _ = render_scene(3, height, width, appearances=ALL_APPEARANCES)
     grid = [np.concatenate([images[f"{s}-{light}" if s != "a" else light] for light in LIGHTINGS], 1) for s in STYLES]
     write_png(out / "styles.png", np.concatenate(grid, 0))
     print("\n".join(rows))
