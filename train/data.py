@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset, Dataset, Sampler, get_worker_info
 
 from blindnet import data
+from blindnet.config import ConfigError
 from blindnet.data import DATASETS
 from blindnet.data.synthetic import write_aligned_dataset
 from blindnet.train.config import DatasetSpec, TrainConfig
@@ -199,16 +200,24 @@ def _synthetic_specs(cfg: TrainConfig) -> list[DatasetSpec]:
     return [s for s in [*cfg.data.train, *cfg.eval.targets] if s.dataset == "aligned"]
 
 
+#: Seed offset of each synthetic split: disjoint layouts for training, model choices (``select``) and reporting
+#: (``val``), so that what picks a model is never what reports it.
+SPLIT_SEED_OFFSETS: dict[str, int] = {"train": 0, "val": 1_000_003, "select": 2_000_003}
+
+
 def ensure_synthetic(root: str | Path, split: str, cfg: TrainConfig) -> Path:
     """Render the synthetic aligned scenes of ``split`` into ``root`` unless they are already there.
 
     ``write_aligned_dataset`` is itself atomic per file and resumable (``meta.json`` is written last and a matching
     one makes the call a no-op), so a killed generation is simply repeated. Scene ``i`` of a split is seeded by
-    ``(seed, i)``: val gets a different seed, so its layouts are held out from training.
+    ``(seed + SPLIT_SEED_OFFSETS[split], i)``, so the layouts of ``val`` and ``select`` are held out from training and
+    from each other; ``select`` has ``val_scenes`` scenes too.
     """
     s = cfg.data.synthetic
+    if split not in SPLIT_SEED_OFFSETS:
+        raise ConfigError(f"synthetic split {split!r}: choose one of {', '.join(SPLIT_SEED_OFFSETS)}")
     n = s.train_scenes if split == "train" else s.val_scenes
-    seed = s.seed if split == "train" else s.seed + 1_000_003
+    seed = s.seed + SPLIT_SEED_OFFSETS[split]
     write_aligned_dataset(
         root,
         num_scenes=n,
