@@ -52,6 +52,8 @@ def test_train_sees_style_a_only_and_the_targets_cover_style_lighting_and_both()
     assert shown == ["noon", "sunset", "b-noon", "night", "fog", "rain", "b-night", "b-fog", "b-rain"]
     select = load_config("style_cpu_shufflenetv2_select", [])
     assert {t.split for t in select.eval.targets} == {"select"} and {t.split for t in cfg.eval.targets} == {"val"}
+    # Both sets score side by side in one eval.csv, so their labels must differ.
+    assert not {t.label for t in select.eval.targets} & {t.label for t in cfg.eval.targets}
     warm = load_config("style_warmstart_shufflenetv2", [])
     assert warm.loss.views == 1 and not warm.model.instance_norm and not warm.init.checkpoint
 
@@ -77,3 +79,23 @@ def test_train_val_and_select_layouts_are_disjoint(tmp_path: Path) -> None:
         assert not any(np.array_equal(x, y) for x in masks[a] for y in masks[b]), (a, b)
     with pytest.raises(ConfigError, match="synthetic split 'test'"):
         ensure_synthetic(tmp_path, "test", cfg)
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_arm_and_seed_at_toy_size(tmp_path: Path) -> None:
+    """``SMOKE=1`` runs benchmarks/evidence_gpu.sh's steps on the CPU at toy sizes (about 90 s on 2 cores)."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SMOKE": "1", "OUT": str(tmp_path / "out"), "PY": sys.executable}
+    res = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "evidence_gpu.sh"), "900"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as tar:
+        names = tar.getnames()
+    runs = {n.split("/")[1] for n in names if n.count("/") == 2 and n.endswith("/eval.csv")}
+    assert runs == {f"{arm}_s{s}" for arm in ("plain", "in", "f") for s in (1, 2, 3)} | {"warmstart"}
