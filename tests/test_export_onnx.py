@@ -99,6 +99,8 @@ def test_dynamo_uint8_in_labels_out_parity(
     _check_report_file(res)  # ... and stored next to the file
 
 
+# A second dynamo export (half a minute): the MobileNetV2 fixture covers the dynamo path in the default run.
+@pytest.mark.release
 def test_dynamo_float_logits_parity_shufflenet(tmp_path: Path) -> None:
     model = _model("shufflenetv2")
     res = export_onnx(model, tmp_path / "shufflenet.onnx")

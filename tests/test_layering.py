@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# One fresh interpreter per module (about a minute in all): a release check, run by CI's second stage.
+pytestmark = pytest.mark.release
+
 # The deployable side of the package, and every module of the deployment folders (walked recursively), except the
 # training-step benchmarks (train_step, and cpu_paths which also times the step), which measure training and so must
 # import the task, and the Ray replica, which needs the optional 'ray' extra (its own tests cover it).
