@@ -27,16 +27,8 @@ pytestmark = pytest.mark.release
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = ("segment", "convert", "info", "train", "evaluate", "export", "serve", "demo", "bench")
-BASE_REQUIREMENTS = (
-    "torch",
-    "torchvision",
-    "numpy",
-    "pillow",
-    "opencv-python-headless",
-    "pyyaml",
-    "tqdm",
-    "safetensors",
-)
+# The base install's requirements, as the installed distribution declares them (pyproject.toml's dependencies).
+BASE_REQUIREMENTS = tuple(r for r in md.requires("blindnet") or () if "extra ==" not in r)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
