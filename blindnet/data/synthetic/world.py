@@ -10,27 +10,11 @@ import numpy as np
 
 from blindnet.classes import CLASS_NAMES
 
-# The package's class table, named for the scene builder.
-_TRAIN_ID = {name: i for i, name in enumerate(CLASS_NAMES)}
-ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = (
-    _TRAIN_ID[n]
-    for n in (
-        "road",
-        "sidewalk",
-        "building",
-        "wall",
-        "fence",
-        "pole",
-        "traffic light",
-        "traffic sign",
-        "vegetation",
-        "terrain",
-        "sky",
-    )
-)
-PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = (
-    _TRAIN_ID[n] for n in ("person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
-)
+# The package's class table (blindnet.classes.CLASS_NAMES), named in its order for the scene builder.
+(ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY) = range(11)
+(PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(11, len(CLASS_NAMES))
+if (CLASS_NAMES[POLE], CLASS_NAMES[SKY], CLASS_NAMES[BICYCLE]) != ("pole", "sky", "bicycle"):
+    raise ImportError("blindnet.classes.CLASS_NAMES changed order; rename the scene builder's class ids")
 
 # Painter layers: everything in a lower layer is drawn first; inside a layer far objects are drawn first.
 _L_GROUND, _L_STRIP, _L_MARK, _L_SIDE, _L_OBJ = range(5)
