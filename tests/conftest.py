@@ -18,6 +18,7 @@ import torch
 
 from blindnet.backends.base import BackendOutput
 from blindnet.backends.torch_backend import TorchBackend
+from blindnet.inference import Predictor
 from blindnet.serve.client import free_port as free_port_number
 
 # Two cores: keep each test process from oversubscribing them.
@@ -169,3 +170,20 @@ class FailFirstBackend(TorchBackend):
         if self.calls == 1:
             raise RuntimeError("simulated device fault")
         return super().infer(images, return_logits=return_logits)
+
+
+# The server tests' shared fixtures: the tiny checkpoint, a TorchBackend on it, and the Predictor every served answer
+# must agree with (its own batching, independent of the server's). Module-scoped: each server module builds its own.
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint: Path) -> TorchBackend:
+    return TorchBackend.from_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(backend: TorchBackend) -> Predictor:
+    return Predictor(backend, batch_size=8)

@@ -26,7 +26,6 @@ import yaml
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.inference import Predictor
 from blindnet.serve.__main__ import build_parser as serve_main_parser
 from blindnet.serve.app import BackgroundServer, create_app
 from blindnet.serve.config import ServeConfig, serve_values
@@ -101,16 +100,6 @@ def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint: Path) -> Predictor:
-    return Predictor(TorchBackend.from_checkpoint(checkpoint), batch_size=8)
 
 
 @pytest.fixture(scope="module")

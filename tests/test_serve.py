@@ -10,7 +10,6 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import cv2
 import httpx
@@ -19,7 +18,6 @@ import pytest
 from PIL import Image
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.inference import Predictor
 from blindnet.serve import client
 from blindnet.serve.__main__ import main as serve_main
 from blindnet.serve.app import BackgroundServer, InsecureBindError, check_bind, create_app
@@ -31,22 +29,6 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 H, W = 64, 96
 MAX_PIXELS = 200 * 200
 MAX_BYTES = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def backend(checkpoint: Path) -> TorchBackend:
-    return TorchBackend.from_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference(backend: TorchBackend) -> Predictor:
-    """The Predictor every served answer must agree with (its own batching, independent of the server's)."""
-    return Predictor(backend, batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -44,21 +44,6 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint: Path) -> Path:
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def backend(checkpoint: Path) -> TorchBackend:
-    return TorchBackend.from_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def reference(backend: TorchBackend) -> Predictor:
-    return Predictor(backend, batch_size=8)
-
-
-@pytest.fixture(scope="module")
 def server(backend: TorchBackend):
     config = ServeConfig(
         max_batch_size=8,
