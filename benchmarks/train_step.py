@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="image pairs per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, cuDNN autotuning)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "tf32", "fp32"])
+    p.add_argument("--precision", default="bfloat16", choices=["bfloat16", "tf32", "float32"])
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument(
         "--compile",
@@ -110,7 +110,7 @@ def time_step(args: argparse.Namespace, config_name: str, device: torch.device) 
         forward = task
     x, x_a, target = _synthetic_batch(args.batch, args.size, model.config.num_classes, device, args.channels_last)
     autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16) if args.precision == "bfloat16" else nullcontext()
     )
 
     def step() -> dict[str, torch.Tensor]:
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    tf32 = args.precision in ("bf16", "tf32")
+    tf32 = args.precision in ("bfloat16", "tf32")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True

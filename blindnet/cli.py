@@ -23,6 +23,7 @@ from blindnet.architectures import BACKBONE_NAMES
 from blindnet.backends import BACKEND_NAMES
 from blindnet.cliparse import JobParser, cuda_device_count
 from blindnet.extras import require_extra
+from blindnet.precisions import INFERENCE_PRECISIONS
 
 # job -> (module holding ``main(argv)``, one line of help). A plain dict: adding a job is one line here.
 JOBS: dict[str, tuple[str, str]] = {
@@ -90,7 +91,7 @@ def _predictor_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default=None,
-        choices=["float32", "float16", "bfloat16", "int8"],
+        choices=INFERENCE_PRECISIONS,
         help="default: float32 for checkpoints, the file's own precision for exported models",
     )
     p.add_argument("--batch-size", type=int, default=4, help="images (or video frames) per network call")

@@ -147,6 +147,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "blindnet.cliparse",
             "blindnet.modelnames",
             "blindnet.architectures",
+            "blindnet.precisions",
         ),
     ),
     (

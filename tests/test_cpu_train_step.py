@@ -14,7 +14,7 @@ def test_runtime_defaults_resolve_per_device() -> None:
     assert rt.use_channels_last("cuda") and not rt.use_channels_last("cpu")
     assert RuntimeConfig(channels_last="on").use_channels_last("cpu")
     assert rt.use_amp("cuda") and rt.use_amp("cpu") == cpu_has_native_bf16()
-    assert not RuntimeConfig(amp="off").use_amp("cuda") and RuntimeConfig(amp="bf16").use_amp("cpu")
+    assert not RuntimeConfig(amp="off").use_amp("cuda") and RuntimeConfig(amp="bfloat16").use_amp("cpu")
     assert not RuntimeConfig(channels_last="off").use_channels_last("cpu")
 
 

@@ -1,5 +1,5 @@
-"""Every backbone name is defined once (:data:`blindnet.architectures.BACKBONES`); every place that lists or keys by
-backbones agrees with it."""
+"""Every backbone name is defined once (:data:`blindnet.architectures.BACKBONES`), every precision name once
+(:data:`blindnet.precisions.PRECISIONS`); every place that lists or keys by them agrees."""
 
 from __future__ import annotations
 
@@ -42,3 +42,20 @@ def test_an_unknown_backbone_is_named_not_defaulted() -> None:
     with pytest.raises(ValueError, match="unknown backbone 'vgg16'"):
         norm_stride_of({"backbone": "vgg16"})
     assert norm_stride_of({}) == 16  # a foreign file that names no backbone: a multiple of every stride
+
+
+def test_every_precision_list_uses_the_one_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    from blindnet.backends.base import DTYPES
+    from blindnet.benchmarks.config import VARIANTS
+    from blindnet.export.engine import PRECISIONS as TRT_PRECISIONS
+    from blindnet.precisions import INFERENCE_PRECISIONS, PRECISIONS
+    from blindnet.train.config import RuntimeConfig
+
+    assert set(INFERENCE_PRECISIONS) <= set(PRECISIONS)
+    assert set(DTYPES) <= set(PRECISIONS) and set(TRT_PRECISIONS) <= set(PRECISIONS)
+    amp = typing.get_args(typing.get_type_hints(RuntimeConfig)["amp"])
+    assert set(amp) - {"auto", "off"} <= set(PRECISIONS)
+    assert {v.precision for v in VARIANTS.values()} <= set(PRECISIONS)
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "{" + ",".join(INFERENCE_PRECISIONS) + "}" in capsys.readouterr().out

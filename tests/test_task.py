@@ -306,7 +306,7 @@ def test_train_step_benchmark_cpu_smoke(tmp_path) -> None:
             "--backbone",
             "mobilenetv2",
             "--precision",
-            "fp32",
+            "float32",
             "--out",
             str(tmp_path),
         ]

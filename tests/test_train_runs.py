@@ -45,7 +45,7 @@ def tiny_args(root: Path, out: Path, **extra: object) -> list[str]:
         "runtime.threads": "1",
         "runtime.progress": "false",
         "runtime.keep_checkpoints": "0",
-        "runtime.amp": "bf16",  # the periodic evaluations may use autocast; the final one must not
+        "runtime.amp": "bfloat16",  # the periodic evaluations may use autocast; the final one must not
     }
     ov.update({k: str(v) for k, v in extra.items()})
     args = ["--config", "synthetic_smoke", "--out", str(out)]

@@ -150,7 +150,7 @@ class RuntimeConfig:
     """
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    amp: Literal["auto", "bfloat16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: bool = False
     sync_bn: bool = True
@@ -165,7 +165,7 @@ class RuntimeConfig:
     def use_amp(self, device_type: str) -> bool:
         """Whether the step runs under bfloat16 autocast on ``device_type`` (``cuda``/``cpu``)."""
         if self.amp != "auto":
-            return self.amp == "bf16"
+            return self.amp == "bfloat16"
         return device_type == "cuda" or (device_type == "cpu" and cpu_has_native_bf16())
 
     def use_channels_last(self, device_type: str) -> bool:
