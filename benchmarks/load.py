@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from blindnet.backends import BACKEND_NAMES
 from blindnet.backends.select import make_backend
 from blindnet.benchmarks.soak import png_bomb, run_soak, write_soak_report
 from blindnet.checkpoint import save_model
@@ -565,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m blindnet.benchmarks.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="model to serve (default: shipped checkpoint, else random-init --backbone)")
     p.add_argument("--backbone", default="mobilenetv2", help="random-init backbone when no checkpoint exists")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--backend", default="torch", choices=BACKEND_NAMES)
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None)
     p.add_argument("--size", type=int, nargs=2, default=[256, 512], metavar=("H", "W"))

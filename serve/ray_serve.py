@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blindnet.backends import BACKEND_NAMES
 from blindnet.config import from_dict
 from blindnet.extras import require_extra
 from blindnet.serve.config import ServeConfig, add_serve_flags, serve_values
@@ -162,7 +163,7 @@ def build_parser(prog: str = "python -m blindnet.serve.ray_serve") -> argparse.A
     )
     p.add_argument("--config", help="YAML file with RayServeConfig keys (unknown keys are an error)")
     p.add_argument("--checkpoint", help="checkpoint or exported model (default: the shipped one)")
-    p.add_argument("--backend", choices=["torch", "onnx", "tensorrt"])
+    p.add_argument("--backend", choices=BACKEND_NAMES, help="inference backend (default: auto, as blindnet serve)")
     p.add_argument("--device", help="cpu or cuda (default: the backend's)")
     p.add_argument("--precision", help="float32, float16 or bfloat16 (default: the backend's)")
     p.add_argument("--replicas", dest="num_replicas", help="replica count or 'auto' (default 1)")

@@ -59,3 +59,14 @@ def test_every_precision_list_uses_the_one_spelling(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["segment", "--help"])
     assert "{" + ",".join(INFERENCE_PRECISIONS) + "}" in capsys.readouterr().out
+
+
+def test_every_backend_choice_is_the_backend_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from blindnet.backends import BACKEND_NAMES
+    from blindnet.backends.select import BACKENDS
+
+    assert set(BACKEND_NAMES) == set(BACKENDS) and len(BACKEND_NAMES) == len(BACKENDS)
+    for job, names in (("segment", BACKEND_NAMES), ("serve", BACKEND_NAMES), ("demo", sorted(BACKEND_NAMES))):
+        with pytest.raises(SystemExit):
+            main([job, "--help"])
+        assert "{" + ",".join(names) + "}" in capsys.readouterr().out, job
