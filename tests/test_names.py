@@ -70,3 +70,10 @@ def test_every_backend_choice_is_the_backend_table(capsys: pytest.CaptureFixture
         with pytest.raises(SystemExit):
             main([job, "--help"])
         assert "{" + ",".join(names) + "}" in capsys.readouterr().out, job
+
+
+def test_the_pair_mode_has_one_name_per_mode() -> None:
+    from blindnet.data.datasets import PAIR_MODES
+    from blindnet.train.config import DataConfig
+
+    assert typing.get_args(typing.get_type_hints(DataConfig)["pair"]) == PAIR_MODES

@@ -725,7 +725,8 @@ class DarkZurich(SegmentationDataset):
 # Aligned multi-appearance scenes
 # --------------------------------------------------------------------------------------------------------------------
 
-PAIR_MODES = ("augment", "pair")
+#: How x_a is made: the same two names as the training config's ``data.pair``.
+PAIR_MODES = ("augment", "aligned")
 _LABEL_FORMATS: dict[str, np.ndarray] = {
     "trainids": TRAIN_ID_LUT,
     "carla": _lut(CARLA_TAG_TO_TRAIN),
@@ -740,9 +741,9 @@ class AlignedAppearanceDataset(SegmentationDataset):
         appearances: appearances x is drawn from (training) or that are enumerated (evaluation); default: all folders
             (from ``meta.json`` when present).
         appearance: shorthand for a single appearance (e.g. evaluation on ``night``).
-        pair_mode: ``"augment"``: x_a = strong colour jitter + blur of x (BlindNet); ``"pair"`` (alias
-            ``"aligned"``): x_a = a different real appearance of the same scene from ``pair_appearances``.
-        pair_appearances: where x_a is drawn from in ``pair`` mode (default: ``appearances``).
+        pair_mode: ``"augment"``: x_a = strong colour jitter + blur of x (BlindNet); ``"aligned"``: x_a = a different
+            real appearance of the same scene from ``pair_appearances``.
+        pair_appearances: where x_a is drawn from in ``aligned`` mode (default: ``appearances``).
         label_format: ``trainids`` (as written by the synthetic generator), ``carla`` (CARLA >= 0.9.14 tags in the
             red channel) or ``carla_legacy``.
 
@@ -764,9 +765,8 @@ class AlignedAppearanceDataset(SegmentationDataset):
         label_format: str = "trainids",
         **kw: Any,
     ) -> None:
-        pair_mode = "pair" if pair_mode == "aligned" else pair_mode
         if pair_mode not in PAIR_MODES:
-            raise ValueError(f"aligned: pair_mode must be one of {PAIR_MODES} (or 'aligned'), got {pair_mode!r}")
+            raise ValueError(f"aligned: pair_mode must be one of {PAIR_MODES}, got {pair_mode!r}")
         if label_format not in _LABEL_FORMATS:
             raise ValueError(f"aligned: label_format must be one of {sorted(_LABEL_FORMATS)}, got {label_format!r}")
         if appearance is not None and appearances is not None:
@@ -793,14 +793,14 @@ class AlignedAppearanceDataset(SegmentationDataset):
         self.available = available
         self.appearances = self._want or available
         self.pair_appearances = self._want_pair or self.appearances
-        needed = dict.fromkeys([*self.appearances, *(self.pair_appearances if self.pair_mode == "pair" else ())])
+        needed = dict.fromkeys([*self.appearances, *(self.pair_appearances if self.pair_mode == "aligned" else ())])
         unknown = [a for a in needed if not (split_dir / a).is_dir()]
         if unknown:
             raise DatasetError(
                 f"aligned: appearance folder(s) {unknown} missing in {split_dir}; present: {list(available)}"
             )
-        if self.train and self.pair_mode == "pair" and len(set(self.appearances) | set(self.pair_appearances)) < 2:
-            raise DatasetError("aligned: pair_mode 'pair' needs at least two distinct appearances")
+        if self.train and self.pair_mode == "aligned" and len(set(self.appearances) | set(self.pair_appearances)) < 2:
+            raise DatasetError("aligned: pair_mode 'aligned' needs at least two distinct appearances")
         labels = _index(lab_dir, ".png", recursive=False)
         if not labels:
             raise DatasetError(f"aligned: no labels in {lab_dir}")
@@ -846,7 +846,7 @@ class AlignedAppearanceDataset(SegmentationDataset):
         image = _read_rgb(self.scene_images[s.name][app])
         image_aug = None
         app_aug = None
-        if self.pair_mode == "pair":
+        if self.pair_mode == "aligned":
             choices = [a for a in self.pair_appearances if a != app]
             if not choices:  # x drew the only pair appearance: swap roles so the pair stays two real appearances
                 choices = [a for a in self.appearances if a != app]
@@ -911,12 +911,12 @@ def build_train_dataset(
     ``aligned`` (x_a = another real appearance; ``aligned`` datasets only). ``centroid_crop``: see
     :class:`TrainTransform`. ``options`` go to the dataset class (e.g. ``class_uniform_keep_size``)."""
     cls = DATASETS[name]
-    if pair not in ("augment", "aligned", "pair"):
-        raise ValueError(f"pair must be 'augment' or 'aligned', got {pair!r}")
+    if pair not in PAIR_MODES:
+        raise ValueError(f"pair must be one of {PAIR_MODES}, got {pair!r}")
     if pair != "augment":
         if cls is not AlignedAppearanceDataset:
             raise ValueError(f"pair={pair!r} needs an aligned multi-appearance dataset, not {name!r}")
-        options.setdefault("pair_mode", "pair")
+        options.setdefault("pair_mode", "aligned")
     transform = transform_factory(
         crop_size=crop_size,
         scale_min=float(scale_range[0]),
