@@ -525,7 +525,7 @@ class GTAV(SegmentationDataset):
 
         with Image.open(path) as im:
             if im.mode == "P":  # map each palette entry's colour once, then index: same result as colour matching
-                pal = np.asarray(im.getpalette()[: 256 * 3], np.uint8)
+                pal = np.asarray((im.getpalette() or [])[: 256 * 3], np.uint8)  # a "P" image has one; typed Optional
                 pal = np.pad(pal, (0, 768 - len(pal))).reshape(256, 1, 3)
                 return map_colors(pal)[:, 0][np.asarray(im)]
             return map_colors(np.asarray(im.convert("RGB")))
