@@ -8,6 +8,7 @@ files the same way: a crash or a kill mid-write leaves the previous file, never 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
@@ -69,6 +70,15 @@ def atomic_write(path: str | Path, write_fn: Callable[[str], object], *, durable
 def file_slug(text: str) -> str:
     """``text`` as a file-name part: letters, digits, ``-`` and ``_`` kept, anything else turned into ``_``."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text).strip("_") or "x"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks, so any size fits in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> Path:

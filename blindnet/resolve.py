@@ -26,7 +26,7 @@ from blindnet.checkpoint import CheckpointError, load_model, read_metadata
 from blindnet.export.int8 import CALIBRATION_SCENES, HELD_OUT_SCENES, INT8_RECIPE, SCENE_SIZE, check_int8, quantize_int8
 from blindnet.export.onnx import ExportError, export_onnx, verify_onnx
 from blindnet.export.tensorrt import build_engine
-from blindnet.io import atomic_write
+from blindnet.io import atomic_write, file_sha256
 from blindnet.zoo import MODELS, PUBLISHED_NAME, SHIPPED_CHECKPOINT, SHIPPED_NAME, cache_root, checkpoint_path
 
 WEIGHTS_DIR = SHIPPED_CHECKPOINT.parent
@@ -141,15 +141,6 @@ def check_report_passed(artifact: str | Path) -> bool:
 
 def _digest_path(artifact: Path) -> Path:
     return artifact.with_name(artifact.name + ".sha256")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def record_digest(artifact: Path) -> None:

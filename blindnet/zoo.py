@@ -20,7 +20,6 @@ network without Google Drive; the record keeps the URL used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from typing import Any
 import torch
 
 from blindnet.checkpoint import CheckpointError, convert_official_checkpoint, load_model
-from blindnet.io import atomic_write
+from blindnet.io import atomic_write, file_sha256
 from blindnet.modelnames import MODEL_NAMES, is_model_name
 
 #: The original project's page: its README's Terms of Use and its LICENSE file.
@@ -297,7 +296,7 @@ def register(name: str, src: str | Path, *, source: str | None = None) -> Path:
     src = Path(src)
     if not src.is_file():
         raise ZooError(f"{src}: no such file")
-    digest = sha256_file(src)
+    digest = file_sha256(src)
     origin = source or f"file {src.resolve()}"
     if e.sha256 and digest != e.sha256:
         raise ZooError(f"{origin}: SHA-256 {digest} is not the published {e.sha256}: a different or damaged file")
@@ -324,7 +323,7 @@ def register(name: str, src: str | Path, *, source: str | None = None) -> Path:
         "sha256": digest,
         "bytes": src.stat().st_size,
         "stored": str(target),
-        "stored_sha256": sha256_file(target),
+        "stored_sha256": file_sha256(target),
         "check": check,
         "terms": e.terms,
         "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -353,15 +352,6 @@ def check_forward(path: str | Path, size: int = 64) -> str:
     cfg = model.config
     variant = "BlindNet (InstanceNorm)" if cfg.instance_norm else "baseline"
     return f"{cfg.backbone} OS{cfg.output_stride} {variant}, {cfg.num_classes} classes: forward pass finite"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---- downloading ---------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import torch
 from blindnet.backends.onnxruntime_backend import OnnxBackend
 from blindnet.checkpoint import save_model
 from blindnet.inference import Predictor
+from blindnet.io import file_sha256
 from blindnet.models import ModelConfig, build_model
-from blindnet.resolve import cached_onnx_for_checkpoint, file_sha256
+from blindnet.resolve import cached_onnx_for_checkpoint
 
 pytest.importorskip("onnxruntime")
 
