@@ -256,43 +256,46 @@ def check_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], *, sou
     if not 1 <= cfg.num_classes <= MAX_CLASSES:
         raise CheckpointError(f"{source}: num_classes={cfg.num_classes} is outside 1..{MAX_CLASSES}")
     own = expected_shapes(cfg)
-    missing = sorted(set(own) - set(shapes))
-    unexpected = sorted(set(shapes) - set(own))
+    headline = f"{source} does not hold the network its config describes ({cfg.backbone}, {cfg.num_classes} classes)"
+    report = _fit_report(own, {k: tuple(v) for k, v in shapes.items()}, headline, against="config")
+    if report:
+        raise CheckpointError(report)
+
+
+def _fit_report(
+    own: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]], headline: str, *, against: str
+) -> str | None:
+    """None when ``given`` (a checkpoint's tensor shapes) has exactly ``own``'s names and shapes, else one message:
+    ``headline``, then the shape mismatches, missing and unexpected tensors, each with a few examples."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
     mismatched = [
-        f"{k}: checkpoint {tuple(shapes[k])} vs config {own[k]}"
-        for k in sorted(set(own) & set(shapes))
-        if tuple(shapes[k]) != own[k]
+        f"{k}: checkpoint {given[k]} vs {against} {own[k]}" for k in sorted(set(own) & set(given)) if given[k] != own[k]
     ]
-    if missing or unexpected or mismatched:
-        parts = [f"{source} does not hold the network its config describes ({cfg.backbone}, {cfg.num_classes} classes)"]
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
-        if missing:
-            parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
-        raise CheckpointError("; ".join(parts))
+    if not (missing or unexpected or mismatched):
+        return None
+    parts = [headline]
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
+    return "; ".join(parts)
 
 
 def load_state_into(model: DeepLabV3Plus, state: Mapping[str, torch.Tensor], *, source: str = "state dict") -> None:
     """Strictly load ``state`` into ``model``, casting dtypes, with an error that names what does not fit."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        parts = [f"{source} does not match the network built from its config ({model.config})"]
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatch(es), e.g. {mismatched[:3]}")
-        raise CheckpointError("; ".join(parts))
+    headline = f"{source} does not match the network built from its config ({model.config})"
+    report = _fit_report(
+        {k: tuple(v.shape) for k, v in own.items()},
+        {k: tuple(v.shape) for k, v in state.items()},
+        headline,
+        against="model",
+    )
+    if report:
+        raise CheckpointError(report)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 

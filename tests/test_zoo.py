@@ -177,7 +177,7 @@ def test_interrupted_and_wrong_downloads_leave_no_cache_entry(
             ("/cut.pth", "stopped after"),
             ("/page.pth", "web page"),
             ("/junk.pth", "cannot read the official checkpoint"),
-            ("/other-network.pth", "missing key"),
+            ("/other-network.pth", "missing tensor"),
             ("/missing.pth", "HTTP 404"),
         ]:
             monkeypatch.setenv(URL_VAR, base + path)
