@@ -142,16 +142,23 @@ class ConsistencyScores:
         miou: ``A x A`` mIoU of one appearance's prediction scored against the other's as ground truth, confusion
             counts summed over scenes (nanmean over classes present in either; symmetric; diagonal 1).
         scenes: ``A x A`` number of scenes that contributed to each pair.
+        correct: ``A x A``; row i, column j: of the pixels predicted correctly in appearance i, the fraction also
+            predicted correctly in appearance j (NaN where no labels were given). Unlike ``agreement`` it does not
+            reward a model for repeating the same wrong label in every appearance.
     """
 
     appearances: list[str]
     agreement: list[list[float]]
     miou: list[list[float]]
     scenes: list[list[int]]
+    correct: list[list[float]] | None = None
 
     def mean_off_diagonal(self, which: str = "agreement") -> float:
-        """Mean over the pairs ``i != j`` of ``agreement`` or ``miou`` (NaN with fewer than two appearances)."""
+        """Mean over the pairs ``i != j`` of ``agreement``, ``miou`` or ``correct`` (NaN with fewer than two
+        appearances, or for ``correct`` without labels)."""
         m = getattr(self, which)
+        if m is None:
+            return float("nan")
         vals = [m[i][j] for i in range(len(m)) for j in range(len(m)) if i != j and not math.isnan(m[i][j])]
         return sum(vals) / len(vals) if vals else float("nan")
 
@@ -174,34 +181,48 @@ class CrossAppearanceConsistency:
         self._pixels = [[0] * n for _ in range(n)]
         self._scenes = [[0] * n for _ in range(n)]
         self._cm = {(i, j): ConfusionMatrix(num_classes) for i in range(n) for j in range(i + 1, n)}
-        self._pending: dict[str, dict[int, torch.Tensor]] = {}
+        self._both_right = [[0] * n for _ in range(n)]
+        self._right = [[0] * n for _ in range(n)]
+        self._labelled = True  # every update so far came with its label
+        self._pending: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
-    def update(self, scene: str, appearance: str, pred: torch.Tensor) -> None:
-        """Add the ``H x W`` integer prediction for ``scene`` in ``appearance`` (unknown appearances are ignored)."""
+    def update(self, scene: str, appearance: str, pred: torch.Tensor, label: torch.Tensor | None = None) -> None:
+        """Add the ``H x W`` integer prediction for ``scene`` in ``appearance`` (unknown appearances are ignored),
+        with its ``H x W`` label map when known (ignored pixels carry a value no prediction takes, e.g. 255)."""
         if appearance not in self.appearances:
             return
         slot = self._pending.setdefault(scene, {})
         a = self.appearances.index(appearance)
         if a in slot:
             raise ValueError(f"scene {scene!r} in appearance {appearance!r} was given twice")
+        if label is not None and label.shape != pred.shape:
+            raise ValueError(f"label {tuple(label.shape)} does not match prediction {tuple(pred.shape)}")
+        self._labelled &= label is not None
         small = torch.uint8 if self.num_classes <= 256 else torch.int16
-        slot[a] = pred.detach().to("cpu", small)
+        slot[a] = (pred.detach().to("cpu", small), None if label is None else label.detach().to("cpu", torch.long))
         if len(slot) == len(self.appearances):
             self._count(self._pending.pop(scene))
 
-    def _count(self, preds: dict[int, torch.Tensor]) -> None:
+    def _count(self, preds: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        right = {i: None if y is None else p.long() == y for i, (p, y) in preds.items()}
         for i in sorted(preds):
             for j in sorted(preds):
                 if j <= i:
                     continue
-                pi, pj = preds[i], preds[j]
+                pi, pj = preds[i][0], preds[j][0]
                 if pi.shape != pj.shape:
                     raise ValueError(f"predictions of one scene differ in size: {tuple(pi.shape)} vs {tuple(pj.shape)}")
                 same = int((pi == pj).sum())
+                ri, rj = right[i], right[j]
+                both = int((ri & rj).sum()) if ri is not None and rj is not None else 0
                 for a, b in ((i, j), (j, i)):
                     self._agree[a][b] += same
                     self._pixels[a][b] += pi.numel()
                     self._scenes[a][b] += 1
+                    self._both_right[a][b] += both
+                if ri is not None and rj is not None:
+                    self._right[i][j] += int(ri.sum())
+                    self._right[j][i] += int(rj.sum())
                 self._cm[(i, j)].update(pj.long(), pi.long())
 
     def scores(self) -> ConsistencyScores:
@@ -218,7 +239,14 @@ class CrossAppearanceConsistency:
                     agreement[i][j] = self._agree[i][j] / self._pixels[i][j]
                     miou[i][j] = self._cm[(min(i, j), max(i, j))].miou()
         scenes = [[self._scenes[i][j] for j in range(n)] for i in range(n)]
-        return ConsistencyScores(list(self.appearances), agreement, miou, scenes)
+        correct = None
+        if self._labelled:
+            correct = [
+                [1.0 if i == j else self._both_right[i][j] / self._right[i][j] if self._right[i][j] else float("nan")
+                 for j in range(n)]
+                for i in range(n)
+            ]  # fmt: skip
+        return ConsistencyScores(list(self.appearances), agreement, miou, scenes, correct)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

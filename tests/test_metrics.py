@@ -123,3 +123,25 @@ def test_cross_appearance_consistency_known_answer() -> None:
     acc.update("s3", "a", s2["a"])
     with pytest.raises(ValueError, match="twice"):
         acc.update("s3", "a", s2["a"])
+
+
+def test_correct_pixel_agreement_ignores_shared_mistakes() -> None:
+    """Of the pixels right in one appearance, the share also right in the other; a label repeated wrongly in every
+    appearance counts for ``agreement`` but not here, and ignored pixels (255) are never right."""
+    acc = CrossAppearanceConsistency(["a", "b"], num_classes=3)
+    label = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
+    a = torch.tensor([[0, 0, 1, 0], [1, 1, 0, 0]])  # right at 3 pixels: (0,0) (0,1) (0,2)
+    b = torch.tensor([[0, 1, 1, 0], [1, 1, 2, 2]])  # right at 2 pixels: (0,0) (0,2)
+    acc.update("s", "a", a, label)
+    acc.update("s", "b", b, label)
+    c = acc.scores()
+    assert c.agreement[0][1] == pytest.approx(5 / 8)  # (0,0) (0,2) (0,3) (1,0) (1,1) agree; three of them are wrong
+    assert c.correct is not None
+    assert c.correct[0][1] == pytest.approx(2 / 3) and c.correct[1][0] == 1.0
+    assert c.mean_off_diagonal("correct") == pytest.approx((2 / 3 + 1) / 2)
+    unlabelled = CrossAppearanceConsistency(["a", "b"], num_classes=3)
+    unlabelled.update("s", "a", a)
+    unlabelled.update("s", "b", b, label)  # one appearance without its label: no correct-pixel score at all
+    assert unlabelled.scores().correct is None and math.isnan(unlabelled.scores().mean_off_diagonal("correct"))
+    with pytest.raises(ValueError, match="does not match"):
+        unlabelled.update("t", "a", a, label[:1])

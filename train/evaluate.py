@@ -108,7 +108,7 @@ def evaluate(
             pred = logits.max(1).indices  # = argmax(1), ~4x faster on a CPU
             cm.update(pred, label)
             if consistency is not None and "appearance" in batch:
-                consistency.update(str(batch["name"][0]), str(batch["appearance"][0]), pred[0])
+                consistency.update(str(batch["name"][0]), str(batch["appearance"][0]), pred[0], label[0])
             if bar is not None:
                 bar.update(1)
     finally:

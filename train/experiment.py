@@ -38,6 +38,7 @@ from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
 from blindnet.train.config import load_config
 from blindnet.train.evaluate import csv_table, evaluate_checkpoints, markdown_table
+from blindnet.train.readouts import Choice, choose_recipe, encoder_cka, paired_interval
 
 RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
 CACHE_NAME = "experiment_eval.json"
@@ -90,26 +91,35 @@ def find_runs(roots: str | Path | Sequence[str | Path], arms: Sequence[str] | No
     return sorted(found.values(), key=lambda r: (order[r.arm], r.seed))
 
 
+def _cached(run: Run) -> dict[str, Any]:
+    cache = run.path / CACHE_NAME
+    run.scores = json.loads(cache.read_text()) if cache.exists() else {}
+    return run.scores
+
+
+def _weights(run: Run, what: str) -> Path:
+    if not (run.path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{run.path}: no model.safetensors to score {what} with")
+    return run.path / "model.safetensors"
+
+
 def score_run(run: Run, config: str | Path, protocols: Sequence[str] = PROTOCOLS, device: str = "cpu") -> dict:
     """Score the run's final weights on ``config``'s evaluation targets under each protocol, reusing the cached
     scores in ``<run>/experiment_eval.json`` for protocols already done. Returns and stores
     ``{protocol: {"miou": {target: %}, "class_iou": {target: {class: %}}, "consistency": {group: {...}}}}``."""
-    cache = run.path / CACHE_NAME
-    scores: dict[str, Any] = json.loads(cache.read_text()) if cache.exists() else {}
+    scores = _cached(run)
     targets = load_config(config).eval.targets
     for protocol in protocols:
         if protocol in scores:
             continue
-        if not (run.path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{run.path}: no model.safetensors to score the {protocol!r} protocol with")
+        weights = _weights(run, f"the {protocol!r} protocol")
         datasets = {
             s.label: build_eval_dataset(s.dataset, s.root, s.split, protocol=protocol, **s.options) for s in targets
         }
         consistency: dict = {}
         result = evaluate_checkpoints(
-            {run.path.name: run.path / "model.safetensors"}, datasets, device=device, progress=False,
-            consistency=consistency,
-        )[run.path.name]  # fmt: skip
+            {run.path.name: weights}, datasets, device=device, progress=False, consistency=consistency
+        )[run.path.name]
         groups = consistency.get(run.path.name, {})
         scores[protocol] = {
             "miou": {t: round(s.miou * 100, 3) for t, s in result.items()},
@@ -118,14 +128,38 @@ def score_run(run: Run, config: str | Path, protocols: Sequence[str] = PROTOCOLS
                 g: {
                     "agreement": round(c.mean_off_diagonal("agreement") * 100, 3),
                     "miou": round(c.mean_off_diagonal("miou") * 100, 3),
+                    "correct": round(c.mean_off_diagonal("correct") * 100, 3),
                     "appearances": c.appearances,
                     "agreement_matrix": [[round(v * 100, 2) for v in row] for row in c.agreement],
                 }
                 for g, c in groups.items()
             },
         }
-        write_text(cache, json.dumps(scores, indent=1))
-    run.scores = scores
+        write_text(run.path / CACHE_NAME, json.dumps(scores, indent=1))
+    return scores
+
+
+def score_selection(run: Run, config: str | Path, device: str = "cpu") -> dict:
+    """mIoU of the run's final weights on the selection preset ``config``'s targets (clean inputs), cached under
+    ``"select"`` next to the reported scores and never mixed into them."""
+    scores = _cached(run)
+    if "select" not in scores:
+        targets = load_config(config).eval.targets
+        datasets = {s.label: build_eval_dataset(s.dataset, s.root, s.split, **s.options) for s in targets}
+        result = evaluate_checkpoints({"run": _weights(run, "the selection split")}, datasets, device=device,
+                                      progress=False)["run"]  # fmt: skip
+        scores["select"] = {"miou": {t: round(s.miou * 100, 3) for t, s in result.items()}}
+        write_text(run.path / CACHE_NAME, json.dumps(scores, indent=1))
+    return scores
+
+
+def score_cka(run: Run, config: str | Path, reference: str, device: str = "cpu") -> dict:
+    """Encoder CKA against ``reference`` on ``config``'s aligned targets (:func:`encoder_cka`), cached as ``"cka"``."""
+    scores = _cached(run)
+    if scores.get("cka_reference") != reference:
+        scores["cka"] = encoder_cka(_weights(run, "encoder CKA"), config, reference, device=device)
+        scores["cka_reference"] = reference
+        write_text(run.path / CACHE_NAME, json.dumps(scores, indent=1))
     return scores
 
 
@@ -137,35 +171,55 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
-def _pm(values: Sequence[float]) -> str:
+def _pm(values: Sequence[float], digits: int = 1) -> str:
     m, s = mean_std(values)
-    return "n/a" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
+    return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def _short(target: str) -> str:
     return target.split(":", 1)[-1]
 
 
-def run_metrics(run: Run, protocol: str, unseen: Sequence[str]) -> dict[str, float]:
-    """Flat metrics of one scored run: mIoU per target (short names), ``unseen mean``, consistency means, wall time."""
+def _group_means(miou: Mapping[str, float], groups: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """``{group: mean mIoU over its targets (short names)}``; NaN for a group none of whose targets was scored."""
+    short = {_short(t): v for t, v in miou.items()}
+    out = {}
+    for name, members in groups.items():
+        vals = [short[m] for m in members if m in short]
+        out[name] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def run_metrics(
+    run: Run, protocol: str, unseen: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, float]:
+    """Flat metrics of one scored run: mIoU per target (short names), ``unseen mean``, the mean of each of
+    ``groups`` (name -> targets), consistency means (agreement, agreement on correctly labelled pixels, pairwise
+    mIoU) and wall time."""
     s = run.scores[protocol]
     out = {_short(t): v for t, v in s["miou"].items()}
-    hidden = [out[u] for u in unseen if u in out]
-    out["unseen mean"] = sum(hidden) / len(hidden) if hidden else float("nan")
-    groups = list(s["consistency"].values())
-    out["agreement"] = groups[0]["agreement"] if groups else float("nan")
-    out["pairwise mIoU"] = groups[0]["miou"] if groups else float("nan")
+    out.update(_group_means(s["miou"], {"unseen mean": unseen, **(groups or {})}))
+    consistency = list(s["consistency"].values())
+    out["agreement"] = consistency[0]["agreement"] if consistency else float("nan")
+    out["correct agreement"] = consistency[0].get("correct", float("nan")) if consistency else float("nan")
+    out["pairwise mIoU"] = consistency[0]["miou"] if consistency else float("nan")
     out["wall min"] = run.wall_s / 60.0
     return out
 
 
 def summary_tables(
-    runs: Sequence[Run], labels: Mapping[str, str], reference: str, unseen: Sequence[str], protocol: str = "clean"
+    runs: Sequence[Run],
+    labels: Mapping[str, str],
+    reference: str,
+    unseen: Sequence[str],
+    protocol: str = "clean",
+    groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, tuple[str, str]]:
-    """``{"summary": (markdown, csv), "runs": (markdown, csv)}``: arms x metrics as mean ± std over seeds, paired
-    differences to ``reference`` (same seed), and one row per run."""
-    metrics = {id(r): run_metrics(r, protocol, unseen) for r in runs}
-    keys = list(next(iter(metrics.values())))
+    """``{"summary": (markdown, csv), "runs": (markdown, csv)}``: arms x metrics (see :func:`run_metrics`) as
+    mean ± std over seeds, paired differences to ``reference`` (same seed), and one row per run."""
+    metrics = {id(r): run_metrics(r, protocol, unseen, groups) for r in runs}
+    # a measure no run has (e.g. correct-pixel agreement in scores cached before it existed) gets no column
+    keys = [k for k in next(iter(metrics.values())) if any(not math.isnan(m[k]) for m in metrics.values())]
     arms = list(dict.fromkeys(r.arm for r in runs))
     by_arm = {a: [r for r in runs if r.arm == a] for a in arms}
     header = ["arm", "seeds", *keys]
@@ -185,7 +239,7 @@ def summary_tables(
         if not paired:
             continue
         cells = []
-        for k in keys[:-1]:  # wall time is not a result to difference
+        for k in [k for k in keys if k != "wall min"]:  # wall time is not a result to difference
             d = [x[k] - y[k] for x, y in paired]
             m, s = mean_std(d)
             wins = sum(v > 0 for v in d)
@@ -195,7 +249,7 @@ def summary_tables(
     md = markdown_table(header, md_rows)
     if diff_rows:
         md += "\nPaired differences (same seed), mean ± std over seeds (seeds where the arm is higher):\n\n"
-        md += markdown_table(header[:-1], diff_rows)
+        md += markdown_table([h for h in header if h != "wall min"], diff_rows)
     run_header = ["arm", "seed", *keys]
     run_rows = [[r.arm, str(r.seed), *[f"{metrics[id(r)][k]:.2f}" for k in keys]] for r in runs]
     return {
@@ -220,6 +274,72 @@ def protocol_table(runs: Sequence[Run], labels: Mapping[str, str], unseen: Seque
             cells += [_pm(per["clean"]), _pm(per["unnormalised"]), _pm(d)]
         rows.append([labels.get(a, a), *cells])
     return markdown_table(header, rows), csv_table(["arm", *header[1:]], rows)
+
+
+def paired_table(
+    runs: Sequence[Run],
+    labels: Mapping[str, str],
+    pairs: Sequence[tuple[str, str]],
+    unseen: Sequence[str],
+    groups: Mapping[str, Sequence[str]] | None = None,
+    protocol: str = "clean",
+) -> tuple[str, str]:
+    """For each pair ``(a, b)``: the seed-by-seed difference ``a - b`` of every metric, mean with a 95% Student-t
+    interval, the paired t-test's p-value and the seeds where ``a`` is higher (see :func:`paired_interval`)."""
+    metrics = {(r.arm, r.seed): run_metrics(r, protocol, unseen, groups) for r in runs}
+    first = next(iter(metrics.values()))
+    keys = [k for k in first if k != "wall min" and any(not math.isnan(m[k]) for m in metrics.values())]
+    md_rows, csv_rows = [], []
+    for a, b in pairs:
+        seeds = sorted({s for arm, s in metrics if arm == a} & {s for arm, s in metrics if arm == b})
+        if not seeds:
+            continue
+        cells = []
+        for k in keys:
+            iv = paired_interval([metrics[(a, s)][k] - metrics[(b, s)][k] for s in seeds])
+            cells.append(iv.cell())
+            csv_rows.append([a, b, k, str(iv.n), *(f"{v:.3f}" for v in (iv.mean, iv.low, iv.high, iv.p)), str(iv.wins)])
+        md_rows.append([f"{labels.get(a, a)} − {labels.get(b, b)}", str(len(seeds)), *cells])
+    md = markdown_table(["difference", "seeds", *keys], md_rows)
+    return md, csv_table(["a", "b", "metric", "n", "mean", "ci95 low", "ci95 high", "p", "a higher"], csv_rows)
+
+
+def selection_table(
+    runs: Sequence[Run], labels: Mapping[str, str], order: Sequence[str], groups: Mapping[str, Sequence[str]]
+) -> tuple[str, str, Choice]:
+    """The shipped-recipe rule on the selection scores (``scores["select"]``): per arm the group means and the
+    selection score (mean of the group means) as mean ± std over seeds, and the :class:`Choice`."""
+    per_run = {id(r): _group_means(r.scores["select"]["miou"], groups) for r in runs if "select" in r.scores}
+    score = {i: sum(g.values()) / len(g) for i, g in per_run.items()}
+    header = ["arm", "seeds", *groups, "selection score"]
+    rows = []
+    for a in order:
+        rs = [r for r in runs if r.arm == a and id(r) in per_run]
+        if rs:
+            rows.append([labels.get(a, a), str(len(rs)), *[_pm([per_run[id(r)][g] for r in rs]) for g in groups],
+                         _pm([score[id(r)] for r in rs])])  # fmt: skip
+    choice = choose_recipe({a: {r.seed: score[id(r)] for r in runs if r.arm == a and id(r) in score} for a in order},
+                           order)  # fmt: skip
+    md = markdown_table(header, rows)
+    verdict = labels.get(choice.arm, choice.arm) if choice.arm else "none yet"
+    md += f"\nRule applied: **{verdict}** ({choice.reason}).\n"
+    return md, csv_table(header, rows), choice
+
+
+def cka_table(runs: Sequence[Run], labels: Mapping[str, str], groups: Mapping[str, Sequence[str]]) -> tuple[str, str]:
+    """Encoder invariance (``scores["cka"]``, see :func:`encoder_cka`): per arm, level and group of appearances, the
+    linear CKA against the reference appearance, averaged over the group and then mean ± std over seeds."""
+    scored = [r for r in runs if "cka" in r.scores]
+    levels = list(dict.fromkeys(lv for r in scored for lv in r.scores["cka"]))
+    cols = [(lv, g) for lv in levels for g in groups]
+    rows = []
+    for a in dict.fromkeys(r.arm for r in scored):
+        rs = [r for r in scored if r.arm == a]
+        # three decimals: CKA lives in [0, 1] and arms differ in the second decimal
+        cells = [_pm([_group_means(r.scores["cka"][lv], {g: groups[g]})[g] for r in rs], 3) for lv, g in cols]
+        rows.append([labels.get(a, a), str(len(rs)), *cells])
+    header = ["arm", "seeds", *[f"{lv} {g}" for lv, g in cols]]
+    return markdown_table(header, rows), csv_table(header, rows)
 
 
 def _mean_of(run: Run, protocol: str, only: Sequence[str] | None) -> float:
@@ -299,34 +419,74 @@ def summarise_experiment(
     in_domain: Sequence[str] = ("noon", "sunset"),
     unseen: Sequence[str] = ("night", "fog", "rain"),
     unnormalised_arms: Sequence[str] | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
+    select_config: str | Path | None = None,
+    cka_reference: str = "",
     device: str = "cpu",
 ) -> dict[str, Path]:
     """Score every finished run under ``runs_root`` (one folder or several, see :func:`find_runs`; cached) and write
     the tables, the plot and each run's small files into ``out`` (runs already in ``out`` are not copied onto
-    themselves). ``arms``: arm -> label, in table order (default: every arm found, by name). ``unnormalised_arms``: the
-    arms also scored on un-normalised inputs (default: all; scoring costs a pass over every target). Returns the
-    paths."""
+    themselves). ``arms``: arm -> label, in table order and, for the selection rule, from the simplest recipe up
+    (default: every arm found, by name). ``unnormalised_arms``: the arms also scored on un-normalised inputs
+    (default: all; scoring costs a pass over every target). ``groups``: named sets of targets whose mean mIoU gets a
+    column (and, with ``select_config``, make up the selection score). ``pairs``: ``(a, b)`` arms whose paired
+    differences get intervals (``pairs.md``). ``select_config``: the selection preset; its scores feed the
+    shipped-recipe rule (``selection.md``) and nothing else. ``cka_reference``: the appearance encoder CKA is measured
+    against (``cka.md``; off when empty). Returns the paths."""
     labels = dict(arms or {})
     runs = find_runs(runs_root, list(labels) or None)
     if not runs:
         raise FileNotFoundError(f"no finished <arm>_s<seed> runs (weights or cached scores) under {runs_root}")
-    if reference and reference not in {r.arm for r in runs}:
+    found = {r.arm for r in runs}
+    if reference and reference not in found:
         raise ValueError(f"reference arm {reference!r} has no finished run under {runs_root}")
+    for arm in (a for pair in pairs for a in pair if a not in found):
+        raise ValueError(f"arm {arm!r} of --pair has no finished run under {runs_root}")
     for run in runs:
         extra = unnormalised_arms is None or run.arm in unnormalised_arms
         score_run(run, config, PROTOCOLS if extra else ("clean",), device)
+        if select_config:
+            score_selection(run, select_config, device)
+        if cka_reference:
+            score_cka(run, config, cka_reference, device)
     out = Path(out)
-    tables = summary_tables(runs, labels, reference, unseen)
-    tables["trend"] = trend_table(runs, labels, in_domain)
-    tables["classes_unseen"] = class_table(runs, labels, unseen)
-    tables["classes_in_domain"] = class_table(runs, labels, in_domain)
-    if any("unnormalised" in r.scores for r in runs):
-        tables["protocols"] = protocol_table(runs, labels, unseen)
+    tables = _tables(runs, labels, reference, in_domain, unseen, groups or {}, pairs)
+    if select_config:
+        md, cs, _ = selection_table(runs, labels, list(labels or dict.fromkeys(r.arm for r in runs)), groups or {})
+        tables["selection"] = (md, cs)
+    if cka_reference:
+        tables["cka"] = cka_table(runs, labels, groups or {"all": [a for a in unseen if a != cka_reference]})
     paths = {}
     for stem, (md, cs) in tables.items():
         paths[f"{stem}.md"] = write_text(out / f"{stem}.md", md)
         paths[f"{stem}.csv"] = write_text(out / f"{stem}.csv", cs)
     paths["summary.png"] = plot_summary(runs, labels, out / "summary.png")
+    _copy_run_files(runs, out)
+    return paths
+
+
+def _tables(
+    runs: Sequence[Run],
+    labels: Mapping[str, str],
+    reference: str,
+    in_domain: Sequence[str],
+    unseen: Sequence[str],
+    groups: Mapping[str, Sequence[str]],
+    pairs: Sequence[tuple[str, str]],
+) -> dict[str, tuple[str, str]]:
+    tables = summary_tables(runs, labels, reference, unseen, groups=groups)
+    tables["trend"] = trend_table(runs, labels, in_domain)
+    tables["classes_unseen"] = class_table(runs, labels, unseen)
+    tables["classes_in_domain"] = class_table(runs, labels, in_domain)
+    if any("unnormalised" in r.scores for r in runs):
+        tables["protocols"] = protocol_table(runs, labels, unseen)
+    if pairs:
+        tables["pairs"] = paired_table(runs, labels, pairs, unseen, groups)
+    return tables
+
+
+def _copy_run_files(runs: Sequence[Run], out: Path) -> None:
     for run in runs:
         if run.path.resolve() == (out / run.path.name).resolve():
             continue
@@ -334,7 +494,6 @@ def summarise_experiment(
             if (run.path / name).exists():
                 src = run.path / name
                 atomic_write(out / run.path.name / name, functools.partial(shutil.copyfile, src))
-    return paths
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -353,11 +512,39 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--unnormalised-arms", nargs="*", default=None, help="arms also scored on un-normalised inputs (default: all)"
     )
+    p.add_argument(
+        "--group",
+        nargs="*",
+        default=[],
+        metavar="NAME=T1,T2",
+        help="named sets of targets (short names) whose mean mIoU gets a column, e.g. lighting=night,fog,rain",
+    )
+    p.add_argument(
+        "--pair",
+        nargs="*",
+        default=[],
+        metavar="A:B",
+        help="arm pairs whose paired differences A - B get 95%% intervals and p-values (pairs.md)",
+    )
+    p.add_argument("--select-config", default="", help="selection preset: its scores feed the shipped-recipe rule")
+    p.add_argument(
+        "--cka",
+        default="",
+        metavar="APPEARANCE",
+        help="measure encoder CKA (layer3, layer4) of every appearance against this one (cka.md)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for scoring (0: PyTorch's default; 1 beside training runs)"
     )
     return p.parse_args(argv)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not (sep and a and b) or ":" in b:
+        raise ConfigError(f"--pair {text!r}: expected A:B (two arm names)")
+    return a, b
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
@@ -367,11 +554,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         torch.set_num_threads(args.threads)
     try:
         arms = key_value_pairs(args.arm, "--arm", form="ARM=LABEL", value_optional=True)
+        groups = {k: v.split(",") for k, v in key_value_pairs(args.group, "--group", form="NAME=T1,T2").items()}
+        pairs = [_pair(text) for text in args.pair]
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc
     paths = summarise_experiment(
         args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
-        unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, device=args.device,
+        unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, groups=groups, pairs=pairs,
+        select_config=args.select_config or None, cka_reference=args.cka, device=args.device,
     )  # fmt: skip
     print(paths["summary.md"].read_text())
     return paths
