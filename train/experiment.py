@@ -37,6 +37,8 @@ from blindnet.config import ConfigError, key_value_pairs
 from blindnet.data import build_eval_dataset
 from blindnet.io import atomic_write, write_text
 from blindnet.train.config import load_config
+from blindnet.train.data import prepare_data
+from blindnet.train.distributed import DistInfo
 from blindnet.train.evaluate import csv_table, evaluate_checkpoints, markdown_table
 from blindnet.train.readouts import Choice, choose_recipe, encoder_cka, paired_interval
 
@@ -443,6 +445,8 @@ def summarise_experiment(
         raise ValueError(f"reference arm {reference!r} has no finished run under {runs_root}")
     for arm in (a for pair in pairs for a in pair if a not in found):
         raise ValueError(f"arm {arm!r} of --pair has no finished run under {runs_root}")
+    for preset in [config] + ([select_config] if select_config else []):  # synthetic splits render if missing
+        prepare_data(load_config(preset), DistInfo())
     for run in runs:
         extra = unnormalised_arms is None or run.arm in unnormalised_arms
         score_run(run, config, PROTOCOLS if extra else ("clean",), device)
@@ -558,11 +562,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
         pairs = [_pair(text) for text in args.pair]
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    paths = summarise_experiment(
-        args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
-        unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, groups=groups, pairs=pairs,
-        select_config=args.select_config or None, cka_reference=args.cka, device=args.device,
-    )  # fmt: skip
+    try:
+        paths = summarise_experiment(
+            args.runs, args.config, args.out, arms=arms, reference=args.reference, in_domain=args.in_domain,
+            unseen=args.unseen, unnormalised_arms=args.unnormalised_arms, groups=groups, pairs=pairs,
+            select_config=args.select_config or None, cka_reference=args.cka, device=args.device,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, ConfigError) as exc:  # a wrong arm, folder or preset: one line, exit 1
+        raise SystemExit(f"error: {exc}") from exc
     print(paths["summary.md"].read_text())
     return paths
 
