@@ -8,7 +8,9 @@ files the same way: a crash or a kill mid-write leaves the previous file, never 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import sys
 import tempfile
@@ -79,6 +81,22 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (first column left-aligned, the others right-aligned), ending in a newline."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """CSV text with a header row."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
 
 
 def write_text(path: str | Path, text: str) -> Path:

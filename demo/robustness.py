@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -26,7 +25,8 @@ from blindnet.demo.app import default_examples
 from blindnet.demo.styles import STYLES
 from blindnet.demo.views import ModelComparison, RobustnessResult, compare_style, label_confusion, labels_beside
 from blindnet.inference import Predictor
-from blindnet.io import ImageError, load_image, write_png, write_text
+from blindnet.io import ImageError, load_image, markdown_table, write_png, write_text
+from blindnet.legend import draw_legend, legend_entries, title_band
 from blindnet.metrics import ConfusionMatrix
 
 #: The strength the demo's slider starts at.
@@ -113,60 +113,65 @@ def markdown(table: Mapping[str, Any]) -> str:
     entropy, clean and per style, which tell a robust model from one that predicts almost nothing."""
     styles = table["styles"]
     n = len(table["images"])
-    lines = [
-        f"Label agreement between clean and shifted image, %, strength {table['strength']}, mean over {n} images",
-        "",
-        "| model | " + " | ".join(styles) + " |",
-        "|---|" + "---:|" * len(styles),
-    ]
-    for name, per in table["mean"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100.0 * per[s]:.1f}" for s in styles) + " |")
-    lines += [
-        "",
+    blocks = [
+        f"Label agreement between clean and shifted image, %, strength {table['strength']}, mean over {n} images\n\n"
+        + markdown_table(
+            ["model", *styles],
+            [[name, *(f"{100.0 * per[s]:.1f}" for s in styles)] for name, per in table["mean"].items()],
+        ),
         f"Classes predicted / label entropy in bits, clean and shifted, mean over {n} images (a model that keeps its "
-        "labels by predicting one or two classes shows it here)",
-        "",
-        "| model | clean | " + " | ".join(styles) + " |",
-        "|---|---:|" + "---:|" * len(styles),
+        "labels by predicting one or two classes shows it here)\n\n"
+        + markdown_table(
+            ["model", "clean", *styles],
+            [
+                [
+                    name,
+                    *(f"{table['classes'][name][k]:.1f} / {table['entropy'][name][k]:.2f}" for k in ("clean", *styles)),
+                ]
+                for name in table["mean"]
+            ],
+        ),  # fmt: skip
     ]
-    for name in table["mean"]:
-        cells = [f"{table['classes'][name][k]:.1f} / {table['entropy'][name][k]:.2f}" for k in ("clean", *styles)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "miou" in table:
-        lines += [
-            "",
+        blocks.append(
             f"mIoU against the true labels, %, clean and shifted, over the {len(table['labelled_images'])} images "
-            "whose labels are known",
-            "",
-            "| model | clean | " + " | ".join(styles) + " |",
-            "|---|---:|" + "---:|" * len(styles),
-        ]
-        for name, per in table["miou"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{100.0 * per[k]:.1f}" for k in ("clean", *styles)) + " |")
-    return "\n".join(lines) + "\n"
+            "whose labels are known\n\n"
+            + markdown_table(
+                ["model", "clean", *styles],
+                [[name, *(f"{100.0 * per[k]:.1f}" for k in ("clean", *styles))] for name, per in table["miou"].items()],
+            )
+        )
+    return "\n".join(blocks)
 
 
-def _captioned(tile: np.ndarray, caption: str, band: int = 28) -> np.ndarray:
-    """``tile`` (``H x W x 3`` uint8) under a white band holding ``caption``."""
-    head = np.full((band, tile.shape[1], 3), 255, np.uint8)
-    cv2.putText(head, caption, (6, band - 9), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([head, tile], axis=0)
+def _captioned(tile: np.ndarray, caption: str) -> np.ndarray:
+    """``tile`` (``H x W x 3`` uint8) under a white band holding ``caption`` (the legend's font, so it reads at any
+    size and looks the same on every machine)."""
+    return np.concatenate([title_band([(0, tile.shape[1], caption)], tile.shape[1]), tile], axis=0)
 
 
 def figure(result: RobustnessResult) -> np.ndarray:
-    """What the tab shows, as one picture: the clean and shifted image, then per model its two label maps.
+    """What the tab shows, as one picture: the clean and shifted image, then per model its two label maps, and a
+    legend of the classes those maps hold.
 
-    Returns ``(1 + models) * (28 + H) x 2W x 3`` uint8 RGB.
+    Returns ``(1 + models) * (band + H) + legend x 2W x 3`` uint8 RGB, ``band`` the caption's height.
     """
     style = f"{result.style} {result.strength:g}"
     rows = [np.concatenate([_captioned(result.image, "clean"), _captioned(result.shifted, style)], axis=1)]
+    maps = []
     for m in result.models:
         clean = _captioned(colorize(m.clean.labels, m.clean.num_classes), f"{m.name}: clean")
         shifted = _captioned(
             colorize(m.shifted.labels, m.shifted.num_classes), f"{m.name}: {style}, {100.0 * m.agreement:.1f}% kept"
         )
         rows.append(np.concatenate([clean, shifted], axis=1))
-    return np.concatenate(rows, axis=0)
+        maps += [m.clean.labels, m.shifted.labels]
+    picture = np.concatenate(rows, axis=0)
+    if not maps:
+        return picture
+    # one legend for every map: which classes appear, without the shares (they differ per map)
+    entries = legend_entries(np.concatenate([x.ravel() for x in maps]), result.models[0].clean.num_classes)
+    return np.concatenate([picture, draw_legend(entries, picture.shape[1], shares=False)], axis=0)
 
 
 def main(argv: list[str] | None = None) -> int:

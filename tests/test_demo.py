@@ -19,6 +19,7 @@ from blindnet.checkpoint import load_model, save_model
 from blindnet.classes import colorize
 from blindnet.inference import Predictor
 from blindnet.io import ImageError, write_png
+from blindnet.legend import title_band
 from blindnet.models import ModelConfig, build_model
 from blindnet.serve.client import free_port
 from tests.conftest import count_video_frames
@@ -325,11 +326,15 @@ def test_robustness_cli_writes_json_and_markdown(checkpoints, files, tmp_path, c
     written = json.loads((tmp_path / "out" / "table.json").read_text())
     assert written["images"] == ["scene.png"] and set(written["mean"]) == {"A"}
     assert (tmp_path / "out" / "table.md").read_text() == capsys.readouterr().out
-    # The figure: a captioned row with the clean and shifted image, then one row of label maps per model.
+    # The figure: a captioned row with the clean and shifted image, one row of label maps per model, then a legend.
     picture = cv2.cvtColor(cv2.imread(str(tmp_path / "out" / "figure.png")), cv2.COLOR_BGR2RGB)
-    assert picture.shape == (2 * (28 + H), 2 * W, 3)
-    np.testing.assert_array_equal(picture[28 : 28 + H, :W], _scene(2))
-    np.testing.assert_array_equal(picture[28 : 28 + H, W:], styles.apply_style(_scene(2), "night", 0.5))
+    band = title_band([(0, W, "clean")], W).shape[0]  # the caption band, drawn in the legend's font
+    assert picture.shape[1:] == (2 * W, 3) and picture.shape[0] > 2 * (band + H)
+    np.testing.assert_array_equal(picture[band : band + H, :W], _scene(2))
+    np.testing.assert_array_equal(picture[band : band + H, W:], styles.apply_style(_scene(2), "night", 0.5))
+    assert (picture[:band] < 128).any(), "the caption left no ink"
+    legend = picture[2 * (band + H) :]
+    assert (legend != 255).any(axis=2).sum() > 50, "the legend under the label maps is empty"
     with pytest.raises(SystemExit):
         robustness_main(["--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "out2")])
     assert "missing.png: file not found" in capsys.readouterr().err

@@ -23,10 +23,8 @@ CLI::
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Mapping, Sized
 from pathlib import Path
 from typing import cast
 
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from blindnet.checkpoint import load_model
 from blindnet.classes import class_names
 from blindnet.data.datasets import AlignedAppearanceDataset
-from blindnet.io import atomic_write, file_slug, write_text
+from blindnet.io import atomic_write, csv_table, file_slug, markdown_table, write_text
 from blindnet.metrics import ConfusionMatrix, ConsistencyScores, CrossAppearanceConsistency, SegScores
 from blindnet.train.distributed import current_dist_info
 
@@ -188,22 +186,6 @@ def consistency_groups(datasets: Mapping[str, Dataset]) -> dict[str, tuple[list[
 
 def _fmt(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table (first column left-aligned, the others right-aligned), ending in a newline."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """CSV text with a header row."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
 
 
 def miou_table(results: Mapping[str, Mapping[str, SegScores]], metric: str = "mIoU") -> tuple[str, str]:

@@ -35,11 +35,11 @@ import torch
 from blindnet.cliparse import JobParser
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.data import build_eval_dataset
-from blindnet.io import atomic_write, write_text
+from blindnet.io import atomic_write, csv_table, markdown_table, write_text
 from blindnet.train.config import load_config
 from blindnet.train.data import prepare_data
 from blindnet.train.distributed import DistInfo
-from blindnet.train.evaluate import csv_table, evaluate_checkpoints, markdown_table
+from blindnet.train.evaluate import evaluate_checkpoints
 from blindnet.train.readouts import Choice, choose_recipe, encoder_cka, paired_interval
 
 RUN_NAME = re.compile(r"^(?P<arm>.+)_s(?P<seed>\d+)$")
