@@ -71,6 +71,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, path=key)
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and value not in allowed:
+            # YAML 1.1 reads a bare on/off/yes/no as a boolean: `--set runtime.amp=off` must mean the word "off"
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in allowed), value)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value

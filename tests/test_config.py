@@ -98,3 +98,20 @@ def test_key_value_pairs_split_at_the_first_equals_and_name_the_flag() -> None:
     for bad, match in ((["a"], "--opt takes KEY=VALUE, got 'a'"), (["=1"], "got '=1'"), (["a=1", "a=2"], "twice")):
         with pytest.raises(ConfigError, match=match):
             key_value_pairs(bad, "--opt")
+
+
+def test_yaml_booleans_mean_the_words_on_and_off_where_a_choice_has_them(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare ``off`` as False; a choice field that takes "off" gets the word, in a preset file and in
+    ``--set`` alike, and the resolved config written back reads the same."""
+    from blindnet.train.config import load_config
+
+    cfg = load_config("dg_cpu_shufflenetv2", ["runtime.amp=off", "runtime.channels_last=on"])
+    assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("off", "on")
+    assert not cfg.runtime.use_amp("cpu") and cfg.runtime.use_channels_last("cpu")
+    preset = tmp_path / "p.yaml"
+    preset.write_text("runtime: {amp: off}\n")
+    assert load_config(preset).runtime.amp == "off"
+    save_yaml(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml").runtime.amp == "off"
+    with pytest.raises(ConfigError, match="not one of"):  # a choice without the words stays an error
+        resolve(Outer, None, ["inner.kind=yes"])
