@@ -25,7 +25,7 @@ import math
 import re
 import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,13 @@ def run_metrics(
     return out
 
 
+def _measured(metrics: Iterable[Mapping[str, float]]) -> list[str]:
+    """The metric names (in :func:`run_metrics` order) that at least one run has: a measure no run has (e.g.
+    correct-pixel agreement in scores cached before it existed) gets no column."""
+    rows = list(metrics)
+    return [k for k in rows[0] if any(not math.isnan(m[k]) for m in rows)]
+
+
 def summary_tables(
     runs: Sequence[Run],
     labels: Mapping[str, str],
@@ -220,8 +227,7 @@ def summary_tables(
     """``{"summary": (markdown, csv), "runs": (markdown, csv)}``: arms x metrics (see :func:`run_metrics`) as
     mean ± std over seeds, paired differences to ``reference`` (same seed), and one row per run."""
     metrics = {id(r): run_metrics(r, protocol, unseen, groups) for r in runs}
-    # a measure no run has (e.g. correct-pixel agreement in scores cached before it existed) gets no column
-    keys = [k for k in next(iter(metrics.values())) if any(not math.isnan(m[k]) for m in metrics.values())]
+    keys = _measured(metrics.values())
     arms = list(dict.fromkeys(r.arm for r in runs))
     by_arm = {a: [r for r in runs if r.arm == a] for a in arms}
     header = ["arm", "seeds", *keys]
@@ -289,8 +295,7 @@ def paired_table(
     """For each pair ``(a, b)``: the seed-by-seed difference ``a - b`` of every metric, mean with a 95% Student-t
     interval, the paired t-test's p-value and the seeds where ``a`` is higher (see :func:`paired_interval`)."""
     metrics = {(r.arm, r.seed): run_metrics(r, protocol, unseen, groups) for r in runs}
-    first = next(iter(metrics.values()))
-    keys = [k for k in first if k != "wall min" and any(not math.isnan(m[k]) for m in metrics.values())]
+    keys = [k for k in _measured(metrics.values()) if k != "wall min"]
     md_rows, csv_rows = [], []
     for a, b in pairs:
         seeds = sorted({s for arm, s in metrics if arm == a} & {s for arm, s in metrics if arm == b})
