@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from blindnet.config import ConfigError, key_value_pairs, resolve, save_yaml, to_dict
+from blindnet.train.config import load_config
 
 
 @dataclass
@@ -103,8 +104,6 @@ def test_key_value_pairs_split_at_the_first_equals_and_name_the_flag() -> None:
 def test_yaml_booleans_mean_the_words_on_and_off_where_a_choice_has_them(tmp_path: Path) -> None:
     """YAML 1.1 reads a bare ``off`` as False; a choice field that takes "off" gets the word, in a preset file and in
     ``--set`` alike, and the resolved config written back reads the same."""
-    from blindnet.train.config import load_config
-
     cfg = load_config("dg_cpu_shufflenetv2", ["runtime.amp=off", "runtime.channels_last=on"])
     assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("off", "on")
     assert not cfg.runtime.use_amp("cpu") and cfg.runtime.use_channels_last("cpu")
