@@ -199,12 +199,13 @@ class CrossAppearanceConsistency:
             raise ValueError(f"label {tuple(label.shape)} does not match prediction {tuple(pred.shape)}")
         self._labelled &= label is not None
         small = torch.uint8 if self.num_classes <= 256 else torch.int16
-        slot[a] = (pred.detach().to("cpu", small), None if label is None else label.detach().to("cpu", torch.long))
+        # labels are class ids or the ignore value 255, so they fit the predictions' small dtype too
+        slot[a] = (pred.detach().to("cpu", small), None if label is None else label.detach().to("cpu", small))
         if len(slot) == len(self.appearances):
             self._count(self._pending.pop(scene))
 
     def _count(self, preds: dict[int, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
-        right = {i: None if y is None else p.long() == y for i, (p, y) in preds.items()}
+        right = {i: None if y is None else p == y for i, (p, y) in preds.items()}
         for i in sorted(preds):
             for j in sorted(preds):
                 if j <= i:
