@@ -270,7 +270,7 @@ def test_functions_are_short_or_say_why() -> None:
     "pattern",
     [
         r"facts §",
-        r"\bissue [0-9]",
+        r"\bissue #?[0-9]",
         r"deployment_notes",
         r"aligned_appearances\.md",
         r"original_code_facts",

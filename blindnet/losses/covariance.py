@@ -98,7 +98,7 @@ def cross_covariance_loss(k_feats: Sequence[torch.Tensor], q_feats: Sequence[tor
     """CCL: squared error of the cross-covariance diagonal against 1, averaged over channels, images and layers.
 
     Original: ``instance_whitening_loss``; for each image ``mean_c (diag(Sigma_kq)_c - 1)^2``, summed over images and
-    divided by N. Off-diagonal entries are deliberately left free (the author, BlindNet issue #2: forcing the full
+    divided by N. Off-diagonal entries are deliberately left free (the original authors report that forcing the full
     identity hurt accuracy).
 
     Args:
