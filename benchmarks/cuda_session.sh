@@ -10,20 +10,12 @@
 # returns only a handful): log.txt, bench.tgz (latency + training-step results), train.tar.part_* (the two run
 # folders, weights in float16, split in 15 MB parts), compile.tgz. SMOKE=1 runs the same steps at toy sizes on the
 # CPU (checks the script itself).
-set -u
 BUDGET=${1:-540}
 OUT=${OUT:-outputs/cuda_session}
-SMOKE=${SMOKE:-0}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d)
+# shellcheck source=benchmarks/session_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/session_lib.sh"
 RES=$WORK/results
 mkdir -p "$RES"
-LOG=$OUT/log.txt
-PY=${PY:-python3}
-export PYTHONUNBUFFERED=1
-left() { echo $((BUDGET - SECONDS)); }
-step() { echo "== [${SECONDS}s, $(left)s left] $*" | tee -a "$LOG"; }
 # run SECONDS CMD...: run under a time limit, full output to the log, the last lines to stdout
 run() {
     local t=$1

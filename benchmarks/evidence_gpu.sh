@@ -10,18 +10,10 @@
 # script must fit: every step runs under `timeout`, three runs share the GPU at a time. Results land in $OUT: log.txt
 # and runs.tgz (every run's small files and float16 weights; the summary tables). SMOKE=1 runs the same steps at toy
 # sizes on the CPU (checks the script itself).
-set -u
 BUDGET=${1:-480}
 OUT=${OUT:-outputs/evidence_gpu}
-SMOKE=${SMOKE:-0}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-WORK=$(mktemp -d)
-LOG=$OUT/log.txt
-PY=${PY:-python3}
-export PYTHONUNBUFFERED=1
-left() { echo $((BUDGET - SECONDS)); }
-step() { echo "== [${SECONDS}s, $(left)s left] $*" | tee -a "$LOG"; }
+# shellcheck source=benchmarks/session_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/session_lib.sh"
 
 if [ "$SMOKE" = 1 ]; then
     DEV=cpu; CROP="[64, 128]"; BATCH=2; WARM_ITERS=2; ITERS=2; SCENES=6; VAL=2; SIZE="[64, 128]"; WORKERS=0; THREADS=1
