@@ -23,6 +23,7 @@ from blindnet.train.config import load_config
 from blindnet.train.package_default import (
     _card,
     _compare_lines,
+    init_text,
     main,
     package_default,
     recipe_lines,
@@ -50,6 +51,8 @@ from blindnet.train.package_default import (
         ),
         ("default_shufflenetv2", "BlindNet", ["CML 0.2, CCL 0.2, CWCL 0.3, SDCL 0.3", "jitter"]),
         ("default_shufflenetv2_baseline", "DeepLabV3+ baseline", ["no InstanceNorm", "jitter"]),
+        ("default_shufflenetv2_in_cwcl_sdcl", "BlindNet (CWCL + SDCL only)", ["InstanceNorm layers", "CWCL 0.3, SDCL"]),
+        ("style_cpu_shufflenetv2_in", "DeepLabV3+ with InstanceNorm layers", ["InstanceNorm layers", "Two-view"]),
     ],
 )
 def test_recipe_is_described_from_the_config(preset: str, name: str, facts: list[str]) -> None:
@@ -57,6 +60,24 @@ def test_recipe_is_described_from_the_config(preset: str, name: str, facts: list
     assert recipe_name(cfg) == name
     text = recipe_lines(cfg)
     assert all(f in text for f in facts), text
+
+
+def test_card_says_where_the_weights_started(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A warm-started recipe names its init file and what trained it; a fresh one says random initialisation."""
+    assert init_text(to_dict(load_config("default_shufflenetv2_baseline"))).startswith("random initialisation")
+    warm = tmp_path / "warm.safetensors"
+    save_model(
+        load_model(tiny_checkpoint), warm, extra_metadata={"run": "default_warmstart_shufflenetv2", "step": "1200"}
+    )
+    cfg = to_dict(load_config("default_shufflenetv2_in_cwcl_sdcl"))
+    cfg["init"]["checkpoint"] = str(warm)
+    expected = (
+        f"the encoder initialised from `{warm}` (a `--config default_warmstart_shufflenetv2` run, 1200 iterations)"
+    )
+    assert init_text(cfg) == expected + ", no ImageNet weights"
+    # The card is written after training, when the init file may be gone: the path alone still says where it began.
+    cfg["init"] |= {"checkpoint": str(tmp_path / "gone.safetensors"), "part": "model"}
+    assert init_text(cfg) == f"every weight initialised from `{tmp_path / 'gone.safetensors'}`, no ImageNet weights"
 
 
 def test_compared_checkpoints_are_described_from_their_headers(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from blindnet.backends.torch_backend import TorchBackend
-from blindnet.checkpoint import load_model, read_metadata, save_model
+from blindnet.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from blindnet.config import ConfigError, key_value_pairs
 from blindnet.inference import Predictor
 from blindnet.io import MediaError, atomic_write, file_slug, write_png
@@ -175,6 +175,9 @@ def write_showcase_image(results: Mapping, path: str | Path, frame: int = 12, wi
     return write_png(path, np.concatenate(rows, 0))
 
 
+#: BlindNet's four training-only losses, in the order recipe names list them.
+BLINDNET_LOSSES = ("cml", "ccl", "cwcl", "sdcl")
+
 #: How the alignment losses are written in recipe names.
 ALIGN_NAMES = {"l2": "L2", "mmd": "MMD", "cosine": "cosine"}
 
@@ -183,13 +186,18 @@ def recipe_name(cfg: dict) -> str:
     """A short name of a run's recipe from its resolved config: ``BlindNet``, ``DeepLabV3+ baseline, one view``,
     ``DeepLabV3+ on aligned appearances + MMD alignment``, ..."""
     loss, aligned, aligning = cfg["loss"], cfg["data"]["pair"] == "aligned", cfg["loss"].get("align", 0) > 0
-    blindnet = cfg["model"].get("instance_norm", True) and any(loss[k] > 0 for k in ("cml", "ccl", "cwcl", "sdcl"))
-    name = "BlindNet" if blindnet else "DeepLabV3+"
+    norm = cfg["model"].get("instance_norm", True)
+    active = [k.upper() for k in BLINDNET_LOSSES if loss[k] > 0]
+    blindnet = norm and bool(active)
+    name = "BlindNet" if blindnet else "DeepLabV3+ with InstanceNorm layers" if norm else "DeepLabV3+"
+    if blindnet and len(active) < len(BLINDNET_LOSSES):
+        # A recipe with only some of the four losses (the decoder's two, say) must not read as the full method.
+        name += f" ({' + '.join(active)} only)"
     if aligned:
         name += " on aligned appearances"
     if aligning:
         name += f" + {ALIGN_NAMES.get(loss['align_kind'], loss['align_kind'])} alignment"
-    if not (blindnet or aligned or aligning):
+    if not (norm or aligned or aligning):
         name += " baseline" + (", one view" if loss.get("views", 2) == 1 else "")
     return name
 
@@ -200,7 +208,7 @@ def recipe_lines(cfg: dict) -> str:
     variant = (
         "BlindNet variant (InstanceNorm layers)" if model.get("instance_norm", True) else "Plain (no InstanceNorm)"
     )
-    terms = [f"{k.upper()} {loss[k]}" for k in ("cml", "ccl", "cwcl", "sdcl") if loss[k] > 0]
+    terms = [f"{k.upper()} {loss[k]}" for k in BLINDNET_LOSSES if loss[k] > 0]
     ce = "cross-entropy on x only" if loss.get("views", 2) == 1 else "two-view cross-entropy (x and x_a)"
     if loss.get("align", 0) > 0:
         terms.append(f"{loss['align_kind']} feature alignment {loss['align']} on {', '.join(loss['align_levels'])}")
@@ -213,6 +221,21 @@ def recipe_lines(cfg: dict) -> str:
     )
     losses = f"{', '.join(terms)} plus {ce}" if terms else ce.capitalize()
     return f"- {variant}.\n- {losses} and the aux head ({loss['aux']}); {pair}."
+
+
+def init_text(cfg: dict) -> str:
+    """How a run's weights started, from its resolved config and, when it is still there, the init file's header."""
+    init = cfg.get("init") or {}
+    if not init.get("checkpoint"):
+        return "random initialisation (no ImageNet weights: nothing is downloaded)"
+    path = Path(init["checkpoint"])
+    which = "the encoder" if init.get("part") == "encoder" else "every weight"
+    try:
+        meta = read_metadata(path)
+    except (OSError, CheckpointError):
+        meta = {}
+    origin = f" (a `--config {meta['run']}` run, {meta.get('step', '?')} iterations)" if "run" in meta else ""
+    return f"{which} initialised from `{path}`{origin}, no ImageNet weights"
 
 
 def _existing_checkpoint(path: str | Path) -> Path:
@@ -264,8 +287,8 @@ restores float32). Every entry point (segment, serve, demo, export, benchmarks) 
 
 ## What it is
 - DeepLabV3+ with a **{cfg["model"]["backbone"]}** encoder, output stride {cfg["model"]["output_stride"]},
-  {cfg["model"]["num_classes"]} Cityscapes classes, {n_params:,} parameters, random initialisation (no ImageNet weights:
-  nothing is downloaded). Recipe: **{recipe_name(cfg)}**.
+  {cfg["model"]["num_classes"]} Cityscapes classes, {n_params:,} parameters, {init_text(cfg)}.
+  Recipe: **{recipe_name(cfg)}**.
 {recipe_lines(cfg)}
 - Data: procedural street scenes from `blindnet.data.synthetic` (synthetic seed {meta["synthetic_seed"]}, data-order
   seed {meta["data_seed"]}), {cfg["data"]["synthetic"]["train_scenes"]} training layouts at
