@@ -184,7 +184,16 @@ def test_dataset_with_missing_labels_fails_before_training(tmp_path: Path) -> No
     cfg = load_config("synthetic_smoke", tiny_overrides(root))
     with pytest.raises(DatasetError, match="no label"):
         train(cfg, tmp_path / "run")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # not even a config.yaml: the failed start wrote nothing
+    # With --overwrite, the run already in the folder stays where it was, byte for byte, when the new one cannot start.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"the previous run's weights")
+    (old / "config.yaml").write_text("name: previous\n")
+    with pytest.raises(DatasetError, match="no label"):
+        train(cfg, old, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "old"]
+    assert (old / "model.safetensors").read_bytes() == b"the previous run's weights"
 
 
 def test_evaluate_cli_offers_exactly_the_library_protocols() -> None:

@@ -459,21 +459,22 @@ def _build_run(cfg: TrainConfig, out_dir: str | Path, replace: bool = False) -> 
         torch.set_num_threads(rt.threads)
     if rt.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    run_dir = Path(out_dir)
-    if info.is_main:
-        _prepare_run_dir(run_dir, replace)
-        save_yaml(cfg, run_dir / "config.yaml")
-    if info.enabled:
-        dist.barrier()  # nobody writes into the folder before the main process has moved an old run aside
     prepare_data(cfg, info)  # a dataset folder with missing files fails here, before the model is built
     source = build_train_source(cfg)
     targets = {spec.label: build_eval_dataset(spec) for spec in cfg.eval.targets}
     seed_everything(rt.seed)  # the same initial weights on every rank (DDP would broadcast rank 0's anyway)
     net = build_model(cfg.model)
-    if cfg.init.checkpoint:
-        loaded = init_weights(net, cfg.init.checkpoint, cfg.init.part)
-        if info.is_main:
+    loaded = init_weights(net, cfg.init.checkpoint, cfg.init.part) if cfg.init.checkpoint else []
+    # The run folder is touched only now: a start that fails on its data or init weights writes nothing there and
+    # leaves a run that --overwrite would have moved aside where it was.
+    run_dir = Path(out_dir)
+    if info.is_main:
+        _prepare_run_dir(run_dir, replace)
+        save_yaml(cfg, run_dir / "config.yaml")
+        if loaded:
             print(f"initialised the {cfg.init.part} ({len(loaded)} tensors) from {cfg.init.checkpoint}")
+    if info.enabled:
+        dist.barrier()  # nobody writes into the folder before the main process has moved an old run aside
     task = BlindNetTask(net, cfg.loss)
     if info.enabled and rt.sync_bn:
         # before the optimizer: it must see the final parameters. In place: the task stays the task.
