@@ -47,6 +47,9 @@ PUBLISHED_NAME = "blindnet-r50-gtav"
 SHIPPED_NAME = "demo-synthetic"
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 URL_OVERRIDE_PREFIX = "BLINDNET_MODEL_URL_"
+#: Seconds a download may wait for the server's next bytes before it fails (both the HTTP and the Drive route): a
+#: stalled server must end in an error that says how to fetch the file by hand, not in a job that never returns.
+DOWNLOAD_TIMEOUT_S = 60.0
 _ORIGINAL_TERMS = (
     "the original README's Terms of Use say non-commercial use only, CC BY-NC-SA 4.0, while its LICENSE file is "
     f"BSD-3-Clause; the two disagree, so check with the authors before commercial use ({ORIGINAL_REPOSITORY})"
@@ -391,7 +394,7 @@ def _download_http(url: str, dst: Path, *, name: str, progress: bool) -> None:
     from tqdm import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "blindnet"})
-    with urllib.request.urlopen(request, timeout=60) as resp, open(dst, "wb") as fh:
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(dst, "wb") as fh:
         total = int(resp.headers.get("Content-Length") or 0) or None
         done = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=not progress, file=sys.stderr) as bar:
@@ -416,9 +419,13 @@ def _download_drive(url: str, dst: Path, *, name: str, progress: bool) -> None:
             f"or {manual_hint(name, url)}"
         ) from None
     try:
-        out = gdown.download(url, str(dst), quiet=not progress)  # gdown >= 6 reads uc?id= and /file/d/ links
+        # gdown >= 6 reads uc?id= and /file/d/ links; without a timeout (6.3+) it would wait forever on a stalled server.
+        out = gdown.download(url, str(dst), quiet=not progress, timeout=DOWNLOAD_TIMEOUT_S)
     except Exception as exc:  # gdown raises its own error types (FileURLRetrievalError, ...) besides OSErrors
-        raise ZooError(f"cannot download {name} from {url} ({_reason(exc)}); {manual_hint(name, url)}") from exc
+        # Only gdown's first line: the next ones advise its own --continue, which this route does not offer (the
+        # partial file goes with the download folder).
+        reason = _reason(exc).splitlines()[0]
+        raise ZooError(f"cannot download {name} from {url} ({reason}); {manual_hint(name, url)}") from exc
     if not out or not dst.exists():
         raise ZooError(f"cannot download {name} from {url} (Google Drive gave no file); {manual_hint(name, url)}")
 

@@ -37,10 +37,14 @@ from tests.test_checkpoint import fabricate_variant_state
 REPO = Path(__file__).resolve().parents[1]
 NAME = zoo.PUBLISHED_NAME
 URL_VAR = zoo.url_override_variable(NAME)
+#: How long a "stall" server hangs: several times the 0.5 s read timeout the stall test sets, so the download can
+#: only have ended through the timeout.
+STALL_S = 4.0
 
 
 class _Files(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files[path] = (bytes, mode)``; mode ``"cut"`` announces the full length and sends half."""
+    """Serves ``server.files[path] = (bytes, mode)``; mode ``"cut"`` announces the full length and sends half,
+    ``"stall"`` sends half and then nothing for ``STALL_S`` seconds (a server that hangs mid-file)."""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         data, mode = self.server.files.get(self.path, (None, ""))  # type: ignore[attr-defined]
@@ -50,8 +54,11 @@ class _Files(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data[: len(data) // 2] if mode == "cut" else data)
-        if mode == "cut":
+        self.wfile.write(data[: len(data) // 2] if mode in ("cut", "stall") else data)
+        if mode == "stall":
+            self.wfile.flush()
+            time.sleep(STALL_S)
+        if mode in ("cut", "stall"):
             self.close_connection = True  # the connection drops mid-file, as a network failure would do
 
     def log_message(self, *args) -> None:
@@ -184,6 +191,38 @@ def test_interrupted_and_wrong_downloads_leave_no_cache_entry(
             with pytest.raises(zoo.ZooError, match=reason):
                 zoo.fetch(NAME, progress=False)
             assert not zoo.is_cached(NAME) and _cache_is_empty(cache), path
+
+
+def test_a_stalled_server_ends_the_download_with_the_manual_route(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, r50_snapshot
+) -> None:
+    """Both download routes give up once the server sends nothing for the read timeout, with the by-hand command."""
+    monkeypatch.setattr(zoo, "DOWNLOAD_TIMEOUT_S", 0.5)
+    with serving({"/stall.pth": (r50_snapshot[0].read_bytes(), "stall")}) as base:
+        monkeypatch.setenv(URL_VAR, base + "/stall.pth")
+        start = time.monotonic()
+        with pytest.raises(zoo.ZooError, match="timed out.*blindnet convert FILE --name"):
+            zoo.fetch(NAME, progress=False)
+        assert time.monotonic() - start < STALL_S and not zoo.is_cached(NAME) and _cache_is_empty(cache)
+
+
+def test_the_drive_route_runs_gdown_against_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Google Drive route is gdown; a plain loopback URL takes its non-Drive path, which is the same transfer
+    (Drive itself cannot be reached here). A whole file arrives, and a cut or stalled one is a ZooError."""
+    pytest.importorskip("gdown")
+    monkeypatch.setattr(zoo, "DOWNLOAD_TIMEOUT_S", 0.5)
+    payload = os.urandom(1 << 16)
+    files = {"/whole.pth": (payload, ""), "/cut.pth": (payload, "cut"), "/stall.pth": (payload, "stall")}
+    with serving(files) as base:
+        zoo._download_drive(base + "/whole.pth", tmp_path / "whole.pth", name=NAME, progress=False)
+        assert (tmp_path / "whole.pth").read_bytes() == payload
+        for path in ("/cut.pth", "/stall.pth"):
+            start = time.monotonic()
+            with pytest.raises(zoo.ZooError, match="cannot download .*blindnet convert FILE --name") as err:
+                zoo._download_drive(base + path, tmp_path / path[1:], name=NAME, progress=False)
+            assert time.monotonic() - start < STALL_S, path
+            # One line, without gdown's advice to resume with its own command line.
+            assert "\n" not in str(err.value) and "--continue" not in str(err.value)
 
 
 def test_folders_left_by_a_killed_download_are_removed_later(cache: Path) -> None:
