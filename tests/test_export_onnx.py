@@ -115,6 +115,21 @@ def test_dynamo_float_logits_parity_shufflenet(tmp_path: Path) -> None:
     _check_report_file(res)
 
 
+def test_shufflenet_with_instance_norm_exports_through_torchscript(tmp_path: Path) -> None:
+    """BlindNet's ShuffleNetV2 (an InstanceNorm after a channel shuffle) through the fast TorchScript exporter with
+    dynamic axes, the path `blindnet bench` takes: the shuffle must keep the channel count a constant, or the exporter
+    refuses the InstanceNorm ("unknown channel size")."""
+    model = _model("shufflenetv2")
+    assert model.config.instance_norm
+    res = export_onnx(model, tmp_path / "shufflenet_in.onnx", exporter="torchscript")
+    assert res.exporter == "torchscript"
+    _assert_dynamic(res.path, uint8_nhwc=False)
+    report = verify_onnx(res.path, model, shapes=SHAPES)
+    # The same network as the dynamo export (release test above, 2.2e-6 relative at most); 1e-4 leaves the margin of
+    # a float32 graph whose kernels differ between CPUs.
+    assert report.passed and report.max_rel_error is not None and report.max_rel_error <= 1e-4, report.summary()
+
+
 def test_resnet50_export_parity_torchscript(tmp_path: Path) -> None:
     """ResNet-50 in the default run, through the fast TorchScript exporter (dynamo: the slow test below)."""
     model = _model("resnet50")

@@ -227,6 +227,7 @@ class _ShuffleBlockIN(nn.Module):
         self.branch1 = cast(nn.Module, block.branch1)
         self.branch2 = cast(nn.Module, block.branch2)
         self.instance_norm_layer = StyleNorm(channels, train_stats)
+        self.channels = channels
 
     def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor:
         if self.block_stride == 1:
@@ -234,7 +235,7 @@ class _ShuffleBlockIN(nn.Module):
             out = torch.cat((x1, self.branch2(x2)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        out = _channel_shuffle(out, 2)
+        out = _channel_shuffle(out, 2, self.channels)
         return self.instance_norm_layer(out)
 
     @staticmethod
@@ -245,9 +246,11 @@ class _ShuffleBlockIN(nn.Module):
         return self.forward_pre_act(x)
 
 
-def _channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+def _channel_shuffle(x: torch.Tensor, groups: int, channels: int) -> torch.Tensor:
+    """Torchvision's channel shuffle with the channel count given as a Python int: traced with dynamic axes, the
+    channel size then stays a constant, which the ONNX exporter needs for the InstanceNorm layer that follows."""
+    n, _, h, w = x.shape
+    return x.view(n, groups, channels // groups, h, w).transpose(1, 2).reshape(n, channels, h, w)
 
 
 def _dilate_strided_convs(stage: nn.Module, dilation: int) -> None:
