@@ -41,8 +41,10 @@ from blindnet.models.deeplabv3plus import DeepLabV3Plus, SegFeatures, init_weigh
 CONTRASTIVE_LEVELS: tuple[str, ...] = ("layer4", "dec0", "dec1")
 #: Feature names an alignment loss may use; ``styleI`` is the I-th InstanceNorm output (BlindNet models only).
 ALIGN_LEVELS: tuple[str, ...] = ("style0", "style1", "style2", "layer3", "layer4", "dec0", "dec1")
+#: BlindNet's four training-only losses, in the paper's order (encoder CML, CCL; decoder CWCL, SDCL).
+BLINDNET_LOSSES: tuple[str, ...] = ("cml", "ccl", "cwcl", "sdcl")
 #: Keys of the dict returned by :meth:`BlindNetTask.forward` (plus ``"align"`` when an alignment loss is on).
-LOSS_KEYS: tuple[str, ...] = ("loss", "ce", "aux", "cml", "ccl", "cwcl", "sdcl")
+LOSS_KEYS: tuple[str, ...] = ("loss", "ce", "aux", *BLINDNET_LOSSES)
 
 
 @dataclass
@@ -112,7 +114,7 @@ class LossConfig:
         return cfg
 
     def validate(self) -> None:
-        for name in ("cml", "ccl", "cwcl", "sdcl", "aux", "align"):
+        for name in (*BLINDNET_LOSSES, "aux", "align"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss weight {name} must be >= 0, got {getattr(self, name)}")
         if self.temperature <= 0:
@@ -142,7 +144,7 @@ class LossConfig:
             raise ValueError("align > 0 needs at least one align level")
         if self.views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {self.views}")
-        two_view = [name for name in ("cml", "ccl", "cwcl", "sdcl", "align") if getattr(self, name) > 0]
+        two_view = [name for name in (*BLINDNET_LOSSES, "align") if getattr(self, name) > 0]
         if self.views == 1 and two_view:
             raise ValueError(f"views=1 forwards x only, but {two_view} compare x with x_a: set them to 0 or views=2")
 

@@ -31,6 +31,7 @@ from blindnet.io import MediaError, atomic_write, file_slug, write_png
 from blindnet.media import FrameSource
 from blindnet.resolve import DEFAULT_CHECKPOINT, MODEL_CARD
 from blindnet.segment import run_synthetic_showcase
+from blindnet.task import BLINDNET_LOSSES
 from blindnet.train.config import load_config
 from blindnet.train.data import build_eval_dataset
 from blindnet.train.evaluate import evaluate_checkpoints
@@ -174,9 +175,6 @@ def write_showcase_image(results: Mapping, path: str | Path, frame: int = 12, wi
         rows.append(np.concatenate([cv2.resize(im, (width, height), interpolation=cv2.INTER_AREA) for im in pair], 1))
     return write_png(path, np.concatenate(rows, 0))
 
-
-#: BlindNet's four training-only losses, in the order recipe names list them.
-BLINDNET_LOSSES = ("cml", "ccl", "cwcl", "sdcl")
 
 #: How the alignment losses are written in recipe names.
 ALIGN_NAMES = {"l2": "L2", "mmd": "MMD", "cosine": "cosine"}

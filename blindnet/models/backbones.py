@@ -227,7 +227,6 @@ class _ShuffleBlockIN(nn.Module):
         self.branch1 = cast(nn.Module, block.branch1)
         self.branch2 = cast(nn.Module, block.branch2)
         self.instance_norm_layer = StyleNorm(channels, train_stats)
-        self.channels = channels
 
     def forward_pre_act(self, x: torch.Tensor) -> torch.Tensor:
         if self.block_stride == 1:
@@ -235,7 +234,7 @@ class _ShuffleBlockIN(nn.Module):
             out = torch.cat((x1, self.branch2(x2)), dim=1)
         else:
             out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
-        out = _channel_shuffle(out, 2, self.channels)
+        out = _channel_shuffle(out, 2, self.instance_norm_layer.num_features)
         return self.instance_norm_layer(out)
 
     @staticmethod
