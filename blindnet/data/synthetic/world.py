@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +50,28 @@ class _World:
     sun_side: float  # -1 sun on the left, +1 on the right (sunset)
     fog_visibility: float
     tint: np.ndarray = field(default_factory=lambda: np.ones(3, np.float32))
+
+
+# vehicle glass and tyres: one colour for every vehicle, so the classes differ by shape and paint
+_GLASS = (0.08, 0.1, 0.13)
+_TYRE = (0.05, 0.05, 0.05)
+
+
+class _Body(NamedTuple):
+    """A vehicle's placement and its randomly drawn size and paint, shared by all its parts (metres)."""
+
+    x: float  # centre, left-right
+    x0: float
+    x1: float
+    z0: float  # near end
+    z1: float  # far end
+    w: float
+    h: float
+    length: float
+    color: np.ndarray
+    cls: int
+    oncoming: bool
+    vz: float
 
 
 @lru_cache(maxsize=32)
@@ -128,10 +150,7 @@ class _Builder:
 
     # -- street elements --------------------------------------------------------------------------------------------
     def person(self, x, z, cls=PERSON, height=None, y0=0.0, key=None, vz=0.0, seated=False):
-        """A pedestrian (or a seated rider) standing at ``(x, z)``: legs, torso, arms, head, maybe a bag.
-
-        Long on purpose: the body parts share the proportions drawn at the top, read top to bottom.
-        """
+        """A pedestrian (or a seated rider) standing at ``(x, z)``: legs, torso, arms, head, maybe hair or a hat."""
         r = self.rng
         h = height or r.uniform(1.55, 1.95)
         key = z if key is None else key
@@ -142,40 +161,7 @@ class _Builder:
         s = h / 1.75
         hip = y0 + (0.55 if seated else 0.9) * s
         step = r.uniform(-0.18, 0.18) * s
-        if seated:  # legs bent forward/down towards the pedals
-            self.add(
-                [
-                    self.zplane(z, x - 0.2 * s, x - 0.05 * s, y0 + 0.1, hip),
-                    self.zplane(z, x + 0.05 * s, x + 0.2 * s, y0 + 0.1, hip),
-                ],
-                cls,
-                legs,
-                **kw,
-            )
-        else:
-            self.add(
-                [
-                    np.array(
-                        [
-                            [x - 0.17 * s + step, y0, z],
-                            [x - 0.04 * s + step, y0, z],
-                            [x - 0.01 * s, hip, z],
-                            [x - 0.16 * s, hip, z],
-                        ]
-                    ),
-                    np.array(
-                        [
-                            [x + 0.04 * s - step, y0, z],
-                            [x + 0.17 * s - step, y0, z],
-                            [x + 0.16 * s, hip, z],
-                            [x + 0.01 * s, hip, z],
-                        ]
-                    ),
-                ],
-                cls,
-                legs,
-                **kw,
-            )
+        self._legs(x, z, s, y0, hip, step, seated, cls, legs, kw)
         sh = hip + 0.58 * s
         self.add(
             np.array([[x - 0.16 * s, hip, z], [x + 0.16 * s, hip, z], [x + 0.22 * s, sh, z], [x - 0.22 * s, sh, z]]),
@@ -212,6 +198,44 @@ class _Builder:
         if r.random() < 0.4:  # hair / hat changes the head silhouette colour
             self.add(
                 self.zellipse(z, x, sh + 0.22 * s, 0.1 * s, 0.06 * s, 8), cls, self.jitter(r.uniform(0, 0.4, 3)), **kw
+            )
+
+    def _legs(self, x, z, s, y0, hip, step, seated, cls, color, kw) -> None:
+        """A person's two legs from ``y0`` to ``hip`` (``s``: body scale): bent to the pedals when ``seated``,
+        else in mid-stride by ``step``."""
+        if seated:  # legs bent forward/down towards the pedals
+            self.add(
+                [
+                    self.zplane(z, x - 0.2 * s, x - 0.05 * s, y0 + 0.1, hip),
+                    self.zplane(z, x + 0.05 * s, x + 0.2 * s, y0 + 0.1, hip),
+                ],
+                cls,
+                color,
+                **kw,
+            )
+        else:
+            self.add(
+                [
+                    np.array(
+                        [
+                            [x - 0.17 * s + step, y0, z],
+                            [x - 0.04 * s + step, y0, z],
+                            [x - 0.01 * s, hip, z],
+                            [x - 0.16 * s, hip, z],
+                        ]
+                    ),
+                    np.array(
+                        [
+                            [x + 0.04 * s - step, y0, z],
+                            [x + 0.17 * s - step, y0, z],
+                            [x + 0.16 * s, hip, z],
+                            [x + 0.01 * s, hip, z],
+                        ]
+                    ),
+                ],
+                cls,
+                color,
+                **kw,
             )
 
     def two_wheeler(self, x, z, cls, facing=1.0, with_rider=True, key=None, vz=0.0):
@@ -294,11 +318,7 @@ class _Builder:
         )
 
     def vehicle(self, x, z, cls, oncoming=False, vz=0.0):
-        """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming).
-
-        Long on purpose: one vehicle's parts share a dozen dimensions drawn once at the top; splitting would pass
-        them all around.
-        """
+        """Car / truck / bus / tram seen from behind (same direction) or from the front (oncoming)."""
         r = self.rng
         dims = {CAR: (1.8, 1.45, 4.4), TRUCK: (2.5, 3.4, 8.5), BUS: (2.55, 3.2, 12.0), TRAIN: (2.65, 3.5, 28.0)}[cls]
         w, h, length = dims[0] * r.uniform(0.93, 1.07), dims[1] * r.uniform(0.93, 1.1), dims[2] * r.uniform(0.9, 1.1)
@@ -316,62 +336,69 @@ class _Builder:
             TRAIN: [(0.85, 0.85, 0.85), (0.8, 0.15, 0.1), (0.1, 0.5, 0.4)],
         }
         color = np.asarray(self.jitter(palettes[cls][r.integers(len(palettes[cls]))]))
-        x0, x1, z0, z1 = x - w / 2, x + w / 2, z, z + length
-        key = z0
-        kw = dict(layer=_L_OBJ, key=key, vz=vz)
-        glass = (0.08, 0.1, 0.13)
-        tyre = (0.05, 0.05, 0.05)
+        body = _Body(x, x - w / 2, x + w / 2, z, z + length, w, h, length, color, cls, oncoming, vz)
         if cls == CAR:
-            self.box(x0, x1, 0.3, 0.95 * h * 0.62, z0, z1, cls, color, key=key, vz=vz)
-            # cabin: a narrower box on top, set back from the ends
-            cx0, cx1 = x0 + 0.12 * w, x1 - 0.12 * w
-            cz0, cz1 = z0 + 0.22 * length, z1 - 0.25 * length
-            yb = 0.95 * h * 0.62
-            if x0 > 0:
-                self.add(self.xplane(cx0, cz0, cz1, yb, h), cls, glass, normal=(-1, 0, 0), fine=0.02, coarse=0.02, **kw)
-            elif x1 < 0:
-                self.add(self.xplane(cx1, cz0, cz1, yb, h), cls, glass, normal=(1, 0, 0), fine=0.02, coarse=0.02, **kw)
-            self.add(
-                np.array([[x0 + 0.05, yb, z0 + 0.05], [x1 - 0.05, yb, z0 + 0.05], [cx1, h, cz0], [cx0, h, cz0]]),
-                cls,
-                glass,
-                normal=(0, 0.5, -0.8),
-                fine=0.02,
-                coarse=0.02,
-                **kw,
-            )
-            # wheels on the visible side, and the two at the near end
-            side_x = x0 if x0 > 0 else (x1 if x1 < 0 else None)
-            if side_x is not None:
-                for wz in (z0 + 0.18 * length, z1 - 0.18 * length):
-                    self.add(
-                        self.xellipse(side_x, wz, 0.32, 0.33, 0.32, 12),
-                        cls,
-                        tyre,
-                        normal=(-np.sign(side_x), 0, 0),
-                        **kw,
-                    )
-            self.add(
-                [
-                    self.zplane(z0 - 0.01, x0 + 0.05, x0 + 0.3, 0.0, 0.35),
-                    self.zplane(z0 - 0.01, x1 - 0.3, x1 - 0.05, 0.0, 0.35),
-                ],
-                cls,
-                tyre,
-                **kw,
-            )
-            self._lamps(x, z0, x0 + 0.08, x1 - 0.08, 0.27, 0.55 * h * 0.62 + 0.15, 0.15, cls, oncoming, vz, kw)
-            self.add(
-                self.zplane(z0 - 0.02, x - 0.25, x + 0.25, 0.35, 0.47),
-                cls,
-                (0.9, 0.9, 0.85),
-                fine=0.0,
-                coarse=0.0,
-                **kw,
-            )
-            return
-        # large vehicles: one box, window band on the visible side and on the near face
-        self.box(x0, x1, 0.35, h, z0, z1, cls, color, key=key, vz=vz)
+            self._car(body)
+        else:
+            self._large_vehicle(body)
+
+    def _car(self, body: _Body) -> None:
+        """A car: body, glass cabin set back from the ends, wheels on the visible side, lamps and number plate."""
+        x, x0, x1, z0, z1, w, h, length, color, cls, oncoming, vz = body
+        kw: dict[str, Any] = dict(layer=_L_OBJ, key=z0, vz=vz)
+        self.box(x0, x1, 0.3, 0.95 * h * 0.62, z0, z1, cls, color, key=z0, vz=vz)
+        # cabin: a narrower box on top, set back from the ends
+        cx0, cx1 = x0 + 0.12 * w, x1 - 0.12 * w
+        cz0, cz1 = z0 + 0.22 * length, z1 - 0.25 * length
+        yb = 0.95 * h * 0.62
+        if x0 > 0:
+            self.add(self.xplane(cx0, cz0, cz1, yb, h), cls, _GLASS, normal=(-1, 0, 0), fine=0.02, coarse=0.02, **kw)
+        elif x1 < 0:
+            self.add(self.xplane(cx1, cz0, cz1, yb, h), cls, _GLASS, normal=(1, 0, 0), fine=0.02, coarse=0.02, **kw)
+        self.add(
+            np.array([[x0 + 0.05, yb, z0 + 0.05], [x1 - 0.05, yb, z0 + 0.05], [cx1, h, cz0], [cx0, h, cz0]]),
+            cls,
+            _GLASS,
+            normal=(0, 0.5, -0.8),
+            fine=0.02,
+            coarse=0.02,
+            **kw,
+        )
+        # wheels on the visible side, and the two at the near end
+        side_x = x0 if x0 > 0 else (x1 if x1 < 0 else None)
+        if side_x is not None:
+            for wz in (z0 + 0.18 * length, z1 - 0.18 * length):
+                self.add(
+                    self.xellipse(side_x, wz, 0.32, 0.33, 0.32, 12),
+                    cls,
+                    _TYRE,
+                    normal=(-np.sign(side_x), 0, 0),
+                    **kw,
+                )
+        self.add(
+            [
+                self.zplane(z0 - 0.01, x0 + 0.05, x0 + 0.3, 0.0, 0.35),
+                self.zplane(z0 - 0.01, x1 - 0.3, x1 - 0.05, 0.0, 0.35),
+            ],
+            cls,
+            _TYRE,
+            **kw,
+        )
+        self._lamps(x, z0, x0 + 0.08, x1 - 0.08, 0.27, 0.55 * h * 0.62 + 0.15, 0.15, cls, oncoming, vz, kw)
+        self.add(
+            self.zplane(z0 - 0.02, x - 0.25, x + 0.25, 0.35, 0.47),
+            cls,
+            (0.9, 0.9, 0.85),
+            fine=0.0,
+            coarse=0.0,
+            **kw,
+        )
+
+    def _large_vehicle(self, body: _Body) -> None:
+        """Truck, bus or tram: one box with a window band on the visible side and on the near face."""
+        x, x0, x1, z0, z1, w, h, length, color, cls, oncoming, vz = body
+        kw: dict[str, Any] = dict(layer=_L_OBJ, key=z0, vz=vz)
+        self.box(x0, x1, 0.35, h, z0, z1, cls, color, key=z0, vz=vz)
         side_x = x0 if x0 > 0 else (x1 if x1 < 0 else None)
         band = (0.55 * h, 0.85 * h) if cls != TRUCK else (0.62 * h, 0.85 * h)
         if side_x is not None:
@@ -383,7 +410,7 @@ class _Builder:
             self.add(
                 wins,
                 cls,
-                glass,
+                _GLASS,
                 normal=(-np.sign(side_x), 0, 0),
                 emit=(0.6, 0.55, 0.4) if cls != TRUCK else (0, 0, 0),
                 fine=0.02,
@@ -392,7 +419,7 @@ class _Builder:
             )
             for wz in (z0 + 1.2, z1 - 1.6):
                 self.add(
-                    self.xellipse(side_x, wz, 0.45, 0.5, 0.45, 12), cls, tyre, normal=(-np.sign(side_x), 0, 0), **kw
+                    self.xellipse(side_x, wz, 0.45, 0.5, 0.45, 12), cls, _TYRE, normal=(-np.sign(side_x), 0, 0), **kw
                 )
         if cls == TRUCK and not oncoming:
             self.add(
@@ -403,7 +430,7 @@ class _Builder:
             self.add(
                 self.zplane(z0 - 0.01, x0 + 0.15, x1 - 0.15, band[0] - (0.25 if oncoming else 0), band[1]),
                 cls,
-                glass,
+                _GLASS,
                 fine=0.02,
                 coarse=0.02,
                 **kw,
@@ -749,121 +776,131 @@ def _skyline(b: _Builder, rng: np.random.Generator, st: _Street) -> None:
 
 def _building_side(b: _Builder, front: float, side: float, z0: float, z_far: float) -> None:
     """One side of the street lined with facades from ``front`` outwards: buildings with windows and doors,
-    walls, fences, poles and vegetation between them.
-
-    Long on purpose: each facade's parts share its randomly drawn size; the loop reads as one building at a time.
-    """
+    walls, fences, poles and vegetation between them, one at a time from ``z0`` to ``z_far``."""
     r = b.rng
     z = z0
     while z < z_far:
         length = r.uniform(8, 28)
         if r.random() < 0.18:  # gap with a wall or a fence (and vegetation behind it)
-            gap = r.uniform(4, 12)
-            if r.random() < 0.5:
-                b.add(
-                    b.xplane(front, z, z + gap, 0, r.uniform(1.2, 2.8)),
-                    WALL,
-                    b.jitter((0.55, 0.52, 0.5), 0.2),
-                    layer=_L_SIDE,
-                    key=z,
-                    surf=_S_SIDE,
-                    normal=(-side, 0, 0),
-                    fine=0.12,
-                    coarse=0.2,
-                )
-            else:
-                _fence(b, front, side, z, z + gap)
-            b.tree(front + side * 3, z + gap / 2, scale=1.3, layer=_L_SIDE)
-            z += gap
+            z += _street_gap(b, front, side, z)
             continue
-        h = r.uniform(7, 32)
-        col = np.asarray(
-            b.jitter(
-                r.choice(
-                    [(0.62, 0.55, 0.48), (0.55, 0.55, 0.55), (0.7, 0.62, 0.5), (0.5, 0.35, 0.3), (0.75, 0.72, 0.65)]
-                ),
-                0.15,
-            )
-        )
-        kw: dict[str, Any] = dict(layer=_L_SIDE, key=z, fine=0.08, coarse=0.18)
-        # near face (towards the camera) first so the facade and windows drawn after it stay on top where they meet
+        _building(b, front, side, z, length)
+        z += length + (r.uniform(0.5, 3) if r.random() < 0.3 else 0.0)
+
+
+def _street_gap(b: _Builder, front: float, side: float, z: float) -> float:
+    """A gap between buildings starting at ``z``: a wall or a fence with a tree behind it; returns its length."""
+    r = b.rng
+    gap = r.uniform(4, 12)
+    if r.random() < 0.5:
         b.add(
-            b.zplane(z, min(front, front + side * 15), max(front, front + side * 15), 0, h),
-            BUILDING,
-            col * 0.85,
-            normal=(0, 0, -1),
-            **kw,
+            b.xplane(front, z, z + gap, 0, r.uniform(1.2, 2.8)),
+            WALL,
+            b.jitter((0.55, 0.52, 0.5), 0.2),
+            layer=_L_SIDE,
+            key=z,
+            surf=_S_SIDE,
+            normal=(-side, 0, 0),
+            fine=0.12,
+            coarse=0.2,
         )
-        b.add(b.xplane(front, z, z + length, 0, h), BUILDING, col, surf=_S_SIDE, normal=(-side, 0, 0), **kw)
-        # window grid on the facade: lit ones glow at night
-        floor_h = r.uniform(2.8, 3.5)
-        win_w = r.uniform(0.8, 1.6)
-        pitch = win_w + r.uniform(0.8, 2.0)
-        ys = np.arange(floor_h * 0.9 if r.random() < 0.5 else 0.8, h - 1.5, floor_h)
-        zs = np.arange(z + 0.8, z + length - win_w - 0.3, pitch)
-        if len(ys) and len(zs):
-            yy, zz = np.meshgrid(ys, zs, indexing="ij")
-            yy, zz = yy.ravel(), zz.ravel()
-            lit = r.random(len(yy)) < r.uniform(0.15, 0.5)
-            wh = floor_h * 0.5
-            glass = np.asarray(b.jitter((0.18, 0.22, 0.28), 0.2))
-            for sel, emit in ((~lit, (0.0, 0.0, 0.0)), (lit, (2.2, 1.7, 0.9))):
-                polys = [
-                    b.xplane(front + side * 0.01 * 0, z1, z1 + win_w, y1, y1 + wh) for y1, z1 in zip(yy[sel], zz[sel])
-                ]
-                if polys:
-                    b.add(
-                        polys,
-                        BUILDING,
-                        glass,
-                        surf=_S_SIDE,
-                        normal=(-side, 0, 0),
-                        emit=emit,
-                        layer=_L_SIDE,
-                        key=z,
-                        fine=0.03,
-                        coarse=0.05,
-                    )
-        if r.random() < 0.5:  # shop front / door at street level
-            zd = z + r.uniform(0.5, max(0.6, length - 3))
+    else:
+        _fence(b, front, side, z, z + gap)
+    b.tree(front + side * 3, z + gap / 2, scale=1.3, layer=_L_SIDE)
+    return gap
+
+
+def _building(b: _Builder, front: float, side: float, z: float, length: float) -> None:
+    """One building from ``z`` to ``z + length``: near face, facade, windows, maybe a door and a low wall or hedge."""
+    r = b.rng
+    h = r.uniform(7, 32)
+    col = np.asarray(
+        b.jitter(
+            r.choice([(0.62, 0.55, 0.48), (0.55, 0.55, 0.55), (0.7, 0.62, 0.5), (0.5, 0.35, 0.3), (0.75, 0.72, 0.65)]),
+            0.15,
+        )
+    )
+    kw: dict[str, Any] = dict(layer=_L_SIDE, key=z, fine=0.08, coarse=0.18)
+    # near face (towards the camera) first so the facade and windows drawn after it stay on top where they meet
+    b.add(
+        b.zplane(z, min(front, front + side * 15), max(front, front + side * 15), 0, h),
+        BUILDING,
+        col * 0.85,
+        normal=(0, 0, -1),
+        **kw,
+    )
+    b.add(b.xplane(front, z, z + length, 0, h), BUILDING, col, surf=_S_SIDE, normal=(-side, 0, 0), **kw)
+    _windows(b, front, side, z, length, h)
+    if r.random() < 0.5:  # shop front / door at street level
+        zd = z + r.uniform(0.5, max(0.6, length - 3))
+        b.add(
+            b.xplane(front, zd, zd + 2.0, 0, 2.4),
+            BUILDING,
+            b.jitter((0.25, 0.2, 0.15)),
+            surf=_S_SIDE,
+            normal=(-side, 0, 0),
+            emit=(1.2, 1.0, 0.7),
+            layer=_L_SIDE,
+            key=z,
+            fine=0.03,
+            coarse=0.05,
+        )
+    if r.random() < 0.25:  # low wall / hedge in front of the building
+        if r.random() < 0.5:
             b.add(
-                b.xplane(front, zd, zd + 2.0, 0, 2.4),
-                BUILDING,
-                b.jitter((0.25, 0.2, 0.15)),
+                b.xplane(front - side * 0.3, z, z + length, 0, r.uniform(0.6, 1.2)),
+                WALL,
+                b.jitter((0.6, 0.58, 0.55)),
+                layer=_L_SIDE,
+                key=z - 0.01,
                 surf=_S_SIDE,
                 normal=(-side, 0, 0),
-                emit=(1.2, 1.0, 0.7),
-                layer=_L_SIDE,
-                key=z,
-                fine=0.03,
-                coarse=0.05,
+                fine=0.1,
+                coarse=0.2,
             )
-        if r.random() < 0.25:  # low wall / hedge in front of the building
-            if r.random() < 0.5:
+        else:
+            b.add(
+                b.xplane(front - side * 0.5, z, z + length, 0, r.uniform(0.8, 1.5)),
+                VEGETATION,
+                b.jitter((0.2, 0.35, 0.12)),
+                layer=_L_SIDE,
+                key=z - 0.01,
+                surf=_S_SIDE,
+                normal=(-side, 0, 0),
+                fine=0.3,
+                coarse=0.3,
+            )
+
+
+def _windows(b: _Builder, front: float, side: float, z: float, length: float, h: float) -> None:
+    """The window grid on a facade ``length`` long and ``h`` high starting at ``z``; lit ones glow at night."""
+    r = b.rng
+    floor_h = r.uniform(2.8, 3.5)
+    win_w = r.uniform(0.8, 1.6)
+    pitch = win_w + r.uniform(0.8, 2.0)
+    ys = np.arange(floor_h * 0.9 if r.random() < 0.5 else 0.8, h - 1.5, floor_h)
+    zs = np.arange(z + 0.8, z + length - win_w - 0.3, pitch)
+    if len(ys) and len(zs):
+        yy, zz = np.meshgrid(ys, zs, indexing="ij")
+        yy, zz = yy.ravel(), zz.ravel()
+        lit = r.random(len(yy)) < r.uniform(0.15, 0.5)
+        wh = floor_h * 0.5
+        glass = np.asarray(b.jitter((0.18, 0.22, 0.28), 0.2))
+        for sel, emit in ((~lit, (0.0, 0.0, 0.0)), (lit, (2.2, 1.7, 0.9))):
+            polys = [b.xplane(front, z1, z1 + win_w, y1, y1 + wh) for y1, z1 in zip(yy[sel], zz[sel])]
+            if polys:
                 b.add(
-                    b.xplane(front - side * 0.3, z, z + length, 0, r.uniform(0.6, 1.2)),
-                    WALL,
-                    b.jitter((0.6, 0.58, 0.55)),
-                    layer=_L_SIDE,
-                    key=z - 0.01,
+                    polys,
+                    BUILDING,
+                    glass,
                     surf=_S_SIDE,
                     normal=(-side, 0, 0),
-                    fine=0.1,
-                    coarse=0.2,
-                )
-            else:
-                b.add(
-                    b.xplane(front - side * 0.5, z, z + length, 0, r.uniform(0.8, 1.5)),
-                    VEGETATION,
-                    b.jitter((0.2, 0.35, 0.12)),
+                    emit=emit,
                     layer=_L_SIDE,
-                    key=z - 0.01,
-                    surf=_S_SIDE,
-                    normal=(-side, 0, 0),
-                    fine=0.3,
-                    coarse=0.3,
+                    key=z,
+                    fine=0.03,
+                    coarse=0.05,
                 )
-        z += length + (r.uniform(0.5, 3) if r.random() < 0.3 else 0.0)
 
 
 def _fence(b: _Builder, x: float, side: float, z0: float, z1: float) -> None:
