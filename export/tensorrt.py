@@ -204,8 +204,9 @@ def build_engine(
 
     atomic_write(engine_path, lambda tmp: Path(tmp).write_bytes(bytes(serialized)))
     if timing_cache is not None:
-        Path(timing_cache).parent.mkdir(parents=True, exist_ok=True)
-        Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+        # atomic: a build killed mid-write must not leave a cache the next build trips over
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        atomic_write(timing_cache, lambda tmp: Path(tmp).write_bytes(cache_bytes))
 
     meta = _engine_metadata(
         trt,
@@ -224,7 +225,8 @@ def build_engine(
         timing_cache=timing_cache,
         build_seconds=build_seconds,
     )
-    metadata_path(engine_path).write_text(json.dumps(meta, indent=2))
+    text = json.dumps(meta, indent=2)
+    atomic_write(metadata_path(engine_path), lambda tmp: Path(tmp).write_text(text))
     return meta
 
 
@@ -263,7 +265,8 @@ def _entropy_calibrator(
 
         def write_calibration_cache(self, cache: Any) -> None:
             if cache_path:
-                cache_path.write_bytes(bytes(cache))
+                data = bytes(cache)
+                atomic_write(cache_path, lambda tmp: Path(tmp).write_bytes(data))
 
     return _Calibrator()
 
