@@ -793,14 +793,16 @@ def _street_gap(b: _Builder, front: float, side: float, z: float) -> float:
     r = b.rng
     gap = r.uniform(4, 12)
     if r.random() < 0.5:
-        b.add(
-            b.xplane(front, z, z + gap, 0, r.uniform(1.2, 2.8)),
+        _street_strip(
+            b,
+            front,
+            side,
+            z,
+            z + gap,
+            r.uniform(1.2, 2.8),
             WALL,
             b.jitter((0.55, 0.52, 0.5), 0.2),
-            layer=_L_SIDE,
             key=z,
-            surf=_S_SIDE,
-            normal=(-side, 0, 0),
             fine=0.12,
             coarse=0.2,
         )
@@ -846,30 +848,15 @@ def _building(b: _Builder, front: float, side: float, z: float, length: float) -
             coarse=0.05,
         )
     if r.random() < 0.25:  # low wall / hedge in front of the building
-        if r.random() < 0.5:
-            b.add(
-                b.xplane(front - side * 0.3, z, z + length, 0, r.uniform(0.6, 1.2)),
-                WALL,
-                b.jitter((0.6, 0.58, 0.55)),
-                layer=_L_SIDE,
-                key=z - 0.01,
-                surf=_S_SIDE,
-                normal=(-side, 0, 0),
-                fine=0.1,
-                coarse=0.2,
-            )
-        else:
-            b.add(
-                b.xplane(front - side * 0.5, z, z + length, 0, r.uniform(0.8, 1.5)),
-                VEGETATION,
-                b.jitter((0.2, 0.35, 0.12)),
-                layer=_L_SIDE,
-                key=z - 0.01,
-                surf=_S_SIDE,
-                normal=(-side, 0, 0),
-                fine=0.3,
-                coarse=0.3,
-            )
+        wall = r.random() < 0.5
+        inset, low, high, cls, color, fine, coarse = (
+            (0.3, 0.6, 1.2, WALL, (0.6, 0.58, 0.55), 0.1, 0.2)
+            if wall
+            else (0.5, 0.8, 1.5, VEGETATION, (0.2, 0.35, 0.12), 0.3, 0.3)
+        )
+        height = r.uniform(low, high)
+        x = front - side * inset
+        _street_strip(b, x, side, z, z + length, height, cls, b.jitter(color), key=z - 0.01, fine=fine, coarse=coarse)
 
 
 def _windows(b: _Builder, front: float, side: float, z: float, length: float, h: float) -> None:
@@ -903,6 +890,34 @@ def _windows(b: _Builder, front: float, side: float, z: float, length: float, h:
                 )
 
 
+def _street_strip(
+    b: _Builder,
+    x: float,
+    side: float,
+    z0: float,
+    z1: float,
+    height: float,
+    cls: int,
+    color: tuple[float, float, float],
+    *,
+    key: float,
+    fine: float,
+    coarse: float,
+) -> None:
+    """A wall or hedge facing the street: the plane X = ``x`` from ``z0`` to ``z1``, ``height`` metres high."""
+    b.add(
+        b.xplane(x, z0, z1, 0, height),
+        cls,
+        color,
+        layer=_L_SIDE,
+        key=key,
+        surf=_S_SIDE,
+        normal=(-side, 0, 0),
+        fine=fine,
+        coarse=coarse,
+    )
+
+
 def _fence(b: _Builder, x: float, side: float, z0: float, z1: float) -> None:
     r = b.rng
     h = r.uniform(1.0, 2.0)
@@ -920,14 +935,16 @@ def _park_side(b: _Builder, outer: float, side: float, z0: float, z_far: float) 
     if r.random() < 0.6:
         _fence(b, line, side, z0, z_far)
     else:
-        b.add(
-            b.xplane(line, z0, z_far, 0, r.uniform(0.8, 2.0)),
+        _street_strip(
+            b,
+            line,
+            side,
+            z0,
+            z_far,
+            r.uniform(0.8, 2.0),
             WALL,
             b.jitter((0.6, 0.57, 0.52)),
-            layer=_L_SIDE,
             key=z0,
-            surf=_S_SIDE,
-            normal=(-side, 0, 0),
             fine=0.1,
             coarse=0.2,
         )
