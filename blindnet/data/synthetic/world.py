@@ -61,10 +61,7 @@ class _Body(NamedTuple):
     """A vehicle's placement and its randomly drawn size and paint, shared by all its parts (metres)."""
 
     x: float  # centre, left-right
-    x0: float
-    x1: float
     z0: float  # near end
-    z1: float  # far end
     w: float
     h: float
     length: float
@@ -72,6 +69,11 @@ class _Body(NamedTuple):
     cls: int
     oncoming: bool
     vz: float
+
+    @property
+    def bounds(self) -> tuple[float, float, float]:
+        """``(x0, x1, z1)``: the left and right sides and the far end, from the centre, width and length."""
+        return self.x - self.w / 2, self.x + self.w / 2, self.z0 + self.length
 
 
 @lru_cache(maxsize=32)
@@ -336,7 +338,7 @@ class _Builder:
             TRAIN: [(0.85, 0.85, 0.85), (0.8, 0.15, 0.1), (0.1, 0.5, 0.4)],
         }
         color = np.asarray(self.jitter(palettes[cls][r.integers(len(palettes[cls]))]))
-        body = _Body(x, x - w / 2, x + w / 2, z, z + length, w, h, length, color, cls, oncoming, vz)
+        body = _Body(x, z, w, h, length, color, cls, oncoming, vz)
         if cls == CAR:
             self._car(body)
         else:
@@ -344,7 +346,8 @@ class _Builder:
 
     def _car(self, body: _Body) -> None:
         """A car: body, glass cabin set back from the ends, wheels on the visible side, lamps and number plate."""
-        x, x0, x1, z0, z1, w, h, length, color, cls, oncoming, vz = body
+        x, z0, w, h, length, color, cls, oncoming, vz = body
+        x0, x1, z1 = body.bounds
         kw: dict[str, Any] = dict(layer=_L_OBJ, key=z0, vz=vz)
         self.box(x0, x1, 0.3, 0.95 * h * 0.62, z0, z1, cls, color, key=z0, vz=vz)
         # cabin: a narrower box on top, set back from the ends
@@ -396,7 +399,8 @@ class _Builder:
 
     def _large_vehicle(self, body: _Body) -> None:
         """Truck, bus or tram: one box with a window band on the visible side and on the near face."""
-        x, x0, x1, z0, z1, w, h, length, color, cls, oncoming, vz = body
+        x, z0, w, h, length, color, cls, oncoming, vz = body
+        x0, x1, z1 = body.bounds
         kw: dict[str, Any] = dict(layer=_L_OBJ, key=z0, vz=vz)
         self.box(x0, x1, 0.35, h, z0, z1, cls, color, key=z0, vz=vz)
         side_x = x0 if x0 > 0 else (x1 if x1 < 0 else None)
